@@ -65,3 +65,91 @@ def minilm_batch(tokenizer):
         "Sparse low-rank adapters prune themselves.",
     ]
     return tokenizer(texts, padding=True, return_tensors="pt")
+
+
+WORDS = [
+    "red",
+    "blue",
+    "green",
+    "small",
+    "large",
+    "quick",
+    "slow",
+    "happy",
+    "sad",
+    "bright",
+    "dark",
+    "warm",
+    "cold",
+    "old",
+    "new",
+]
+
+
+def _sentence(rng, n_words: int = 6) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def write_tiny_glue(root, n_train: int = 48, n_dev: int = 16, seed: int = 0):
+    """MRPC and STS-B folders in the official GLUE layout with a learnable signal: a pair is a
+    paraphrase (label 1, score 5) when both sentences are the same."""
+    import random
+
+    rng = random.Random(seed)
+    mrpc, stsb = root / "MRPC", root / "STS-B"
+    mrpc.mkdir(parents=True, exist_ok=True)
+    stsb.mkdir(parents=True, exist_ok=True)
+    stsb_header = (
+        "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+    )
+    for split, rows in (("train", n_train), ("dev", n_dev)):
+        mrpc_lines = ["\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
+        stsb_lines = [stsb_header]
+        for i in range(rows):
+            first = _sentence(rng)
+            same = i % 2 == 0
+            second = first if same else _sentence(rng)
+            mrpc_lines.append(f"{int(same)}\t{i}\t{i + 1000}\t{first}\t{second}")
+            score = 5.0 if same else rng.uniform(0, 1)
+            stsb_lines.append(
+                f"{i}\tmain\tf\t2012\t{i}\tnone\tnone\t{first}\t{second}\t{score:.3f}"
+            )
+        (mrpc / f"{split}.tsv").write_text("\n".join(mrpc_lines) + "\n", encoding="utf-8")
+        (stsb / f"{split}.tsv").write_text("\n".join(stsb_lines) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_glue(tmp_path_factory):
+    return write_tiny_glue(tmp_path_factory.mktemp("glue"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A 2-layer random BERT backbone (no task head) and the packaged tokenizer, saved as a
+    Hugging Face folder, so trials load it by path like any backbone."""
+    from transformers import BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    BertModel(tiny_bert().config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def tiny_trial(tiny_glue, tiny_model_dir, tmp_path):
+    """Settings of a trial that runs in a few seconds on the tiny model and data."""
+    return {
+        "task": "mrpc",
+        "data_dir": str(tiny_glue),
+        "model": tiny_model_dir,
+        "r_max": 4,
+        "alpha": 8.0,
+        "lr": 5e-3,
+        "epochs": 3,
+        "batch_size": 8,
+        "max_length": 32,
+        "val_size": 8,
+        "cache_dir": str(tmp_path / "cache"),
+        "train_eval_samples": 16,
+    }

@@ -1,0 +1,208 @@
+"""`sora-tune`: a thin shell over the Python API, one parser/command pair per verb."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+# Trial flags: field of TrialConfig -> (type, help). The defaults live in TrialConfig.
+TRIAL_FLAGS: dict[str, tuple[Any, str]] = {
+    "task": (str, "GLUE task: cola, sst2, mrpc, qqp, stsb, mnli, mnli-mm, qnli, rte, wnli"),
+    "data_dir": (
+        str,
+        "folder in the GLUE layout (<dir>/<TASK>/{train,dev}.tsv); default: $SORA_TUNE_DATA_DIR, else the Hub",
+    ),
+    "model": (str, "backbone name or path (default: the packaged all-MiniLM-L6-v2)"),
+    "method": (str, "sora, or a baseline: lora, adalora"),
+    "r_max": (int, "adapter rank before pruning (default 8)"),
+    "alpha": (float, "scaling numerator, the update is scaled by alpha/r_max (default 16)"),
+    "dropout": (float, "adapter input dropout (default 0)"),
+    "target_modules": (
+        str,
+        "comma-separated module names, or a regular expression over full names (default: every encoder linear)",
+    ),
+    "gate_init": (str, "gate initialisation: normal (authors' code) or ones"),
+    "gate_mode": (
+        str,
+        "official (AdamW on the gate, threshold xi) or paper (eq. 10, xi = eta*lam)",
+    ),
+    "xi": (float, "gate threshold ξ, official mode (default 1e-4)"),
+    "eta": (float, "gate step size η (default 0.1)"),
+    "lam": (float, "ℓ1 strength λ (default 0.1)"),
+    "xi_schedule": (str, "constant, linear, geometric or increment"),
+    "xi_max": (float, "last stage's ξ of a rising schedule"),
+    "xi_stages": (int, "number of ξ stages (linear, geometric)"),
+    "xi_delta": (float, "ξ increment per stage (increment)"),
+    "xi_every": (int, "epochs per ξ stage (default 1)"),
+    "dense_epochs": (int, "epochs at the first ξ before raising it (default: xi-every)"),
+    "lr": (float, "AdamW learning rate of adapter and head (default 8e-4)"),
+    "weight_decay": (float, "AdamW weight decay (default 0.1)"),
+    "warmup_ratio": (float, "share of steps of linear warm-up (default 0.06)"),
+    "max_grad_norm": (float, "gradient clipping norm, 0 disables (default 1.0)"),
+    "batch_size": (int, "training batch size (default 32)"),
+    "eval_batch_size": (int, "evaluation batch size (default 64)"),
+    "epochs": (int, "training epochs (default 3)"),
+    "max_length": (int, "tokens per sequence (default 128)"),
+    "max_train_samples": (int, "seeded subsample of the training split"),
+    "max_eval_samples": (int, "seeded cap on the val and test splits"),
+    "val_size": (
+        float,
+        "hold-out of the training file used for selection: fraction, or rows if > 1 (default 0.1)",
+    ),
+    "train_eval_samples": (int, "training rows scored for memorization (default 512)"),
+    "seed": (int, "random seed (default 0)"),
+    "cache_dir": (str, "tokenisation cache folder"),
+    "adalora_target_r": (int, "AdaLoRA target average rank (default 2/3 of r_max)"),
+}
+
+
+def parse_target_modules(value: str) -> str | list[str]:
+    """A regular expression if it has regex syntax, else a comma-separated list of names."""
+    return value if re.search(r"[*\\\[\](|^$+?]", value) else value.split(",")
+
+
+def add_trial_arguments(parser: argparse.ArgumentParser) -> None:
+    for field, (kind, help_text) in TRIAL_FLAGS.items():
+        parser.add_argument(
+            "--" + field.replace("_", "-"),
+            dest=field,
+            type=kind,
+            default=argparse.SUPPRESS,
+            help=help_text,
+        )
+    parser.add_argument(
+        "--group-by-length",
+        dest="group_by_length",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="batch sequences of similar length together (less padding)",
+    )
+
+
+def trial_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The trial flags the user gave (the rest keep TrialConfig's defaults)."""
+    values = {k: v for k, v in vars(args).items() if k in TRIAL_FLAGS or k == "group_by_length"}
+    if "target_modules" in values:
+        values["target_modules"] = parse_target_modules(values["target_modules"])
+    return values
+
+
+def _summary(result: dict[str, Any]) -> str:
+    keys = (
+        "status",
+        "epoch",
+        "train_loss",
+        "train_score",
+        "val_score",
+        "test_score",
+        "retained_params",
+        "head_params",
+        "train_time_s",
+    )
+    lines = [
+        f"{k:>16}: {result[k]:.4g}"
+        if isinstance(result.get(k), float)
+        else f"{k:>16}: {result.get(k)}"
+        for k in keys
+    ]
+    ranks = result.get("rank_pattern") or {}
+    if ranks:
+        lines.append(f"{'ranks':>16}: " + " ".join(str(r) for r in ranks.values()))
+    return "\n".join(lines)
+
+
+def train_command_parser(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="fine-tune one SoRA (or baseline) trial")
+    add_trial_arguments(parser)
+    parser.add_argument(
+        "--output-dir", required=True, help="folder for checkpoints, adapter/ and metrics.json"
+    )
+    parser.add_argument("--mlflow-uri", help="log the run to this MLflow tracking URI")
+    parser.add_argument(
+        "--experiment-name", default="sora-tune", help="MLflow experiment (with --mlflow-uri)"
+    )
+    parser.set_defaults(command=train_command)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from .train import TrialConfig, train_trial
+
+    config = TrialConfig.from_dict(trial_values(args))
+    if args.mlflow_uri:
+        from .tracking import tracked_trial
+
+        result = tracked_trial(
+            config, args.mlflow_uri, args.experiment_name, output_dir=args.output_dir, progress=True
+        )
+    else:
+        result = train_trial(config, output_dir=args.output_dir, progress=True, report=_print_epoch)
+    print(_summary(result))
+    print(
+        f"adapter: {Path(args.output_dir) / 'adapter'}  metrics: {Path(args.output_dir) / 'metrics.json'}"
+    )
+    return 0 if result["status"] == "finished" else 1
+
+
+def _print_epoch(metrics: dict[str, Any], checkpoint: str) -> None:
+    print(
+        f"epoch {metrics['epoch']}: loss {metrics['train_loss']:.4f} train {metrics['train_score']:.4f} "
+        f"val {metrics['val_score']:.4f} test {metrics['test_score']:.4f} "
+        f"params {metrics['retained_params']} ({metrics['epoch_time_s']:.0f} s)",
+        flush=True,
+    )
+
+
+def sparsify_command_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "sparsify",
+        help="the paper's sparsifying scheduler: raise ξ stage by stage and trace the curve",
+    )
+    add_trial_arguments(parser)
+    parser.add_argument(
+        "--output-dir", required=True, help="folder for the curve (CSV, PNG) and the rank heatmap"
+    )
+    parser.set_defaults(command=sparsify_command)
+
+
+def sparsify_command(args: argparse.Namespace) -> int:
+    from .sparsify import run_sparsify
+    from .train import TrialConfig
+
+    values = trial_values(args)
+    values.setdefault("xi_schedule", "geometric")
+    config = TrialConfig.from_dict(values)
+    rows = run_sparsify(config, args.output_dir, progress=True)
+    print(f"{'stage':>5} {'xi':>9} {'params':>9} {'train':>7} {'val':>7} {'test':>7}")
+    for row in rows:
+        print(
+            f"{row['stage']:>5} {row['xi']:>9.2e} {row['retained_params']:>9} {row['train_score']:>7.4f} "
+            f"{row['val_score']:>7.4f} {row['test_score']:>7.4f}"
+        )
+    print(f"wrote {Path(args.output_dir) / 'sparsify.csv'}, sparsify.png, ranks.png")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sora-tune", description="Find the best SoRA adapters.")
+    subparsers = parser.add_subparsers(title="commands", required=True)
+    train_command_parser(subparsers)
+    sparsify_command_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .data import GlueDataUnavailableError
+
+    try:
+        return args.command(args)
+    except (ValueError, FileNotFoundError, GlueDataUnavailableError) as err:
+        print(f"sora-tune: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""MLflow records of trials: params, per-epoch metrics (`step=epoch`), the final scores and the
+pruned adapter. Used by `sora-tune train --mlflow-uri` and by every trial of a search."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from .train import TrialConfig, train_trial
+
+FINAL_METRICS = ("val_score", "test_score", "retained_params", "nonzero_rank", "train_time_s")
+
+
+def numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numeric entries of a metrics dict (MLflow metrics are floats)."""
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
+def trial_params(config: TrialConfig) -> dict[str, str]:
+    """Every trial setting as an MLflow param (`None` kept as the string "None")."""
+    return {
+        k: json.dumps(v) if isinstance(v, list) else str(v)
+        for k, v in dataclasses.asdict(config).items()
+    }
+
+
+def tracked_trial(
+    config: TrialConfig,
+    tracking_uri: str,
+    experiment_name: str,
+    *,
+    output_dir: str | os.PathLike,
+    tags: dict[str, str] | None = None,
+    **train_kwargs: Any,
+) -> dict[str, Any]:
+    """Run `train_trial` inside an MLflow run and record it.
+
+    `tags` may carry `mlflow.parentRunId` to nest the run under a search's parent run. A trial
+    that diverges or raises ends its run FAILED with the reason in the tag `failure_reason`.
+    """
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(experiment_name)
+    user_report = train_kwargs.pop("report", None)
+
+    def report(metrics: dict[str, Any], checkpoint: str) -> None:
+        mlflow.log_metrics(numeric(metrics), step=metrics["epoch"])
+        if user_report is not None:
+            user_report(metrics, checkpoint)
+
+    with mlflow.start_run(tags=tags) as run:
+        mlflow.log_params(trial_params(config))
+        try:
+            result = train_trial(config, report=report, output_dir=output_dir, **train_kwargs)
+        except Exception as err:
+            mlflow.set_tag("failure_reason", f"{type(err).__name__}: {err}"[:5000])
+            raise
+        result["mlflow_run_id"] = run.info.run_id
+        mlflow.log_metrics({k: float(result[k]) for k in FINAL_METRICS if k in result})
+        if result["status"] != "finished":
+            mlflow.set_tag("failure_reason", f"trial {result['status']}")
+            mlflow.end_run(status="FAILED")
+            return result
+        adapter = Path(output_dir) / "adapter"
+        if adapter.exists():
+            mlflow.log_artifacts(str(adapter), artifact_path="adapter")
+        mlflow.log_dict(result.get("rank_pattern", {}), "rank_pattern.json")
+        mlflow.log_metric("head_params", result["head_params"])
+    return result

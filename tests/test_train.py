@@ -1,0 +1,123 @@
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification
+
+from sora_tune.train import REPORT_KEYS, TrialConfig, lr_lambda, train_trial
+
+
+def test_short_run_learns_and_reports_every_key(tiny_trial, tmp_path):
+    reports = []
+    result = train_trial(
+        tiny_trial | {"epochs": 4},
+        report=lambda m, c: reports.append((m, c)),
+        output_dir=tmp_path / "run",
+    )
+    assert len(reports) == 4
+    for metrics, checkpoint in reports:
+        assert set(REPORT_KEYS) <= set(metrics)
+        assert {"val_accuracy", "val_f1", "test_accuracy", "test_f1"} <= set(metrics)
+        assert checkpoint.startswith(str(tmp_path / "run"))
+    losses = [m["train_loss"] for m, _ in reports]
+    assert losses[-1] < losses[0]
+    assert result["status"] == "finished"
+    assert result["retained_params"] == reports[-1][0]["retained_params"] > 0
+    assert sum(result["rank_pattern"].values()) == result["nonzero_rank"]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epoch"] == 4
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+    assert [p.name for p in (tmp_path / "run").glob("checkpoint-epoch*")] == ["checkpoint-epoch4"]
+
+
+def test_resume_equals_uninterrupted(tiny_trial, tmp_path):
+    full = train_trial(tiny_trial, output_dir=tmp_path / "full")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_epoch(metrics, checkpoint):
+        if metrics["epoch"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_trial(tiny_trial, report=stop_after_first_epoch, output_dir=tmp_path / "resumed")
+    resumed = train_trial(tiny_trial, output_dir=tmp_path / "resumed")
+    for key in ("train_loss", "val_score", "test_score", "retained_params", "nonzero_rank"):
+        assert resumed[key] == pytest.approx(full[key], rel=1e-6, abs=1e-9), key
+    assert resumed["rank_pattern"] == full["rank_pattern"]
+
+
+def test_stsb_regression(tiny_trial, tmp_path):
+    result = train_trial(tiny_trial | {"task": "stsb", "epochs": 1}, output_dir=tmp_path)
+    assert {"val_pearson", "val_spearman"} <= set(result)
+    assert result["val_score"] == result["val_pearson"]
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_baselines_run_and_export_a_peft_adapter(tiny_trial, tiny_model_dir, method, tmp_path):
+    result = train_trial(tiny_trial | {"method": method, "epochs": 1}, output_dir=tmp_path)
+    assert result["status"] == "finished"
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    assert isinstance(PeftModel.from_pretrained(base, tmp_path / "adapter"), PeftModel)
+    if method == "lora":
+        assert result["retained_params"] == 4 * 2 * (4 * 64 + 96 + 96)
+
+
+def test_exported_adapter_reproduces_the_trial_scores(tiny_trial, tiny_model_dir, tmp_path):
+    from sora_tune.data import make_dataloader
+    from sora_tune.train import TrialConfig, evaluate, load_tokenizer, prepare_data
+
+    result = train_trial(tiny_trial | {"epochs": 2}, output_dir=tmp_path)
+    config = TrialConfig.from_dict(tiny_trial)
+    tokenizer = load_tokenizer(config)
+    data = prepare_data(config, tokenizer)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    model = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    loader = make_dataloader(data["test"], tokenizer, batch_size=16, shuffle=False)
+    assert evaluate(model, loader, "mrpc", torch.device("cpu"))["score"] == pytest.approx(
+        result["test_score"]
+    )
+
+
+def test_divergence_stops_with_a_status(tiny_trial, tmp_path):
+    result = train_trial(tiny_trial | {"lr": 1e30, "epochs": 3}, output_dir=tmp_path)
+    assert result["status"] == "diverged"
+    assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"task": "imdb"}, "Unknown GLUE task"),
+        ({"method": "dora"}, "method must be"),
+        ({"gate_mode": "paper", "xi": 1e-4}, "xi is derived"),
+        ({"lam": -0.1}, "lam must be"),
+        ({"r_max": 0}, "r_max must be"),
+        ({"xi_schedule": "linear"}, "xi_max must be"),
+        ({"epochs": 0}, "epochs must be"),
+        ({"learning_rate": 1e-3}, "unknown trial parameter"),
+    ],
+)
+def test_bad_trial_config_is_refused_before_any_work(values, message):
+    with pytest.raises(ValueError, match=message):
+        TrialConfig.from_dict(values)
+
+
+def test_lr_schedule_restarts_at_every_xi_stage():
+    config = TrialConfig(
+        epochs=4,
+        xi_schedule="linear",
+        xi=1e-5,
+        xi_max=1e-4,
+        xi_stages=3,
+        dense_epochs=2,
+        warmup_ratio=0.0,
+    )
+    factor = lr_lambda(config, steps_per_epoch=10)
+    # stage 0: epochs 0-1 (steps 0-19), stage 1: epoch 2, stage 2: epoch 3
+    assert factor(0) == pytest.approx(1.0)
+    assert factor(19) == pytest.approx(1 / 19)  # decays over the 19 steps after warm-up
+    assert factor(20) == pytest.approx(1.0)  # restarted, not decayed to zero
+    assert factor(30) == pytest.approx(1.0)
+    assert factor(39) == pytest.approx(1 / 9)
