@@ -14,6 +14,7 @@ from peft.tuners.adalora import AdaLoraModel
 from torch import nn
 
 from .config import ENCODER_LINEARS, SoRAConfig
+from .model import resolve_heads
 
 
 def lora_config(config: SoRAConfig) -> SoRAConfig:
@@ -45,7 +46,7 @@ def add_adalora(
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
         target_modules=target_modules,
-        modules_to_save=config.modules_to_save,
+        modules_to_save=resolve_heads(model, config),
         total_step=total_steps,
         tinit=total_steps // 10,
         tfinal=total_steps // 5,

@@ -14,10 +14,10 @@ ENCODER_LINEARS = (
     r"(attention\.self\.(query|key|value)(_proj)?|attention\.output\.dense|intermediate\.dense|output\.dense)"
 )
 
-# Task heads that are trained in full (PEFT's `modules_to_save`): the names Hugging Face uses for
-# sequence-classification heads. DeBERTa's `pooler` is freshly initialised, so it is trained too.
+# Task heads that are trained in full (PEFT's `modules_to_save`): the sequence-classification head
+# and the pooler that feeds it (BERT's `bert.pooler`, DeBERTa's freshly initialised `pooler`). A
+# frozen pooler keeps a pretraining objective's projection between the adapted encoder and the head.
 DEFAULT_HEADS = ("classifier", "score")
-FRESH_POOLER_MODEL_TYPES = ("deberta", "deberta-v2")
 
 GateInit = Literal["normal", "ones"]
 
@@ -34,7 +34,7 @@ class SoRAConfig:
             match a module's full name (PEFT's convention); a list matches names equal to an entry or
             ending in `.entry`. `None` means every linear of the encoder blocks (`ENCODER_LINEARS`).
         modules_to_save: Modules trained in full and saved with the adapter (the task head). `None`
-            means the classification head (`classifier` / `score`) and, for DeBERTa, its `pooler`.
+            means the classification head (`classifier` / `score`) and the model's `pooler`.
         gate_init: `"normal"` draws the gate from N(0, 1) like the authors' code; `"ones"` starts it
             at 1 (the adapter then starts as a plain LoRA).
         trainable_gate: `False` freezes the gate at its initial value. With `gate_init="ones"` this is

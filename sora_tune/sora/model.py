@@ -16,7 +16,7 @@ from peft.tuners.adalora import SVDLinear
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import DEFAULT_HEADS, FRESH_POOLER_MODEL_TYPES, SoRAConfig
+from .config import DEFAULT_HEADS, SoRAConfig
 from .layer import PREFIX, SoRALinear
 
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for a model wrapped in PeftModel
@@ -27,17 +27,20 @@ def sora_layers(model: nn.Module) -> dict[str, SoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, SoRALinear)}
 
 
-def _resolve_heads(model: nn.Module, config: SoRAConfig) -> list[str]:
+def resolve_heads(model: nn.Module, config: SoRAConfig) -> list[str]:
+    """The modules trained in full: `config.modules_to_save`, or the default head.
+
+    Raises:
+        ValueError: a named module does not exist.
+    """
     names = dict(model.named_modules())
     if config.modules_to_save is not None:
         missing = [h for h in config.modules_to_save if h not in names]
         if missing:
             raise ValueError(f"modules_to_save names modules the model does not have: {missing}")
         return list(config.modules_to_save)
-    heads = [h for h in DEFAULT_HEADS if h in names]
-    if getattr(getattr(model, "config", None), "model_type", None) in FRESH_POOLER_MODEL_TYPES:
-        heads += [h for h in names if h.endswith("pooler") and h.count(".") <= 1]
-    return heads
+    poolers = [h for h in names if h.rpartition(".")[2] == "pooler" and h.count(".") <= 1]
+    return [h for h in DEFAULT_HEADS if h in names] + poolers
 
 
 def add_sora(model: nn.Module, config: SoRAConfig) -> nn.Module:
@@ -52,7 +55,7 @@ def add_sora(model: nn.Module, config: SoRAConfig) -> nn.Module:
     """
     if sora_layers(model):
         raise RuntimeError("the model already has SoRA layers")
-    heads = _resolve_heads(model, config)
+    heads = resolve_heads(model, config)
     targets = [
         name
         for name, module in model.named_modules()
@@ -155,18 +158,19 @@ def set_merged(model: nn.Module, merged: bool) -> None:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable tensor of the adapter: the `sora_` tensors and the head."""
-    heads = tuple(h + "." for h in model.sora_config.modules_to_save)
+    """Every tensor that training changes: the trainable ones (adapter and head, whatever the
+    method) and the `sora_` ones (so a LoRA baseline's frozen gate is kept too)."""
     return {
         name: p.detach().contiguous()
         for name, p in model.named_parameters()
-        if PREFIX in name or name.startswith(heads)
+        if p.requires_grad or PREFIX in name
     }
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write `adapter_state_dict` as safetensors, with the SoRA config in the file's metadata."""
-    metadata = {"sora_config": json.dumps(model.sora_config.to_dict())}
+    """Write `adapter_state_dict` as safetensors, with the SoRA config (if any) in the metadata."""
+    config = getattr(model, "sora_config", None)
+    metadata = {"sora_config": json.dumps(config.to_dict())} if config is not None else None
     save_file(adapter_state_dict(model), str(path), metadata=metadata)
 
 

@@ -41,7 +41,7 @@ def test_adalora_allocates_its_budget_when_the_harness_steps_it(tiny_model, mini
     }
     # AdaLoRA starts its singular values E at zero: nothing is retained before training.
     assert sum(rank_pattern(model).values()) == 0
-    assert head_params(model) == 32 * 2 + 2
+    assert head_params(model) == (32 * 2 + 2) + (32 * 32 + 32)  # classifier + pooler
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     labels = torch.tensor([0, 1, 0, 1])

@@ -63,14 +63,17 @@ def test_default_targets_bert_encoder_linears_only(tiny_model):
     expected = {f"bert.encoder.layer.{i}.{name}" for i in range(2) for name in BERT_LAYER_LINEARS}
     assert adapted == expected  # not bert.pooler.dense, not the classifier
     trainable = {n for n, p in tiny_model.named_parameters() if p.requires_grad}
-    assert trainable == {f"{m}.sora_{t}" for m in expected for t in ("A", "B", "gate")} | {
+    head = {
         "classifier.weight",
         "classifier.bias",
+        "bert.pooler.dense.weight",
+        "bert.pooler.dense.bias",
     }
-    assert tiny_model.sora_config.modules_to_save == ["classifier"]
+    assert trainable == {f"{m}.sora_{t}" for m in expected for t in ("A", "B", "gate")} | head
+    assert tiny_model.sora_config.modules_to_save == ["classifier", "bert.pooler"]
 
 
-def test_default_targets_deberta_v2_and_its_fresh_pooler():
+def test_default_targets_deberta_v2_and_its_pooler():
     model = add_sora(tiny_deberta(), SoRAConfig(r_max=2))
     names = {"attention.self.query_proj", "attention.self.key_proj", "attention.self.value_proj"}
     names |= {"attention.output.dense", "intermediate.dense", "output.dense"}
@@ -116,7 +119,7 @@ def test_bad_config_is_refused(kwargs, message):
 def test_param_groups_partition_the_trainable_parameters(tiny_model):
     add_sora(tiny_model, SoRAConfig(r_max=4))
     groups = param_groups(tiny_model)
-    assert len(groups["gate"]) == 12 and len(groups["adapter"]) == 24 and len(groups["head"]) == 2
+    assert len(groups["gate"]) == 12 and len(groups["adapter"]) == 24 and len(groups["head"]) == 4
     grouped = {id(p) for ps in groups.values() for p in ps}
     assert grouped == {id(p) for p in tiny_model.parameters() if p.requires_grad}
 
@@ -160,7 +163,7 @@ def test_pruning_is_exact_on_minilm(sparse_minilm, minilm_batch):
     # Exact count: FFN modules are 384→1536 and 1536→384, not hidden×2 per rank.
     ffn = sora_layers(model)["bert.encoder.layer.5.intermediate.dense"]
     assert (ffn.in_features, ffn.out_features) == (384, 1536)
-    assert head_params(model) == 384 * 2 + 2
+    assert head_params(model) == (384 * 2 + 2) + (384 * 384 + 384)  # classifier + pooler
 
 
 def test_peft_round_trip_and_count_against_safetensors_shapes(
@@ -171,7 +174,8 @@ def test_peft_round_trip_and_count_against_safetensors_shapes(
     pattern = export_peft(model, tmp_path / "adapter")
 
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and "classifier" in config["modules_to_save"]
+    assert config["peft_type"] == "LORA"
+    assert {"classifier", "bert.pooler"} <= set(config["modules_to_save"])
     assert "bert.encoder.layer.0.attention.self.key" not in config["target_modules"]
     assert all(rank > 0 for rank in pattern.values())
 
