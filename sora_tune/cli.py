@@ -42,7 +42,7 @@ TRIAL_FLAGS: dict[str, tuple[Any, str]] = {
     "weight_decay": (float, "AdamW weight decay (default 0.1)"),
     "warmup_ratio": (float, "share of steps of linear warm-up (default 0.06)"),
     "max_grad_norm": (float, "gradient clipping norm, 0 disables (default 1.0)"),
-    "batch_size": (int, "training batch size (default 32)"),
+    "batch_size": (int, "training batch size (default 8)"),
     "eval_batch_size": (int, "evaluation batch size (default 64)"),
     "epochs": (int, "training epochs (default 3)"),
     "max_length": (int, "tokens per sequence (default 128)"),
@@ -132,10 +132,11 @@ def train_command(args: argparse.Namespace) -> int:
 
     config = TrialConfig.from_dict(trial_values(args))
     if args.mlflow_uri:
-        from .tracking import tracked_trial
+        from .tracking import create_trial_run, tracked_trial
 
+        run_id = create_trial_run(args.mlflow_uri, args.experiment_name)
         result = tracked_trial(
-            config, args.mlflow_uri, args.experiment_name, output_dir=args.output_dir, progress=True
+            config, run_id=run_id, output_dir=args.output_dir, progress=True, report=_print_epoch
         )
     else:
         result = train_trial(config, output_dir=args.output_dir, progress=True, report=_print_epoch)
@@ -185,11 +186,98 @@ def sparsify_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def search_command_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "search", help="search SoRA settings with Ray Tune + Optuna, every trial in MLflow"
+    )
+    parser.add_argument("--config", help="search-space YAML (see search_spaces/)")
+    parser.add_argument(
+        "--resume", help="finish the interrupted search in this Ray experiment folder"
+    )
+    parser.add_argument("--num-samples", type=int, default=8, help="number of trials (default 8)")
+    parser.add_argument("--sampler", default="tpe", help="Optuna sampler: tpe, nsga2, gp, random")
+    parser.add_argument(
+        "--objective",
+        default="multi",
+        help="multi (max val_score, min retained_params) or val_score (single objective)",
+    )
+    parser.add_argument(
+        "--asha", action="store_true", help="ASHA early stopping (single objective)"
+    )
+    parser.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    parser.add_argument(
+        "--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)"
+    )
+    parser.add_argument(
+        "--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; fractions share a GPU"
+    )
+    parser.add_argument(
+        "--address", help="Ray cluster: auto or ray://host:port (default: a local Ray)"
+    )
+    parser.add_argument(
+        "--storage-path", help="Ray experiment storage; shared (NFS, s3://, gs://) on a cluster"
+    )
+    parser.add_argument("--name", help="Ray experiment name (default: <experiment-name>-<time>)")
+    parser.add_argument("--mlflow-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI")
+    parser.add_argument("--experiment-name", default="sora-tune", help="MLflow experiment")
+    parser.add_argument("--sampler-seed", type=int, default=0, help="seed of the Optuna sampler")
+    parser.add_argument("--max-failures", type=int, default=1, help="retries of a crashed trial")
+    add_trial_arguments(parser)
+    parser.set_defaults(command=search_command)
+
+
+def search_command(args: argparse.Namespace) -> int:
+    from .tune import SearchConfig, load_search_space, resume_search, run_search
+
+    if args.resume:
+        results = resume_search(args.resume, address=args.address)
+    else:
+        if not args.config:
+            raise ValueError("search needs --config FILE (or --resume PATH)")
+        space = load_search_space(args.config).with_fixed(trial_values(args))
+        config = SearchConfig(
+            space=space,
+            num_samples=args.num_samples,
+            sampler=args.sampler,
+            objective=args.objective,
+            asha=args.asha,
+            max_concurrent=args.max_concurrent,
+            cpus_per_trial=args.cpus_per_trial,
+            gpus_per_trial=args.gpus_per_trial,
+            address=args.address,
+            storage_path=args.storage_path,
+            name=args.name,
+            mlflow_uri=args.mlflow_uri,
+            experiment_name=args.experiment_name,
+            seed=args.sampler_seed,
+            max_failures=args.max_failures,
+        )
+        results = run_search(config)
+    print(_trials_table(results))
+    return 0
+
+
+def _trials_table(results) -> str:
+    lines = [
+        f"{'trial':<16}{'status':<12}{'val_score':>10}{'test_score':>11}{'retained':>10}{'r_max':>6}{'train s':>9}"
+    ]
+    for result in results:
+        metrics = result.metrics or {}
+        status = "ERROR" if result.error else metrics.get("status", "finished")
+        lines.append(
+            f"{metrics.get('trial_id', '?'):<16}{status:<12}{metrics.get('val_score', float('nan')):>10.4f}"
+            f"{metrics.get('test_score', float('nan')):>11.4f}{metrics.get('retained_params', float('nan')):>10.0f}"
+            f"{result.config.get('r_max', '?')!s:>6}{metrics.get('train_time_s', float('nan')):>9.1f}"
+        )
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sora-tune", description="Find the best SoRA adapters.")
     subparsers = parser.add_subparsers(title="commands", required=True)
     train_command_parser(subparsers)
     sparsify_command_parser(subparsers)
+    search_command_parser(subparsers)
     return parser
 
 
@@ -199,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.command(args)
-    except (ValueError, FileNotFoundError, GlueDataUnavailableError) as err:
+    except (ValueError, FileNotFoundError, ConnectionError, GlueDataUnavailableError) as err:
         print(f"sora-tune: error: {err}", file=sys.stderr)
         return 2
 

@@ -13,8 +13,6 @@ import mlflow
 
 from .train import TrialConfig, train_trial
 
-FINAL_METRICS = ("val_score", "test_score", "retained_params", "nonzero_rank", "train_time_s")
-
 
 def numeric(metrics: dict[str, Any]) -> dict[str, float]:
     """The numeric entries of a metrics dict (MLflow metrics are floats)."""
@@ -33,22 +31,22 @@ def trial_params(config: TrialConfig) -> dict[str, str]:
     }
 
 
-def tracked_trial(
-    config: TrialConfig,
-    tracking_uri: str,
-    experiment_name: str,
-    *,
-    output_dir: str | os.PathLike,
-    tags: dict[str, str] | None = None,
-    **train_kwargs: Any,
-) -> dict[str, Any]:
-    """Run `train_trial` inside an MLflow run and record it.
-
-    `tags` may carry `mlflow.parentRunId` to nest the run under a search's parent run. A trial
-    that diverges or raises ends its run FAILED with the reason in the tag `failure_reason`.
-    """
+def create_trial_run(tracking_uri: str, experiment_name: str) -> str:
+    """A new MLflow run for one trial (the search makes its own, nested under its parent)."""
     mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(experiment_name)
+    experiment = mlflow.set_experiment(experiment_name)
+    client = mlflow.MlflowClient(tracking_uri)
+    return client.create_run(experiment.experiment_id, tags={"sora_tune.role": "trial"}).info.run_id
+
+
+def tracked_trial(
+    config: TrialConfig, *, run_id: str, output_dir: str | os.PathLike, **train_kwargs: Any
+) -> dict[str, Any]:
+    """Run `train_trial` inside the MLflow run `run_id` (created or resumed) and record it.
+
+    The tracking URI must be set. A trial that diverges or raises ends its run FAILED with the
+    reason in the tag `failure_reason`; a resumed trial logs into the same run.
+    """
     user_report = train_kwargs.pop("report", None)
 
     def report(metrics: dict[str, Any], checkpoint: str) -> None:
@@ -56,15 +54,16 @@ def tracked_trial(
         if user_report is not None:
             user_report(metrics, checkpoint)
 
-    with mlflow.start_run(tags=tags) as run:
+    with mlflow.start_run(run_id=run_id):
         mlflow.log_params(trial_params(config))
         try:
             result = train_trial(config, report=report, output_dir=output_dir, **train_kwargs)
         except Exception as err:
             mlflow.set_tag("failure_reason", f"{type(err).__name__}: {err}"[:5000])
             raise
-        result["mlflow_run_id"] = run.info.run_id
-        mlflow.log_metrics({k: float(result[k]) for k in FINAL_METRICS if k in result})
+        result["mlflow_run_id"] = run_id
+        # The final values are the last epoch's (pruning is exact), already logged at step=epoch:
+        # MLflow's run.data.metrics shows the value at the highest step.
         if result["status"] != "finished":
             mlflow.set_tag("failure_reason", f"trial {result['status']}")
             mlflow.end_run(status="FAILED")
@@ -73,5 +72,5 @@ def tracked_trial(
         if adapter.exists():
             mlflow.log_artifacts(str(adapter), artifact_path="adapter")
         mlflow.log_dict(result.get("rank_pattern", {}), "rank_pattern.json")
-        mlflow.log_metric("head_params", result["head_params"])
+        mlflow.log_metric("head_params", result["head_params"], step=result["epoch"])
     return result

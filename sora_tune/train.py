@@ -86,7 +86,7 @@ class TrialConfig:
         data_dir: Folder in the official GLUE layout; `None`: `SORA_TUNE_DATA_DIR`, else the Hub.
         model: Backbone name or path; `None`: the packaged all-MiniLM-L6-v2.
         method: `sora`, or the baselines `lora` (same layer, gate fixed at 1) and `adalora` (PEFT).
-        r_max, alpha, dropout, target_modules, gate_init: see `SoRAConfig`.
+        r_max, alpha, dropout, target_modules, modules_to_save, gate_init: see `SoRAConfig`.
         gate_mode: `official` (AdamW on the gate, ℓ1 in the loss, threshold ξ) or `paper` (eq. 10,
             ξ = η·λ derived). See `ProximalGateOptimizer`.
         xi, eta, lam: The gate threshold, step size and ℓ1 strength. `xi` is for `official` mode
@@ -113,6 +113,7 @@ class TrialConfig:
     alpha: float = 16.0  # scaling alpha / r_max (the authors' code: 16)
     dropout: float = 0.0  # adapter input dropout
     target_modules: str | list[str] | None = None  # None: every encoder linear
+    modules_to_save: list[str] | None = None  # None: the classification head
     gate_init: Literal["normal", "ones"] = "normal"
     gate_mode: Literal["official", "paper"] = "official"
     xi: float | None = None  # threshold ξ (official); paper: 1e-5 … 1e-4
@@ -128,7 +129,7 @@ class TrialConfig:
     weight_decay: float = 0.1  # AdamW decay on adapter and head weights
     warmup_ratio: float = 0.06  # share of (stage) steps with linear warm-up
     max_grad_norm: float = 1.0  # clip norm over all trainable tensors; 0 disables
-    batch_size: int = 32  # training sequences per step
+    batch_size: int = 8  # training sequences per step; the authors ran GLUE at 8
     eval_batch_size: int = 64  # sequences per evaluation batch
     epochs: int = 3  # passes over the training split
     max_length: int = 128  # tokens per sequence after truncation
@@ -169,6 +170,7 @@ class TrialConfig:
             alpha=self.alpha,
             dropout=self.dropout,
             target_modules=self.target_modules,
+            modules_to_save=self.modules_to_save,
             gate_init=self.gate_init,
         )
         return lora_config(config) if self.method == "lora" else config

