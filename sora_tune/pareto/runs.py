@@ -1,0 +1,413 @@
+"""Choose a SoRA adapter from what a search recorded in MLflow.
+
+`load_trial_runs` reads the trial runs of a search (or of a whole experiment) and says which runs
+were left out and why; `pareto_report` finds the val_score-vs-retained_params Pareto front of the
+SoRA runs, chooses one run by a stated rule and writes the front back: `pareto.csv`, `pareto.png`,
+a `pareto` tag on every run, and both files on the search's parent run.
+
+LoRA and AdaLoRA runs of the same search are baselines: they are drawn and listed for reference
+but are never on the front and never chosen.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+from mlflow import MlflowClient
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+
+from .front import default_reference, hypervolume, is_pareto_front, select
+
+ROLE_TAG = "sora_tune.role"  # "search" on a search's parent run, "trial" on its trials
+FRONT_METHOD = "sora"
+OBJECTIVES = {"val_score": "maximize", "retained_params": "minimize", "train_time_s": "minimize"}
+REQUIRED_METRICS = ("val_score", "retained_params")
+METRICS = ("val_score", "retained_params", "test_score", "nonzero_rank", "train_time_s")
+BASELINE_MARKERS = {"lora": "s", "adalora": "^"}  # other methods: "D"
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """A run that is not a candidate, and why (`failed: <failure_reason>`, `unfinished
+    (RUNNING)`, `missing metric val_score`, ...)."""
+
+    run_id: str
+    reason: str
+
+
+@dataclass
+class TrialRuns:
+    """The finished trials of one search or experiment.
+
+    Attributes:
+        table: One row per finished run with a method and finite val_score and retained_params:
+            `run_id`, `run_name`, `method`, `r_max` and the `METRICS` (NaN when not logged),
+            sorted by retained_params, then run id.
+        left_out: The other trial runs, each with its reason.
+        experiment_name: The MLflow experiment.
+        parent_run_id: The search's parent run: the one asked for, or the only search run of the
+            experiment; `None` when the experiment holds several searches or none.
+        tracking_uri: Where the runs were read from (and where tags are written back).
+    """
+
+    table: pd.DataFrame
+    left_out: list[LeftOut]
+    experiment_name: str
+    parent_run_id: str | None
+    tracking_uri: str
+
+
+@dataclass
+class ParetoResult:
+    """What `pareto_report` found and wrote.
+
+    Attributes:
+        table: Every finished run (SoRA and baselines) with the columns of `TrialRuns.table` plus
+            `on_front` and `selected`, sorted by retained_params. Also written as `pareto.csv`.
+        selected_run_id: The chosen SoRA run.
+        rule: The rule that chose it, in words.
+        hypervolume: Of the SoRA runs in `objectives`, bounded by `reference`.
+        reference: The reference point, one value per objective.
+        objectives: The objectives of the front.
+        left_out: Runs that are not in `table`, with reasons.
+        csv_path: `pareto.csv`.
+        png_path: `pareto.png`.
+    """
+
+    table: pd.DataFrame
+    selected_run_id: str
+    rule: str
+    hypervolume: float
+    reference: tuple[float, ...]
+    objectives: tuple[str, ...]
+    left_out: list[LeftOut]
+    csv_path: Path
+    png_path: Path
+
+    @property
+    def front(self) -> pd.DataFrame:
+        """The runs on the front, by retained_params."""
+        return self.table[self.table["on_front"]]
+
+    @property
+    def selected(self) -> pd.Series:
+        """The chosen run's row."""
+        return self.table[self.table["selected"]].iloc[0]
+
+
+def load_trial_runs(
+    *,
+    experiment_name: str | None = None,
+    parent_run_id: str | None = None,
+    tracking_uri: str | None = None,
+) -> TrialRuns:
+    """Read the trial runs of a search (`parent_run_id`) or of a whole experiment.
+
+    A search's parent run (tag `sora_tune.role` = `search`) is never a trial. A trial is a
+    candidate when it FINISHED, has a `method` param and finite `val_score` and
+    `retained_params`; every other trial is left out with its reason.
+
+    Args:
+        experiment_name: Every run of this experiment.
+        parent_run_id: The runs nested under this search run.
+        tracking_uri: The MLflow tracking URI; `None`: MLflow's current one. The global MLflow
+            setting is not changed.
+
+    Raises:
+        ValueError: not exactly one of `experiment_name` and `parent_run_id`, or an experiment
+            or parent run that does not exist.
+    """
+    if (experiment_name is None) == (parent_run_id is None):
+        raise ValueError("give exactly one of experiment_name and parent_run_id")
+    client = MlflowClient(tracking_uri)
+    if parent_run_id is not None:
+        try:
+            parent = client.get_run(parent_run_id)
+        except MlflowException as err:
+            raise ValueError(f"no MLflow run with id {parent_run_id!r}") from err
+        experiment = client.get_experiment(parent.info.experiment_id)
+        runs = _search_runs(
+            client, experiment.experiment_id, f"tags.mlflow.parentRunId = '{parent_run_id}'"
+        )
+    else:
+        experiment = client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            raise ValueError(f"no MLflow experiment named {experiment_name!r}")
+        runs = _search_runs(client, experiment.experiment_id)
+        searches = [r.info.run_id for r in runs if r.data.tags.get(ROLE_TAG) == "search"]
+        parent_run_id = searches[0] if len(searches) == 1 else None
+
+    rows, left_out = [], []
+    for run in runs:
+        if run.data.tags.get(ROLE_TAG) == "search":
+            continue
+        reason = _left_out_reason(run)
+        if reason is None:
+            rows.append(_row(run))
+        else:
+            left_out.append(LeftOut(run.info.run_id, reason))
+    table = pd.DataFrame(rows, columns=["run_id", "run_name", "method", "r_max", *METRICS])
+    table["r_max"] = pd.to_numeric(table["r_max"], errors="coerce").astype("Int64")
+    table = table.sort_values(["retained_params", "run_id"], ignore_index=True)
+    return TrialRuns(
+        table=table,
+        left_out=left_out,
+        experiment_name=experiment.name,
+        parent_run_id=parent_run_id,
+        tracking_uri=client.tracking_uri,
+    )
+
+
+def _search_runs(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list[Run]:
+    # `mlflow.search_runs` pages for us but always reads the global tracking URI.
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [experiment_id], filter_string, max_results=1000, page_token=token
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _left_out_reason(run: Run) -> str | None:
+    status = run.info.status
+    if status == "FAILED":
+        return f"failed: {run.data.tags.get('failure_reason', 'no failure_reason tag')}"
+    if status != "FINISHED":
+        return f"unfinished ({status})"
+    if "method" not in run.data.params:
+        return "no method param (not a sora-tune trial)"
+    for name in REQUIRED_METRICS:
+        value = run.data.metrics.get(name)
+        if value is None:
+            return f"missing metric {name}"
+        if math.isnan(value):
+            return f"metric {name} is NaN"
+    return None
+
+
+def _row(run: Run) -> dict:
+    return {
+        "run_id": run.info.run_id,
+        "run_name": run.info.run_name,
+        "method": run.data.params["method"],
+        "r_max": run.data.params.get("r_max"),
+        # `data.metrics` holds each metric's value at its highest step: the last epoch, which is
+        # also what the trial logs as final.
+        **{name: run.data.metrics.get(name, math.nan) for name in METRICS},
+    }
+
+
+def pareto_report(
+    runs: TrialRuns,
+    *,
+    objectives: Sequence[str] = ("val_score", "retained_params"),
+    max_params: float | None = None,
+    min_score: float | None = None,
+    knee: bool = False,
+    reference: Sequence[float] | None = None,
+    output_dir: str | os.PathLike,
+    log_to_parent: bool = True,
+) -> ParetoResult:
+    """Find the Pareto front of the SoRA runs, choose one run, and write the front back.
+
+    The chosen run is on the (val_score, retained_params) front and is picked by `select`'s
+    rules, which never look at test_score. With `train_time_s` as a third objective, the front
+    (and `on_front`, the tags and the hypervolume) also counts faster runs.
+
+    Writes `pareto.csv` and `pareto.png` to `output_dir`, tags every run of the table
+    `pareto=true|false` and, when `log_to_parent` and there is a parent run, logs both files to it
+    and tags it with `pareto_selected_run_id`. Nothing is written when no run meets the rule.
+
+    Args:
+        runs: From `load_trial_runs`.
+        objectives: `("val_score", "retained_params")`, optionally followed by `"train_time_s"`.
+        max_params: Choose the best val_score with at most this many retained params.
+        min_score: Choose the fewest retained params reaching this val_score.
+        knee: Choose the knee of the front.
+        reference: The hypervolume reference point, one value per objective; `None`:
+            `default_reference` of the SoRA runs.
+        output_dir: Where `pareto.csv` and `pareto.png` go (created if needed).
+        log_to_parent: Log both files to the search's parent run.
+
+    Raises:
+        ValueError: bad `objectives` or `reference`, no SoRA candidate, more than one rule, or no
+            run meeting the rule (see `select`).
+    """
+    objectives = tuple(objectives)
+    if objectives[:2] != REQUIRED_METRICS or not set(objectives) <= set(OBJECTIVES):
+        raise ValueError(
+            "objectives must be ('val_score', 'retained_params'), optionally followed by "
+            f"'train_time_s', got {objectives}"
+        )
+    directions = [OBJECTIVES[name] for name in objectives]
+    table = runs.table.copy()
+    incomplete = table[list(objectives)].isna().any(axis=1)
+    left_out = runs.left_out + [
+        LeftOut(run_id, f"missing metric {', '.join(objectives[2:])}")
+        for run_id in table.loc[incomplete, "run_id"]
+    ]
+    table = table[~incomplete].reset_index(drop=True)
+    is_sora = table["method"] == FRONT_METHOD
+    if not is_sora.any():
+        raise ValueError(
+            f"no finished {FRONT_METHOD} run to build a front from in "
+            f"{runs.experiment_name!r} ({len(table)} baseline runs, {len(left_out)} left out)"
+        )
+
+    values = table.loc[is_sora, list(objectives)].to_numpy(dtype=float)
+    table["on_front"] = False
+    table.loc[is_sora, "on_front"] = is_pareto_front(values, directions)
+    front = table[table["on_front"]]
+    # Only val_score and retained_params reach `select`: test_score is read after the choice.
+    selection = select(
+        front["val_score"].to_numpy(),
+        front["retained_params"].to_numpy(),
+        max_params=max_params,
+        min_score=min_score,
+        knee=knee,
+    )
+    selected_run_id = front["run_id"].iloc[selection.index]
+    table["selected"] = table["run_id"] == selected_run_id
+    reference = tuple(reference) if reference is not None else default_reference(values, directions)
+    volume = hypervolume(values, directions, reference)
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = output_dir / "pareto.csv", output_dir / "pareto.png"
+    table.to_csv(csv_path, index=False)
+    result = ParetoResult(
+        table=table,
+        selected_run_id=selected_run_id,
+        rule=selection.rule,
+        hypervolume=volume,
+        reference=reference,
+        objectives=objectives,
+        left_out=left_out,
+        csv_path=csv_path,
+        png_path=png_path,
+    )
+    _plot(result, png_path, title=runs.experiment_name)
+
+    client = MlflowClient(runs.tracking_uri)
+    for run_id, on_front in zip(table["run_id"], table["on_front"], strict=True):
+        client.set_tag(run_id, "pareto", "true" if on_front else "false")
+    if log_to_parent and runs.parent_run_id is not None:
+        client.log_artifact(runs.parent_run_id, str(csv_path))
+        client.log_artifact(runs.parent_run_id, str(png_path))
+        client.set_tag(runs.parent_run_id, "pareto_selected_run_id", selected_run_id)
+    return result
+
+
+def _plot(result: ParetoResult, path: Path, title: str) -> None:
+    """val_score against retained_params: SoRA runs grey, the front as a staircase with each
+    point labelled `r=<r_max>, <total rank>`, baselines with their own markers, the choice circled."""
+    # A bare Figure draws with Agg and leaves pyplot's global state alone.
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    table = result.table
+    sora = table[table["method"] == FRONT_METHOD]
+    ax.scatter(
+        sora["retained_params"], sora["val_score"], color="0.65", s=18, label=f"sora ({len(sora)})"
+    )
+    # Between two front points, the best score reachable is the left one's: a post step. The
+    # running maximum keeps the line on the 2-D front when train_time_s adds members below it.
+    front = result.front
+    ax.plot(
+        front["retained_params"],
+        front["val_score"].cummax(),
+        drawstyle="steps-post",
+        color="C0",
+    )
+    ax.scatter(
+        front["retained_params"],
+        front["val_score"],
+        color="C0",
+        s=30,
+        zorder=3,
+        label=f"Pareto front ({len(front)}, {', '.join(result.objectives)})",
+    )
+    for row in front.itertuples():
+        label = f"r={row.r_max}"
+        if not math.isnan(row.nonzero_rank):
+            label += f", {row.nonzero_rank:.0f}"
+        ax.annotate(
+            label,
+            (row.retained_params, row.val_score),
+            xytext=(5, -11),
+            textcoords="offset points",
+            fontsize=7,
+        )
+    baselines = table[table["method"] != FRONT_METHOD]
+    for color, (method, runs) in enumerate(baselines.groupby("method"), start=1):
+        ax.scatter(
+            runs["retained_params"],
+            runs["val_score"],
+            marker=BASELINE_MARKERS.get(method, "D"),
+            color=f"C{color}",
+            s=36,
+            label=f"{method} baseline ({len(runs)})",
+        )
+    chosen = result.selected
+    ax.scatter(
+        [chosen["retained_params"]],
+        [chosen["val_score"]],
+        s=260,
+        facecolors="none",
+        edgecolors="C3",
+        linewidths=1.8,
+        label=f"selected: {result.rule}",
+    )
+    # Runs pruned to zero params have no place on a log axis.
+    ax.set_xscale("log" if (table["retained_params"] > 0).all() else "symlog")
+    ax.set_xlabel("retained adapter parameters (labels: r=r_max, total rank kept)")
+    ax.set_ylabel("val_score")
+    ax.set_title(f"{title}: hypervolume {result.hypervolume:.4g}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.savefig(path, dpi=120)
+
+
+def format_table(result: ParetoResult) -> str:
+    """A terminal table of every run (`*` marks the chosen one), then the hypervolume, the choice
+    and the left-out runs with their reasons."""
+    header = (
+        f"  {'run':8}  {'method':7}  {'r_max':>5}  {'val_score':>9}  {'retained_params':>15}  "
+        f"{'test_score':>10}  front"
+    )
+    lines = [header]
+    for row in result.table.itertuples():
+        lines.append(
+            f"{'*' if row.selected else ' '} {row.run_id[:8]:8}  {row.method:7}  "
+            f"{_cell(row.r_max, 'd'):>5}  {_cell(row.val_score, '.4f'):>9}  "
+            f"{_cell(row.retained_params, '.0f'):>15}  {_cell(row.test_score, '.4f'):>10}  "
+            f"{'yes' if row.on_front else ''}"
+        )
+    chosen = result.selected
+    reference = ", ".join(
+        f"{name}={value:.4g}"
+        for name, value in zip(result.objectives, result.reference, strict=True)
+    )
+    lines += [
+        "",
+        f"hypervolume {result.hypervolume:.6g} (reference {reference})",
+        f"selected {chosen['run_id']} by {result.rule}: val_score {chosen['val_score']:.4f}, "
+        f"retained_params {chosen['retained_params']:.0f}, test_score {chosen['test_score']:.4f}",
+    ]
+    if result.left_out:
+        lines += ["", f"left out ({len(result.left_out)}):"]
+        lines += [f"  {run.run_id[:8]}  {run.reason}" for run in result.left_out]
+    return "\n".join(lines)
+
+
+def _cell(value: float, spec: str) -> str:
+    return "-" if pd.isna(value) else format(value, spec)

@@ -1,0 +1,235 @@
+"""`load_trial_runs` and `pareto_report` against a real MLflow store (sqlite in a temporary folder).
+
+The store is shared by the module; a test that checks tags first writes them itself.
+"""
+
+import math
+import time
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+from sora_tune.pareto import format_table, load_trial_runs, pareto_report
+
+ROLE = "sora_tune.role"
+
+# name: (method, r_max, val_score, retained_params, test_score, nonzero_rank, train_time_s)
+FINISHED = {
+    "small": ("sora", 4, 0.80, 2000, 0.78, 10, 30.0),
+    "mid": ("sora", 8, 0.86, 6000, 0.83, 30, 60.0),
+    "big": ("sora", 16, 0.87, 20000, 0.88, 90, 120.0),
+    "dominated": ("sora", 16, 0.84, 15000, 0.86, 70, 5.0),  # fastest: on a front with time
+    "lora": ("lora", 8, 0.85, 24576, 0.84, 96, math.nan),  # no time: left out with time
+}
+
+
+def add_trial(client, experiment_id, parent_id, name, method, r_max, metrics, **tags):
+    """A trial run as `tracked_trial` records it: params as strings, per-epoch history with
+    step=epoch, then the final values (step 0)."""
+    tags = {"mlflow.parentRunId": parent_id, ROLE: "trial", "ray_trial_id": name, **tags}
+    run_id = client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
+    params = {"task": "mrpc", "method": method, "r_max": str(r_max), "xi": "0.0001", "lam": "None"}
+    now = int(time.time() * 1000)
+    logged = {k: v for k, v in metrics.items() if not (k == "train_time_s" and math.isnan(v))}
+    history = [Metric(k, v * e / 3, now, e) for e in (1, 2, 3) for k, v in logged.items()]
+    final = [Metric(k, v, now + 1, 0) for k, v in logged.items()]
+    client.log_batch(
+        run_id, metrics=history + final, params=[Param(k, v) for k, v in params.items()]
+    )
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One search with 5 finished trials (4 SoRA, 1 LoRA) and 4 that are left out, plus an
+    experiment with a baseline only and no search run."""
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("search-a", artifact_location=str(root / "artifacts"))
+    parent = client.create_run(experiment_id, tags={ROLE: "search"}, run_name="search")
+    parent_id = parent.info.run_id
+    ids = {}
+    for name, (method, r_max, *values) in FINISHED.items():
+        metrics = dict(
+            zip(
+                ("val_score", "retained_params", "test_score", "nonzero_rank", "train_time_s"),
+                values,
+                strict=True,
+            )
+        )
+        ids[name] = add_trial(client, experiment_id, parent_id, name, method, r_max, metrics)
+    scores = {"val_score": 0.9, "retained_params": 100.0}
+    ids["failed"] = add_trial(
+        client,
+        experiment_id,
+        parent_id,
+        "failed",
+        "sora",
+        8,
+        scores,
+        failure_reason="RuntimeError: trial diverged",
+    )
+    ids["running"] = add_trial(client, experiment_id, parent_id, "running", "sora", 8, scores)
+    ids["no-val"] = add_trial(
+        client, experiment_id, parent_id, "no-val", "sora", 8, {"retained_params": 50.0}
+    )
+    ids["nan-val"] = add_trial(
+        client, experiment_id, parent_id, "nan-val", "sora", 8, {**scores, "val_score": math.nan}
+    )
+    for name, run_id in ids.items():
+        if name != "running":
+            client.set_terminated(run_id, "FAILED" if name == "failed" else "FINISHED")
+    client.set_terminated(parent_id)
+
+    other = client.create_experiment("baselines", artifact_location=str(root / "other"))
+    baseline = client.create_run(other, run_name="lora-only").info.run_id
+    client.log_batch(
+        baseline,
+        metrics=[Metric("val_score", 0.8, 0, 0), Metric("retained_params", 1e4, 0, 0)],
+        params=[Param("method", "lora")],
+    )
+    client.set_terminated(baseline)
+    return {"uri": uri, "client": client, "parent": parent_id, "ids": ids}
+
+
+def names(store, run_ids):
+    by_id = {v: k for k, v in store["ids"].items()}
+    return {by_id[run_id] for run_id in run_ids}
+
+
+@pytest.fixture(scope="module")
+def trials(store):
+    return load_trial_runs(parent_run_id=store["parent"], tracking_uri=store["uri"])
+
+
+def test_candidates_and_left_out_reasons(store, trials):
+    assert names(store, trials.table["run_id"]) == set(FINISHED)
+    assert trials.table["retained_params"].is_monotonic_increasing
+    mid = trials.table.set_index("run_id").loc[store["ids"]["mid"]]
+    # The final values, not an epoch's, and params parsed back.
+    assert (mid["val_score"], mid["r_max"], mid["method"]) == (0.86, 8, "sora")
+    reasons = {name: r.reason for r in trials.left_out for name in names(store, [r.run_id])}
+    assert reasons == {
+        "failed": "failed: RuntimeError: trial diverged",
+        "running": "unfinished (RUNNING)",
+        "no-val": "missing metric val_score",
+        "nan-val": "metric val_score is NaN",
+    }
+    assert trials.parent_run_id == store["parent"]
+    assert trials.experiment_name == "search-a"
+
+
+def test_by_experiment_name_finds_the_same_runs_and_the_parent(store, trials):
+    by_name = load_trial_runs(experiment_name="search-a", tracking_uri=store["uri"])
+    pd.testing.assert_frame_equal(by_name.table, trials.table)
+    assert by_name.parent_run_id == store["parent"]
+    assert len(by_name.left_out) == len(trials.left_out)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"experiment_name": "nope"}, "no MLflow experiment named 'nope'"),
+        ({"parent_run_id": "0" * 32}, "no MLflow run with id"),
+        ({}, "exactly one of"),
+        ({"experiment_name": "search-a", "parent_run_id": "x"}, "exactly one of"),
+    ],
+)
+def test_bad_sources_are_refused(store, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        load_trial_runs(tracking_uri=store["uri"], **kwargs)
+
+
+def test_report_writes_front_tags_and_files(store, trials, tmp_path):
+    result = pareto_report(trials, output_dir=tmp_path)
+
+    assert names(store, result.front["run_id"]) == {"small", "mid", "big"}
+    assert names(store, [result.selected_run_id]) == {"big"}
+    assert result.selected["test_score"] == 0.88
+    # Reference (0, 1.1 × 20000); by params: 0.80 × 20000 + 0.06 × 16000 + 0.01 × 2000.
+    assert result.reference == pytest.approx((0.0, 22000.0))
+    assert result.hypervolume == pytest.approx(16980.0)
+
+    client = store["client"]
+    tags = {
+        name: client.get_run(run_id).data.tags.get("pareto")
+        for name, run_id in store["ids"].items()
+    }
+    assert tags == {
+        "small": "true",
+        "mid": "true",
+        "big": "true",
+        "dominated": "false",
+        "lora": "false",
+        "failed": None,
+        "running": None,
+        "no-val": None,
+        "nan-val": None,
+    }
+    csv = pd.read_csv(result.csv_path)
+    assert len(csv) == len(FINISHED) and csv["retained_params"].is_monotonic_increasing
+    assert csv["on_front"].sum() == 3 and csv["selected"].sum() == 1
+    assert result.png_path.stat().st_size > 10_000
+    logged = {a.path for a in client.list_artifacts(store["parent"])}
+    assert {"pareto.csv", "pareto.png"} <= logged
+    parent_tags = client.get_run(store["parent"]).data.tags
+    assert parent_tags["pareto_selected_run_id"] == result.selected_run_id
+
+
+@pytest.mark.parametrize(
+    "rule, chosen, words",
+    [
+        ({}, "big", "best val_score"),
+        ({"max_params": 10000}, "mid", "retained_params <= 10000"),
+        ({"min_score": 0.85}, "mid", "val_score >= 0.85"),
+        ({"min_score": 0.8}, "small", "val_score >= 0.8"),
+        ({"knee": True}, "mid", "knee of the front"),
+    ],
+)
+def test_selection_rules(store, trials, tmp_path, rule, chosen, words):
+    result = pareto_report(trials, output_dir=tmp_path, log_to_parent=False, **rule)
+    assert names(store, [result.selected_run_id]) == {chosen}
+    assert words in result.rule
+
+
+def test_impossible_rule_writes_nothing(trials, tmp_path):
+    with pytest.raises(ValueError, match="no run reaches val_score 0.9; best is 0.87 with 20000"):
+        pareto_report(trials, min_score=0.9, output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_time_as_a_third_objective(store, trials, tmp_path):
+    result = pareto_report(
+        trials, objectives=("val_score", "retained_params", "train_time_s"), output_dir=tmp_path
+    )
+    # The fast run joins the front, the choice (score and params only) does not change.
+    assert names(store, result.front["run_id"]) == {"small", "mid", "big", "dominated"}
+    assert names(store, [result.selected_run_id]) == {"big"}
+    assert store["client"].get_run(store["ids"]["dominated"]).data.tags["pareto"] == "true"
+    lora = [r.reason for r in result.left_out if r.run_id == store["ids"]["lora"]]
+    assert lora == ["missing metric train_time_s"]
+    assert len(result.reference) == 3
+
+
+def test_bad_objectives_are_refused(trials, tmp_path):
+    with pytest.raises(ValueError, match="objectives must be"):
+        pareto_report(trials, objectives=("val_score", "test_score"), output_dir=tmp_path)
+
+
+def test_baselines_alone_make_no_front(store, tmp_path):
+    baselines = load_trial_runs(experiment_name="baselines", tracking_uri=store["uri"])
+    assert baselines.parent_run_id is None and len(baselines.table) == 1
+    with pytest.raises(ValueError, match="no finished sora run"):
+        pareto_report(baselines, output_dir=tmp_path)
+
+
+def test_format_table(store, trials, tmp_path):
+    text = format_table(pareto_report(trials, output_dir=tmp_path, log_to_parent=False))
+    selected = [line for line in text.splitlines() if line.startswith("*")]
+    assert len(selected) == 1 and store["ids"]["big"][:8] in selected[0]
+    assert "left out (4):" in text
+    assert "failed: RuntimeError: trial diverged" in text
+    assert "hypervolume 16980 (reference val_score=0, retained_params=2.2e+04)" in text
