@@ -1,0 +1,38 @@
+"""A real local Ray and real MLflow stores for the search tests (nothing mocked)."""
+
+import pytest
+import ray
+import yaml
+
+from sora_tune.tune import load_search_space
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture
+def write_space(tmp_path):
+    """Write a search-space YAML built from the tiny trial settings and return it loaded."""
+
+    def write(parameters: dict, points: list | None = None):
+        path = tmp_path / "space.yaml"
+        document = {"parameters": parameters}
+        if points:
+            document["points_to_evaluate"] = points
+        path.write_text(yaml.safe_dump(document))
+        return path, load_search_space(path)
+
+    return write
+
+
+def tiny_search_parameters(tiny_trial: dict) -> dict:
+    """Fixed tiny-trial settings plus a small searched space."""
+    fixed = tiny_trial | {"epochs": 2}
+    return fixed | {
+        "xi": {"type": "loguniform", "low": 1e-4, "high": 1e-1},
+        "r_max": {"type": "choice", "values": [2, 4]},
+    }

@@ -1,0 +1,44 @@
+"""Two Ray nodes on one machine (`ray.cluster_utils.Cluster`): trials spread over both."""
+
+import mlflow
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from sora_tune.tune import SearchConfig, run_search
+from tests.tune.conftest import tiny_search_parameters
+
+
+@pytest.fixture
+def two_nodes():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_trials_run_on_both_nodes(two_nodes, tiny_trial, write_space, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # Trials long enough to overlap: with both nodes' single CPU busy, they must use both.
+    _, space = write_space(tiny_search_parameters(tiny_trial) | {"epochs": 8})
+    config = SearchConfig(
+        space=space,
+        num_samples=4,
+        cpus_per_trial=1,
+        max_concurrent=2,
+        mlflow_uri=uri,
+        experiment_name="cluster",
+        storage_path=str(tmp_path / "ray"),
+        name="cluster",
+    )
+    results = run_search(config)
+    assert len(results) == 4 and not results.errors
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["cluster"], output_format="list")
+    nodes = {
+        r.data.tags["ray_node_id"] for r in runs if r.data.tags.get("sora_tune.role") == "trial"
+    }
+    assert nodes == {node["NodeID"] for node in ray.nodes() if node["Alive"]}

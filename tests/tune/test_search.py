@@ -1,0 +1,170 @@
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+
+from sora_tune.tune import SearchConfig, check_tracking_uri, resume_search, run_search
+from tests.tune.conftest import tiny_search_parameters
+
+
+def child_runs(uri: str, experiment: str):
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=[experiment], output_format="list")
+    parents = [r for r in runs if r.data.tags.get("sora_tune.role") == "search"]
+    children = [r for r in runs if r.data.tags.get("sora_tune.role") == "trial"]
+    return parents, children
+
+
+def test_multi_objective_search_records_every_trial(local_ray, tiny_trial, write_space, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _, space = write_space(tiny_search_parameters(tiny_trial), points=[{"xi": 1e-4, "r_max": 4}])
+    config = SearchConfig(
+        space=space,
+        num_samples=4,
+        mlflow_uri=uri,
+        experiment_name="search",
+        storage_path=str(tmp_path / "ray"),
+        name="s4",
+    )
+    results = run_search(config)
+    assert len(results) == 4 and not results.errors
+    parents, children = child_runs(uri, "search")
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert {"sampler", "num_samples", "code_version", "cluster_resources"} <= set(
+        parent.data.params
+    )
+    first = [
+        r for r in children if r.data.params["xi"] == "0.0001" and r.data.params["r_max"] == "4"
+    ]
+    assert first, "points_to_evaluate runs first"
+    client = mlflow.MlflowClient(uri)
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["ray_trial_id"]
+        assert {"task", "model", "seed", "method", "xi", "eta", "lam", "r_max", "lr"} <= set(
+            run.data.params
+        )
+        assert {
+            "val_score",
+            "test_score",
+            "retained_params",
+            "nonzero_rank",
+            "train_time_s",
+        } <= set(run.data.metrics)
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_score")] == [1, 2]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"adapter", "rank_pattern.json"} <= artifacts
+
+
+def test_a_failing_trial_is_recorded_and_the_others_finish(
+    local_ray, tiny_trial, write_space, tmp_path, tiny_model_dir
+):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    broken = tmp_path / "broken-model"  # a tokenizer and a config, but no weights
+    broken.mkdir()
+    for name in os.listdir(tiny_model_dir):
+        if not name.endswith(".safetensors"):
+            shutil.copy(os.path.join(tiny_model_dir, name), broken)
+    parameters = tiny_trial | {
+        "epochs": 1,
+        "model": {"type": "choice", "values": [tiny_model_dir, str(broken)]},
+    }
+    _, space = write_space(parameters, points=[{"model": str(broken)}, {"model": tiny_model_dir}])
+    config = SearchConfig(
+        space=space,
+        num_samples=2,
+        max_failures=0,
+        mlflow_uri=uri,
+        experiment_name="fail",
+        storage_path=str(tmp_path / "ray"),
+        name="fail",
+    )
+    results = run_search(config)
+    assert len(results.errors) == 1
+    _, children = child_runs(uri, "fail")
+    statuses = sorted(r.info.status for r in children)
+    assert statuses == ["FAILED", "FINISHED"]
+    failed = next(r for r in children if r.info.status == "FAILED")
+    assert "Error" in failed.data.tags["failure_reason"]
+
+
+def test_diverging_trial_is_recorded_as_failed(local_ray, tiny_trial, write_space, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parameters = tiny_trial | {"epochs": 1, "lr": {"type": "choice", "values": [1e30, 5e-3]}}
+    _, space = write_space(parameters, points=[{"lr": 1e30}, {"lr": 5e-3}])
+    config = SearchConfig(
+        space=space,
+        num_samples=2,
+        mlflow_uri=uri,
+        experiment_name="nan",
+        storage_path=str(tmp_path / "ray"),
+        name="nan",
+    )
+    results = run_search(config)
+    assert not results.errors
+    _, children = child_runs(uri, "nan")
+    assert sorted(r.info.status for r in children) == ["FAILED", "FINISHED"]
+    failed = next(r for r in children if r.info.status == "FAILED")
+    assert failed.data.tags["failure_reason"] == "trial diverged"
+
+
+def test_resume_after_the_driver_is_killed(local_ray, tiny_trial, write_space, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path, _ = write_space(tiny_search_parameters(tiny_trial) | {"epochs": 3})
+    storage = tmp_path / "ray"
+    command = [
+        sys.executable,
+        "-m",
+        "sora_tune.cli",
+        "search",
+        "--config",
+        str(path),
+        "--num-samples",
+        "4",
+        "--max-concurrent",
+        "1",
+        "--mlflow-uri",
+        uri,
+        "--experiment-name",
+        "resume",
+        "--storage-path",
+        str(storage),
+        "--name",
+        "resume",
+        "--address",
+        local_ray,
+    ]
+    driver = subprocess.Popen(
+        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        _, children = child_runs(uri, "resume") if (tmp_path / "mlflow.db").exists() else (None, [])
+        if sum(r.info.status == "FINISHED" for r in children) >= 2:
+            break
+        assert driver.poll() is None, "the search ended before it could be interrupted"
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    time.sleep(3)  # Ray notices the dead driver and stops its trial
+
+    results = resume_search(storage / "resume")
+    assert len(results) == 4
+    _, children = child_runs(uri, "resume")
+    assert len(children) == 4
+    assert len({r.data.tags["ray_trial_id"] for r in children}) == 4
+    assert all(r.info.status == "FINISHED" for r in children)
+
+
+def test_unreachable_mlflow_server_fails_fast():
+    start = time.time()
+    with pytest.raises(ConnectionError, match="unreachable"):
+        check_tracking_uri("http://127.0.0.1:9", timeout=2)
+    assert time.time() - start < 5

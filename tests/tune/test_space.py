@@ -1,0 +1,89 @@
+from pathlib import Path
+
+import pytest
+from ray import tune
+
+from sora_tune.tune.space import load_search_space
+
+SPACES = Path(__file__).parents[2] / "search_spaces"
+
+
+@pytest.mark.parametrize("name", ["sora_glue.yaml", "quickstart.yaml"])
+def test_shipped_spaces_are_valid(name):
+    space = load_search_space(SPACES / name)
+    assert {"xi", "eta", "r_max", "lr"} <= set(space.distributions)
+    assert space.points_to_evaluate
+
+
+def test_conversion_to_ray_domains(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        "parameters:\n"
+        "  xi: {type: loguniform, low: 1.0e-5, high: 1.0e-3}\n"
+        "  dropout: {type: uniform, low: 0.0, high: 0.2}\n"
+        "  r_max: {type: int, low: 2, high: 8}\n"
+        "  seed: {type: int, low: 1, high: 100, log: true}\n"
+        "  method: {type: choice, values: [sora, lora]}\n"
+        "  epochs: 2\n"
+    )
+    param_space = load_search_space(path).to_tune()
+    assert param_space["epochs"] == 2
+    assert isinstance(param_space["xi"], tune.search.sample.Float)
+    assert param_space["r_max"].upper == 9  # inclusive high, Ray's bound is exclusive
+    assert param_space["method"].categories == ["sora", "lora"]
+
+
+def test_cli_overrides_fix_searched_and_fixed_values():
+    space = load_search_space(SPACES / "quickstart.yaml").with_fixed({"epochs": 1, "r_max": 4})
+    assert space.fixed["epochs"] == 1 and space.fixed["r_max"] == 4
+    assert "r_max" not in space.distributions
+    assert all("r_max" not in point for point in space.points_to_evaluate)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("parameters:\n  xi: [1, 2\n", "malformed YAML at line"),
+        (
+            "parameters:\n  learning_rate: {type: uniform, low: 0, high: 1}\n",
+            "unknown parameter 'learning_rate'",
+        ),
+        (
+            "parameters:\n  r_max: {type: choice, values: []}\n",
+            r"parameters.r_max: choice needs a non-empty",
+        ),
+        (
+            "parameters:\n  xi: {type: loguniform, low: 0.0, high: 1.0e-3}\n",
+            "parameters.xi: a log scale needs low > 0",
+        ),
+        (
+            "parameters:\n  lam: {type: uniform, low: -0.1, high: 0.1}\n",
+            "parameters.lam: lam must be",
+        ),
+        ("parameters:\n  xi: -1.0e-4\n", "xi must be"),
+        ("parameters:\n  r_max: {type: int, low: 0, high: 8}\n", "parameters.r_max: r_max must be"),
+        ("parameters:\n  r_max: 0\n", "r_max must be"),
+        ("parameters:\n  lr: {type: uniform, low: 0.1, high: 0.01}\n", "parameters.lr: low"),
+        ("parameters:\n  lr: {type: gaussian, low: 0.1, high: 0.2}\n", "unknown type 'gaussian'"),
+        (
+            "parameters:\n  lr: {type: uniform, low: 0.1, high: 0.2, step: 2}\n",
+            r"unknown key\(s\) \['step'\]",
+        ),
+        ("sampler: tpe\n", r"unknown top-level key\(s\) \['sampler'\]"),
+        ("parameters:\n  task: imdb\n", "Unknown GLUE task"),
+        (
+            "parameters:\n  r_max: {type: choice, values: [4, 8]}\npoints_to_evaluate:\n  - {xi: 1.0e-4}\n",
+            r"points_to_evaluate\[0\] sets \['xi'\], which are not searched",
+        ),
+    ],
+)
+def test_bad_spaces_name_the_problem(tmp_path, text, message):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_search_space(path)
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError):
+        load_search_space("does-not-exist.yaml")
