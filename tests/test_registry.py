@@ -1,0 +1,321 @@
+"""The registered pyfunc model on tiny adapters, against real MLflow stores (sqlite in a temporary
+folder): its predictions against the PEFT model's own, its files, files in and out, selection and
+registration from the command line."""
+
+import io
+import json
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from mlflow.exceptions import MlflowException
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification
+
+from sora_tune.cli import main
+from sora_tune.data import get_task, load_glue, make_dataloader
+from sora_tune.registry import (
+    PACKAGED_BACKBONE,
+    _base_model_reference,
+    log_trial_model,
+    predict_file,
+    register,
+)
+from sora_tune.tracking import create_trial_run, tracked_trial
+from sora_tune.train import TrialConfig, load_tokenizer, prepare_data
+from tests.conftest import MINILM_PATH
+
+MRPC_LABELS = ["not_equivalent", "equivalent"]
+
+
+def tiny_settings(glue: Path, model_dir: str | None, cache: Path, **changes) -> dict:
+    """A trial of a few seconds (the `tiny_trial` settings, for module-scoped fixtures)."""
+    return {
+        "task": "mrpc",
+        "data_dir": str(glue),
+        "model": model_dir,
+        "r_max": 4,
+        "alpha": 8.0,
+        "lr": 5e-3,
+        "epochs": 1,
+        "batch_size": 8,
+        "max_length": 32,
+        "val_size": 8,
+        "cache_dir": str(cache),
+        "train_eval_samples": 16,
+    } | changes
+
+
+def peft_logits(settings: dict, adapter: Path) -> torch.Tensor:
+    """Logits of base model + adapter on the trial's test split, as the trial evaluated it."""
+    config = TrialConfig.from_dict(settings)
+    tokenizer = load_tokenizer(config)
+    data = prepare_data(config, tokenizer)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        config.model or MINILM_PATH, num_labels=get_task(config.task).num_labels
+    )
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    loader = make_dataloader(data["test"], tokenizer, batch_size=16, shuffle=False)
+    with torch.no_grad():
+        return torch.cat(
+            [model(**{k: v for k, v in b.items() if k != "labels"}).logits for b in loader]
+        )
+
+
+def dev_rows(settings: dict) -> pd.DataFrame:
+    """The texts and labels of the trial's test split (GLUE dev), in order."""
+    return load_glue(settings["task"], settings["data_dir"])["dev"].to_pandas()
+
+
+def tracked(settings: dict, uri: str, output_dir: Path, experiment: str = "tiny") -> str:
+    """Run a trial as `sora-tune train --mlflow-uri` does; returns its run id."""
+    run_id = create_trial_run(uri, experiment)
+    tracked_trial(TrialConfig.from_dict(settings), run_id=run_id, output_dir=output_dir)
+    return run_id
+
+
+def retained_params_of_runs(uri: str, experiment: str) -> list[float]:
+    client = mlflow.MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    return [r.data.metrics["retained_params"] for r in client.search_runs([experiment_id])]
+
+
+@pytest.fixture(scope="module")
+def store(tiny_glue, tiny_model_dir, tmp_path_factory):
+    """A sqlite store with one experiment of two finished MRPC trials (r_max 4 and 2), recorded
+    by `tracked_trial`, and the first one's adapter logged as a pyfunc model."""
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    trials = []
+    for r_max in (4, 2):
+        settings = tiny_settings(tiny_glue, tiny_model_dir, root / "cache", r_max=r_max)
+        trials.append((settings, tracked(settings, uri, root / f"r{r_max}")))
+    settings, run_id = trials[0]
+    info = log_trial_model(run_id, tracking_uri=uri)
+    return {
+        "uri": uri,
+        "settings": settings,
+        "adapter": root / "r4" / "adapter",
+        "run": mlflow.MlflowClient(uri).get_run(run_id),
+        "model_uri": info.model_uri,
+    }
+
+
+@pytest.fixture
+def model(store):
+    mlflow.set_tracking_uri(store["uri"])
+    return mlflow.pyfunc.load_model(store["model_uri"])
+
+
+def test_pyfunc_gives_the_labels_of_the_peft_model(store, model):
+    rows = dev_rows(store["settings"])
+    logits = peft_logits(store["settings"], store["adapter"])
+    expected = [MRPC_LABELS[i] for i in logits.argmax(dim=1)]
+
+    predicted = model.predict(rows[["sentence1", "sentence2"]])
+    assert list(predicted.columns) == [
+        "label",
+        "probability",
+        "prob_not_equivalent",
+        "prob_equivalent",
+    ]
+    assert predicted["label"].tolist() == expected
+    probabilities = logits.double().softmax(dim=1).numpy()
+    assert predicted[["prob_not_equivalent", "prob_equivalent"]].to_numpy() == pytest.approx(
+        probabilities, abs=1e-5
+    )
+    assert predicted["probability"].to_numpy() == pytest.approx(probabilities.max(axis=1))
+    accuracy = (predicted["label"] == [MRPC_LABELS[i] for i in rows["label"]]).mean()
+    assert accuracy == pytest.approx(store["run"].data.metrics["test_score"])
+
+    pairs = rows[["sentence1", "sentence2"]].values.tolist()
+    assert model.predict(pairs)["label"].tolist() == expected
+    assert model.predict(rows[["sentence2", "sentence1"]])["label"].tolist() == expected
+
+
+def test_stsb_predicts_a_score(store, tiny_glue, tiny_model_dir, tmp_path):
+    settings = tiny_settings(tiny_glue, tiny_model_dir, tmp_path / "cache", task="stsb")
+    uri = store["uri"]
+    run_id = tracked(settings, uri, tmp_path / "run", experiment="stsb")
+    info = log_trial_model(run_id, tracking_uri=uri)
+    mlflow.set_tracking_uri(uri)
+    rows = dev_rows(settings)
+    predicted = mlflow.pyfunc.load_model(info.model_uri).predict(rows[["sentence1", "sentence2"]])
+    assert list(predicted.columns) == ["score"]
+    expected = peft_logits(settings, tmp_path / "run" / "adapter")[:, 0].numpy()
+    assert predicted["score"].to_numpy() == pytest.approx(expected, abs=1e-5)
+
+
+def test_bad_input_is_refused_with_a_clear_error(model):
+    frame = pd.DataFrame({"sentence1": ["red blue", "old"], "sentence2": ["red blue", "new"]})
+    with pytest.raises(MlflowException, match="declares 2 inputs"):
+        model.predict(frame[["sentence1"]])
+    with pytest.raises(MlflowException, match="declares 2 inputs"):
+        model.predict(["texts without", "a second sentence"])
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['sentence2'\]"):
+        model.predict(frame.rename(columns={"sentence2": "second"}))
+    with pytest.raises(ValueError, match="sentence2 must be text; row 1"):
+        model.predict([["red blue", "red blue"], ["old", None]])
+
+
+def test_the_model_holds_no_pickle_and_only_safetensors_weights(store, tmp_path):
+    mlflow.set_tracking_uri(store["uri"])
+    local = Path(mlflow.artifacts.download_artifacts(store["model_uri"], dst_path=str(tmp_path)))
+    files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    assert {
+        "MLmodel",
+        "sora_pyfunc.py",
+        "requirements.txt",
+        "input_example.json",
+        "artifacts/model_info.json",
+        "artifacts/adapter/adapter_config.json",
+        "artifacts/adapter/adapter_model.safetensors",
+        "artifacts/tokenizer/tokenizer.json",
+    } <= files
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".bin", ".pt", ".pth"))]
+    mlmodel = (local / "MLmodel").read_text()
+    assert "loader_module: mlflow.pyfunc.loaders.code_model" in mlmodel
+    assert "python_model.pkl" not in mlmodel
+    info = json.loads((local / "artifacts" / "model_info.json").read_text())
+    assert info == {
+        "task": "mrpc",
+        "text_fields": ["sentence1", "sentence2"],
+        "label_names": MRPC_LABELS,
+        "max_length": 32,
+        "base_model": store["settings"]["model"],
+    }
+    requirements = (local / "requirements.txt").read_text().split()
+    assert {r.split("==")[0] for r in requirements} == {
+        "mlflow",
+        "torch",
+        "transformers",
+        "peft",
+        "safetensors",
+        "pandas",
+    }
+    logged = mlflow.get_logged_model(store["model_uri"].removeprefix("models:/"))
+    assert logged.source_run_id == store["run"].info.run_id
+
+
+def test_an_adapter_without_safetensors_is_refused(store, tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_bytes(
+        (store["adapter"] / "adapter_config.json").read_bytes()
+    )
+    (tmp_path / "adapter" / "adapter_model.bin").write_bytes(b"a pickle")
+    client = mlflow.MlflowClient(store["uri"])
+    run_id = client.create_run(client.create_experiment("pickled")).info.run_id
+    client.log_artifacts(run_id, str(tmp_path / "adapter"), "adapter")
+    with pytest.raises(ValueError, match=r"lacks \['adapter_model.safetensors'\]"):
+        log_trial_model(run_id, tracking_uri=store["uri"])
+
+
+def test_the_packaged_backbone_is_named_by_its_package(store, tiny_glue, tmp_path):
+    assert _base_model_reference(None) == PACKAGED_BACKBONE
+    assert _base_model_reference(MINILM_PATH) == PACKAGED_BACKBONE
+    assert _base_model_reference("org/some-model") == "org/some-model"
+
+    # MiniLM is slower: one training step.
+    settings = tiny_settings(tiny_glue, None, tmp_path / "cache", max_train_samples=8)
+    uri = store["uri"]
+    run_id = tracked(settings, uri, tmp_path / "run", experiment="minilm")
+    info = log_trial_model(run_id, tracking_uri=uri)
+    assert info.metadata["base_model"] == PACKAGED_BACKBONE
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    expected = [
+        MRPC_LABELS[i] for i in peft_logits(settings, tmp_path / "run" / "adapter").argmax(1)
+    ]
+    rows = dev_rows(settings)
+    assert model.predict(rows[["sentence1", "sentence2"]])["label"].tolist() == expected
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", "-"])
+def test_predict_file_reads_csv_tsv_and_jsonl(store, model, suffix, tmp_path, monkeypatch):
+    rows = dev_rows(store["settings"])
+    expected = model.predict(rows[["sentence1", "sentence2"]])["label"].tolist()
+    # Extra columns, in another order, as a GLUE-like file has them.
+    frame = rows.assign(idx=range(len(rows)))[["idx", "sentence2", "label", "sentence1"]]
+    if suffix == "-":
+        monkeypatch.setattr("sys.stdin", io.StringIO(frame.to_json(orient="records", lines=True)))
+        source = "-"
+    else:
+        source = tmp_path / f"rows{suffix}"
+        if suffix == ".jsonl":
+            frame.to_json(source, orient="records", lines=True)
+        else:
+            frame.to_csv(source, sep="\t" if suffix == ".tsv" else ",", index=False)
+    predicted = predict_file(store["model_uri"], source, tracking_uri=store["uri"])
+    assert predicted["label"].tolist() == expected
+
+
+def test_predict_file_errors(store, tmp_path):
+    with pytest.raises(ValueError, match="expected a .csv, .tsv, .jsonl file"):
+        predict_file(store["model_uri"], tmp_path / "rows.parquet", tracking_uri=store["uri"])
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        predict_file(store["model_uri"], tmp_path / "missing.csv", tracking_uri=store["uri"])
+    pd.DataFrame({"sentence1": ["a"], "second": ["b"]}).to_csv(tmp_path / "rows.csv", index=False)
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['sentence2'\]"):
+        predict_file(store["model_uri"], tmp_path / "rows.csv", tracking_uri=store["uri"])
+    with pytest.raises(ValueError, match="cannot load models:/nothing@champion"):
+        predict_file("models:/nothing@champion", tmp_path / "rows.csv", tracking_uri=store["uri"])
+
+
+def test_pareto_register_and_predict_from_the_command_line(store, tmp_path, capsys):
+    uri = store["uri"]
+    selection = ["--experiment", "tiny", "--mlflow-uri", uri, "--output-dir", str(tmp_path)]
+    assert main(["pareto", *selection]) == 0
+    out = capsys.readouterr().out
+    assert "hypervolume" in out and "selected" in out
+    assert (tmp_path / "pareto.csv").exists() and (tmp_path / "pareto.png").exists()
+
+    assert main(["register", "--name", "tiny-mrpc", *selection]) == 0
+    out = capsys.readouterr().out
+    assert "version 1" in out and "models:/tiny-mrpc@champion" in out
+
+    smallest = min(retained_params_of_runs(uri, "tiny"))
+    assert main(["register", "--name", "tiny-mrpc", "--max-params", str(smallest), *selection]) == 0
+    assert "version 2" in capsys.readouterr().out
+    client = mlflow.MlflowClient(uri)
+    champion = client.get_model_version_by_alias("tiny-mrpc", "champion")
+    assert int(champion.version) == 2
+    run = client.get_run(champion.tags["source_run_id"])
+    assert champion.tags["retained_params"] == str(int(run.data.metrics["retained_params"]))
+    assert champion.tags["task"] == "mrpc"
+    assert champion.tags["selection_rule"].startswith("best val_score with retained_params")
+    ranks = json.loads(champion.tags["rank_pattern"])
+    assert sum(ranks.values()) == run.data.metrics["nonzero_rank"]
+    assert champion.run_id == run.info.run_id
+
+    rows = dev_rows(store["settings"])[["sentence1", "sentence2"]]
+    rows.to_csv(tmp_path / "rows.csv", index=False)
+    command = ["predict", "--model", "models:/tiny-mrpc@champion", "--input"]
+    assert main([*command, str(tmp_path / "rows.csv"), "--mlflow-uri", uri]) == 0
+    printed = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert len(printed) == len(rows) and set(printed["label"]) <= set(MRPC_LABELS)
+
+
+def test_register_refuses_a_run_without_an_adapter(store, tiny_glue, tiny_model_dir, tmp_path):
+    uri = store["uri"]
+    # A threshold far above every gate prunes every rank: the trial exports no adapter.
+    settings = tiny_settings(tiny_glue, tiny_model_dir, tmp_path / "cache", xi=10.0)
+    run_id = tracked(settings, uri, tmp_path / "run", experiment="pruned")
+    assert mlflow.MlflowClient(uri).get_run(run_id).data.metrics["retained_params"] == 0
+    with pytest.raises(ValueError, match="has no adapter/ artifact"):
+        register(experiment_name="pruned", name="pruned", tracking_uri=uri, output_dir=tmp_path)
+
+
+def test_a_search_run_of_another_experiment_is_refused(store, tmp_path):
+    client = mlflow.MlflowClient(store["uri"])
+    other = client.create_experiment("other")
+    search = client.create_run(other, tags={"sora_tune.role": "search"}).info.run_id
+    with pytest.raises(ValueError, match="belongs to experiment 'other', not 'tiny'"):
+        register(
+            experiment_name="tiny",
+            parent_run_id=search,
+            name="tiny-mrpc",
+            tracking_uri=store["uri"],
+            output_dir=tmp_path,
+        )
