@@ -11,6 +11,7 @@ from sora_tune.sora import (
     retained_params,
     sora_layers,
 )
+from tests.sora.test_model import BERT_LAYER_LINEARS
 
 
 def test_lora_baseline_is_the_same_layer_with_a_fixed_unit_gate(tiny_model):
@@ -28,16 +29,7 @@ def test_adalora_allocates_its_budget_when_the_harness_steps_it(tiny_model, mini
     total_steps = 40
     model = add_adalora(tiny_model, SoRAConfig(r_max=6), total_steps=total_steps, target_r=2)
     assert set(rank_pattern(model)) == {
-        f"bert.encoder.layer.{i}.{name}"
-        for i in range(2)
-        for name in (
-            "attention.self.query",
-            "attention.self.key",
-            "attention.self.value",
-            "attention.output.dense",
-            "intermediate.dense",
-            "output.dense",
-        )
+        f"bert.encoder.layer.{i}.{name}" for i in range(2) for name in BERT_LAYER_LINEARS
     }
     # AdaLoRA starts its singular values E at zero: nothing is retained before training.
     assert sum(rank_pattern(model).values()) == 0

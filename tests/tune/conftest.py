@@ -4,7 +4,7 @@ import pytest
 import ray
 import yaml
 
-from sora_tune.tune import load_search_space
+from sora_tune.tune import SearchConfig, load_search_space
 
 
 @pytest.fixture(scope="module")
@@ -36,3 +36,18 @@ def tiny_search_parameters(tiny_trial: dict) -> dict:
         "xi": {"type": "loguniform", "low": 1e-4, "high": 1e-1},
         "r_max": {"type": "choice", "values": [2, 4]},
     }
+
+
+def search_in(tmp_path, space, name: str, **settings) -> tuple[SearchConfig, str]:
+    """A search of `space` whose Ray state and sqlite MLflow store live in `tmp_path`; the MLflow
+    experiment and the Ray experiment are both called `name`. Returns it and the tracking URI."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = SearchConfig(
+        space=space,
+        mlflow_uri=uri,
+        experiment_name=name,
+        storage_path=str(tmp_path / "ray"),
+        name=name,
+        **settings,
+    )
+    return config, uri

@@ -5,8 +5,8 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from sora_tune.tune import SearchConfig, run_search
-from tests.tune.conftest import tiny_search_parameters
+from sora_tune.tune import run_search
+from tests.tune.conftest import search_in, tiny_search_parameters
 
 
 @pytest.fixture
@@ -21,18 +21,10 @@ def two_nodes():
 
 
 def test_trials_run_on_both_nodes(two_nodes, tiny_trial, write_space, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # Trials long enough to overlap: with both nodes' single CPU busy, they must use both.
     _, space = write_space(tiny_search_parameters(tiny_trial) | {"epochs": 8})
-    config = SearchConfig(
-        space=space,
-        num_samples=4,
-        cpus_per_trial=1,
-        max_concurrent=2,
-        mlflow_uri=uri,
-        experiment_name="cluster",
-        storage_path=str(tmp_path / "ray"),
-        name="cluster",
+    config, uri = search_in(
+        tmp_path, space, "cluster", num_samples=4, cpus_per_trial=1, max_concurrent=2
     )
     results = run_search(config)
     assert len(results) == 4 and not results.errors

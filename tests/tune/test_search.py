@@ -8,8 +8,8 @@ import time
 import mlflow
 import pytest
 
-from sora_tune.tune import SearchConfig, check_tracking_uri, resume_search, run_search
-from tests.tune.conftest import tiny_search_parameters
+from sora_tune.tune import check_tracking_uri, resume_search, run_search
+from tests.tune.conftest import search_in, tiny_search_parameters
 
 
 def child_runs(uri: str, experiment: str):
@@ -21,16 +21,8 @@ def child_runs(uri: str, experiment: str):
 
 
 def test_multi_objective_search_records_every_trial(local_ray, tiny_trial, write_space, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     _, space = write_space(tiny_search_parameters(tiny_trial), points=[{"xi": 1e-4, "r_max": 4}])
-    config = SearchConfig(
-        space=space,
-        num_samples=4,
-        mlflow_uri=uri,
-        experiment_name="search",
-        storage_path=str(tmp_path / "ray"),
-        name="s4",
-    )
+    config, uri = search_in(tmp_path, space, "search", num_samples=4)
     results = run_search(config)
     assert len(results) == 4 and not results.errors
     parents, children = child_runs(uri, "search")
@@ -66,7 +58,6 @@ def test_multi_objective_search_records_every_trial(local_ray, tiny_trial, write
 def test_a_failing_trial_is_recorded_and_the_others_finish(
     local_ray, tiny_trial, write_space, tmp_path, tiny_model_dir
 ):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     broken = tmp_path / "broken-model"  # a tokenizer and a config, but no weights
     broken.mkdir()
     for name in os.listdir(tiny_model_dir):
@@ -77,15 +68,7 @@ def test_a_failing_trial_is_recorded_and_the_others_finish(
         "model": {"type": "choice", "values": [tiny_model_dir, str(broken)]},
     }
     _, space = write_space(parameters, points=[{"model": str(broken)}, {"model": tiny_model_dir}])
-    config = SearchConfig(
-        space=space,
-        num_samples=2,
-        max_failures=0,
-        mlflow_uri=uri,
-        experiment_name="fail",
-        storage_path=str(tmp_path / "ray"),
-        name="fail",
-    )
+    config, uri = search_in(tmp_path, space, "fail", num_samples=2, max_failures=0)
     results = run_search(config)
     assert len(results.errors) == 1
     _, children = child_runs(uri, "fail")
@@ -96,17 +79,9 @@ def test_a_failing_trial_is_recorded_and_the_others_finish(
 
 
 def test_diverging_trial_is_recorded_as_failed(local_ray, tiny_trial, write_space, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parameters = tiny_trial | {"epochs": 1, "lr": {"type": "choice", "values": [1e30, 5e-3]}}
     _, space = write_space(parameters, points=[{"lr": 1e30}, {"lr": 5e-3}])
-    config = SearchConfig(
-        space=space,
-        num_samples=2,
-        mlflow_uri=uri,
-        experiment_name="nan",
-        storage_path=str(tmp_path / "ray"),
-        name="nan",
-    )
+    config, uri = search_in(tmp_path, space, "nan", num_samples=2)
     results = run_search(config)
     assert not results.errors
     _, children = child_runs(uri, "nan")
