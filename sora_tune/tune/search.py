@@ -15,6 +15,7 @@ import os
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import mlflow
 from datasets import Dataset, DatasetDict
 
 from .. import __version__
+from ..data import load_glue
 from ..tracking import tracked_trial
 from ..train import TrialConfig, load_tokenizer, prepare_data
 from .space import SearchSpace
@@ -106,6 +108,31 @@ class SearchConfig:
         self.name = self.name or f"{self.experiment_name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def check_no_password(name: str, uri: str) -> None:
+    """Refuse a URI with a password in it: credentials come from the environment, so that they
+    never reach MLflow params, Ray's experiment state or a log.
+
+    Raises:
+        ValueError: naming the setting, with the password masked.
+    """
+    if urllib.parse.urlsplit(uri).password is None:
+        return
+    raise ValueError(
+        f"{name} {redact_uri(uri)} carries a password: pass credentials through the environment "
+        "instead (MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD for an MLflow server, "
+        "PGPASSWORD for PostgreSQL, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for s3://)"
+    )
+
+
+def redact_uri(uri: str) -> str:
+    """`uri` with the password of its user info, if any, replaced by `***`."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """Fail within seconds, before any trial, when an MLflow server does not answer.
 
@@ -118,10 +145,10 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
             if response.status != 200:
                 raise ConnectionError(
-                    f"MLflow server {uri} answered /health with {response.status}"
+                    f"MLflow server {redact_uri(uri)} answered /health with {response.status}"
                 )
     except (TimeoutError, urllib.error.URLError, OSError) as err:
-        raise ConnectionError(f"MLflow server {uri} is unreachable: {err}") from None
+        raise ConnectionError(f"MLflow server {redact_uri(uri)} is unreachable: {err}") from None
 
 
 def make_sampler(name: Sampler, seed: int):
@@ -219,9 +246,20 @@ def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None)
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
+    # Everything that can be wrong with the input fails here, before Ray starts: the MLflow
+    # server, the fixed settings (task, model path, ...), the data folder and its TSV files.
+    check_no_password("--mlflow-uri", config.mlflow_uri)
+    check_no_password("--storage-path", config.storage_path)
     check_tracking_uri(config.mlflow_uri)
     space = config.space
     fixed_trial = TrialConfig.from_dict(space.fixed)  # validates the fixed part once more
+    # Tokenise once and share through Ray's object store, unless a data setting is searched.
+    data = None
+    if not set(DATA_KEYS) & set(space.distributions):
+        data = in_memory(prepare_data(fixed_trial, _load_tokenizer(fixed_trial)))
+    else:  # each trial prepares its own data: read every task's files once, to check them
+        for task, data_dir in _data_sources(space):
+            load_glue(task, data_dir)
 
     if not ray.is_initialized():
         ray.init(address=config.address, log_to_driver=True)
@@ -245,10 +283,6 @@ def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None)
         "parent_run_id": parent_run_id,
     }
 
-    # Tokenise once and share through Ray's object store, unless a data setting is searched.
-    data = None
-    if not set(DATA_KEYS) & set(space.distributions):
-        data = in_memory(prepare_data(fixed_trial, load_tokenizer(fixed_trial)))
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, data=data, tracking=tracking),
         {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
@@ -302,8 +336,54 @@ def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None)
             )
 
     results = tuner.fit()
-    mlflow.MlflowClient(config.mlflow_uri).set_terminated(parent_run_id)
+    client = mlflow.MlflowClient(config.mlflow_uri)
+    close_open_runs(client, experiment.experiment_id, parent_run_id, results)
+    client.set_terminated(parent_run_id)
     return results
+
+
+def close_open_runs(
+    client: mlflow.MlflowClient, experiment_id: str, parent_run_id: str, results
+) -> None:
+    """End the trial runs still RUNNING once the search is over, so each trial has one run.
+
+    A trial Ray knows ends its run itself unless its worker died for good: its run ends FAILED.
+    Any other open run belongs to a trial that a killed driver had started but not yet saved in
+    its experiment state; the resumed search ran that work again as another trial, so the orphan
+    is deleted (MLflow keeps deleted runs restorable).
+    """
+    # A trial's folder name carries its id, also for trials that errored before any report.
+    folders = [Path(result.path).name for result in results]
+    open_runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'",
+    )
+    for run in open_runs:
+        trial_id = run.data.tags.get("ray_trial_id", "")
+        known = bool(trial_id) and any(trial_id in folder for folder in folders)
+        reason = "worker lost, trial did not finish" if known else "orphaned by a killed driver"
+        client.set_tag(run.info.run_id, "failure_reason", reason)
+        client.set_terminated(run.info.run_id, status="FAILED" if known else "KILLED")
+        if not known:
+            client.delete_run(run.info.run_id)
+
+
+def _load_tokenizer(trial: TrialConfig):
+    try:
+        return load_tokenizer(trial)
+    except OSError as err:  # e.g. a Hub id that does not exist
+        raise ValueError(f"model {trial.model!r} cannot be loaded: {err}") from None
+
+
+def _data_sources(space: SearchSpace) -> set[tuple[str, str | None]]:
+    """Every (task, data_dir) pair the trials of `space` can use."""
+
+    def values(name: str) -> list[Any]:
+        if name in space.distributions:
+            return space.distributions[name].get("values", [])
+        return [space.fixed.get(name, getattr(TrialConfig, name))]
+
+    return {(task, data_dir) for task in values("task") for data_dir in values("data_dir")}
 
 
 def in_memory(data: DatasetDict) -> DatasetDict:
@@ -355,7 +435,7 @@ def start_parent_run(config: SearchConfig, experiment_id: str) -> str:
         "gpus_per_trial": config.gpus_per_trial,
         "code_version": _code_version(),
         "cluster_resources": json.dumps(ray.cluster_resources()),
-        "ray_storage": f"{config.storage_path}/{config.name}",
+        "ray_storage": redact_uri(f"{config.storage_path}/{config.name}"),
     }
     for key, value in params.items():
         client.log_param(run.info.run_id, key, str(value))

@@ -116,12 +116,14 @@ def test_resume_after_the_driver_is_killed(local_ray, tiny_trial, write_space, t
         "--address",
         local_ray,
     ]
+    # Create the store's tables first: two processes migrating one new sqlite file collide.
+    mlflow.MlflowClient(uri).search_experiments()
     driver = subprocess.Popen(
         command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 300
     while time.time() < deadline:
-        _, children = child_runs(uri, "resume") if (tmp_path / "mlflow.db").exists() else (None, [])
+        _, children = child_runs(uri, "resume")
         if sum(r.info.status == "FINISHED" for r in children) >= 2:
             break
         assert driver.poll() is None, "the search ended before it could be interrupted"
