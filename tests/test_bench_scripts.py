@@ -1,0 +1,116 @@
+"""The benchmark scripts run end to end on tiny settings and write the JSON keys the docs use.
+
+No timing is asserted: these only check that the scripts work, not how fast anything is.
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str):
+    """Import `scripts/<name>.py` as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def padding_json(tiny_glue, tiny_model_dir, tmp_path):
+    output = tmp_path / "bench" / "padding.json"
+    load_script("bench_padding").main(
+        [
+            "--tasks=mrpc,stsb",
+            f"--data-dir={tiny_glue}",
+            f"--model={tiny_model_dir}",
+            "--batch-sizes=4,8",
+            "--max-length=32",
+            f"--cache-dir={tmp_path / 'cache'}",
+            f"--output={output}",
+        ]
+    )
+    return output
+
+
+@pytest.fixture
+def inference_json(tiny_model_dir, tmp_path):
+    output = tmp_path / "bench" / "inference.json"
+    load_script("bench_inference").main(
+        [
+            f"--model={tiny_model_dir}",
+            "--rounds=1",
+            "--steps=1",
+            "--batch-size=2",
+            "--length=16",
+            "--r-max=4",
+            f"--output={output}",
+        ]
+    )
+    return output
+
+
+def test_bench_padding(padding_json):
+    data = json.loads(padding_json.read_text())
+    assert {"benchmark", "command", "config", "machine", "results"} <= set(data)
+    assert set(data["results"]) == {"mrpc", "stsb"}
+    for entry in data["results"].values():
+        assert set(entry["padding_ratio"]) == {"4", "8"}
+        for ratios in entry["padding_ratio"].values():
+            assert set(ratios) == {"dynamic", "group_by_length", "pad_to_max"}
+            assert all(0 <= r < 1 for r in ratios.values())
+            # Padding every row to max_length never pads less than padding to the batch's longest.
+            assert ratios["pad_to_max"] >= ratios["dynamic"]
+
+
+def test_bench_inference(inference_json):
+    data = json.loads(inference_json.read_text())
+    assert {"benchmark", "command", "config", "machine", "median_ms", "ratios"} <= set(data)
+    assert set(data["median_ms"]) == {"base", "pruned_merged", "pruned", "rmax"}
+    # Half of the gates are zeroed, so pruning keeps half of the ranks ...
+    assert data["adapter"]["rank_sum_pruned"] * 2 == data["adapter"]["rank_sum_rmax"]
+    # ... and neither pruning nor merging changes the logits.
+    assert max(data["logits_max_abs_diff_vs_rmax"].values()) < 1e-5
+
+
+def test_make_benchmarks_md(padding_json, inference_json, tmp_path):
+    output = tmp_path / "benchmarks.md"
+    text = load_script("make_benchmarks_md").main(
+        [f"--bench-dir={padding_json.parent}", f"--output={output}"]
+    )
+    assert output.read_text() == text
+    assert "## Padding" in text and "## Inference latency" in text
+    assert "python scripts/bench_padding.py" in text
+    assert "| stsb |" in text
+
+
+def test_bench_search(tiny_glue, tiny_model_dir, tmp_path):
+    """One tiny trial through the real search (Ray, Optuna, MLflow on sqlite): ~15 s."""
+    output = tmp_path / "search.json"
+    load_script("bench_search").main(
+        [
+            "--num-samples=1",
+            f"--data-dir={tiny_glue}",
+            f"--model={tiny_model_dir}",
+            "--max-train-samples=16",
+            "--max-eval-samples=8",
+            "--train-eval-samples=8",
+            "--max-length=32",
+            "--num-cpus=1",
+            "--cpus-per-trial=1",
+            f"--output={output}",
+        ]
+    )
+    data = json.loads(output.read_text())
+    assert {"benchmark", "command", "config", "machine", "wall_s", "overhead", "parts"} <= set(data)
+    assert [t["status"] for t in data["trials"]] == ["finished"]
+    assert {"ray_start_s", "data_preparation_s", "mlflow_parent_run_s", "other_s"} <= set(
+        data["parts"]
+    )
+    assert data["train_time_s"] > 0 and 0 < data["overhead"] < 1
