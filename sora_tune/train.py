@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -68,6 +69,42 @@ REPORT_KEYS = (
     "examples_per_s",
     "padding_ratio",
 )  # plus val_<metric> and test_<metric> for each of the task's metrics
+
+
+# A Hugging Face Hub model id: `name` or `owner/name` (letters, digits, `-`, `_`, `.`).
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+HUB_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def check_model(model: str) -> None:
+    """Refuse a backbone that cannot load, without touching the network: a local path that does
+    not exist, or, when the Hub is switched off, a Hub id that is not in the local cache. A Hub id
+    with the Hub on is left to transformers (it may download it).
+
+    Raises:
+        ValueError: naming the model and what to do.
+    """
+    if Path(model).expanduser().exists():
+        return
+    if not HUB_ID.fullmatch(model) or ".." in model or "--" in model:
+        raise ValueError(
+            f"model {model!r} does not exist: it is not a folder on this machine, nor a Hugging "
+            "Face Hub id (owner/name); give an existing folder or a Hub id"
+        )
+    offline = [
+        name
+        for name in HUB_OFFLINE_VARIABLES
+        if os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    ]
+    if offline:
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(model, "config.json"), str):
+            raise ValueError(
+                f"model {model!r} is not a folder on this machine, nor in the local Hugging Face "
+                f"cache, and {offline[0]} is set: give an existing folder, or download it first "
+                f"(unset {offline[0]})"
+            )
 
 
 def default_model() -> str:
@@ -144,6 +181,8 @@ class TrialConfig:
 
     def __post_init__(self) -> None:
         get_task(self.task)  # raises ValueError naming an unknown task
+        if self.model is not None:
+            check_model(self.model)  # a missing folder fails here, not deep inside transformers
         if self.method not in ("sora", "lora", "adalora"):
             raise ValueError(f"method must be sora, lora or adalora, got {self.method!r}")
         if self.gate_mode not in ("official", "paper"):

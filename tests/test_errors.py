@@ -1,0 +1,203 @@
+"""Fault drill 5: every bad input of docs/errors.md, run through the CLI in-process.
+
+The table in docs/errors.md is the specification: each row's case id has a command here, and the
+command must exit with the row's code and print the row's message. A row without a case, or a
+case without a row, fails the test, so the document and the code cannot drift apart.
+"""
+
+import re
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from sora_tune.cli import main
+
+ERRORS_DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+SECONDS = 20  # generous: every case fails in well under a second or two, before Ray starts
+
+
+def documented_cases() -> dict[str, tuple[str, int]]:
+    """`case id -> (message pattern, exit code)` from the table of docs/errors.md."""
+    cases = {}
+    for line in ERRORS_DOC.read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 5 or not re.fullmatch(r"`[a-z0-9-]+`", cells[0]):
+            continue
+        case, _, message, code, _ = cells
+        cases[case.strip("`")] = (message.strip("`"), int(code))
+    return cases
+
+
+def pattern_regex(pattern: str) -> re.Pattern:
+    """The documented pattern as a regular expression: `<...>` stands for any text, the rest is
+    literal, and the message starts at the beginning of a line of stderr."""
+    parts = re.split(r"<[^<>]+>", pattern.replace("…", "<…>"))
+    return re.compile("^" + ".+?".join(re.escape(part) for part in parts), re.MULTILINE)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def inputs(tiny_trial, tmp_path):
+    """Files for the bad inputs, and a valid search space of tiny trials to spoil."""
+    trial = {k: v for k, v in tiny_trial.items() if k not in ("data_dir", "model", "task")}
+
+    def space(parameters: dict, name: str | None = None) -> str:
+        path = tmp_path / (name or f"space-{len(list(tmp_path.glob('space-*')))}.yaml")
+        path.write_text(yaml.safe_dump({"parameters": parameters}))
+        return str(path)
+
+    wrong_columns = tmp_path / "wrong-columns" / "MRPC"
+    wrong_columns.mkdir(parents=True)
+    for split in ("train", "dev"):
+        (wrong_columns / f"{split}.tsv").write_text("label\tsentence\n1\tA sentence.\n")
+    (tmp_path / "empty-folder").mkdir()
+    malformed = tmp_path / "malformed.yaml"
+    malformed.write_text("parameters:\n  xi: {type: loguniform, low: 1.0e-5\n  r_max: 8\n")
+    return {
+        "data": ["--task", "mrpc", "--data-dir", tiny_trial["data_dir"]],
+        "model": ["--model", tiny_trial["model"]],
+        "space": space,
+        "trial": trial,
+        "malformed": str(malformed),
+        "wrong_columns": str(wrong_columns.parent),
+        "empty_folder": str(tmp_path / "empty-folder"),
+    }
+
+
+def commands(inputs: dict, tmp_path: Path) -> dict[str, list[str]]:
+    """For every case: the sora-tune arguments that make it happen."""
+    space, trial = inputs["space"], inputs["trial"]
+    good = space(trial | {"xi": {"type": "loguniform", "low": 1e-5, "high": 1e-3}}, "good.yaml")
+    search = ["search", "--config", good, *inputs["data"], *inputs["model"]]
+    train = ["train", "--output-dir", str(tmp_path / "run")]
+    return {
+        "malformed-yaml": ["search", "--config", inputs["malformed"]],
+        "config-not-found": ["search", "--config", str(tmp_path / "no-such-space.yaml")],
+        "no-config": ["search", "--num-samples", "2"],
+        "unknown-parameter": ["search", "--config", space(trial | {"learning_rate": 1e-3})],
+        "unknown-distribution": [
+            "search",
+            "--config",
+            space(trial | {"xi": {"type": "normal", "low": 1e-5, "high": 1e-3}}),
+        ],
+        "empty-choice": [
+            "search",
+            "--config",
+            space(trial | {"r_max": {"type": "choice", "values": []}}),
+        ],
+        "r-max-zero": ["search", "--config", space(trial | {"r_max": 0})],
+        "negative-lambda": ["search", "--config", space(trial | {"lam": -0.1})],
+        "negative-xi": [
+            "search",
+            "--config",
+            space(trial | {"xi": {"type": "uniform", "low": -1e-4, "high": 1e-3}}),
+        ],
+        "bad-flag-value": [*search, "--r-max", "eight"],
+        "unknown-sampler": [*search, "--sampler", "bayes"],
+        "unknown-task": [*train, "--task", "imdb"],
+        "missing-data-folder": [
+            *search,
+            "--data-dir",
+            str(tmp_path / "no-such-folder"),
+        ],
+        "missing-task-folder": [*search, "--data-dir", inputs["empty_folder"]],
+        "tsv-wrong-columns": [*search, "--data-dir", inputs["wrong_columns"]],
+        "no-data-offline": ["search", "--config", good, "--task", "mrpc", *inputs["model"]],
+        "missing-model-path": [*search, "--model", "./no-such-model"],
+        "hub-model-offline": [*search, "--model", "no-such-owner/no-such-model"],
+        "mlflow-unreachable": [*search, "--mlflow-uri", f"http://127.0.0.1:{free_port()}"],
+        "password-in-uri": [
+            *search,
+            "--mlflow-uri",
+            "https://alice:s3cr3t-value@mlflow.example.com",
+        ],
+        "not-a-search-folder": ["search", "--resume", inputs["empty_folder"]],
+        "predict-input-missing": [
+            "predict",
+            "--model",
+            "models:/sora-mrpc@champion",
+            "--input",
+            str(tmp_path / "no-such-rows.csv"),
+        ],
+    }
+
+
+def test_every_documented_case_has_a_command_and_back(inputs, tmp_path):
+    documented, coded = set(documented_cases()), set(commands(inputs, tmp_path))
+    assert documented, f"no case table found in {ERRORS_DOC}"
+    assert documented - coded == set(), "rows of docs/errors.md without a test case"
+    assert coded - documented == set(), "test cases without a row in docs/errors.md"
+
+
+@pytest.mark.parametrize("case", sorted(documented_cases()))
+def test_bad_input_fails_fast_with_its_message(case, inputs, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("SORA_TUNE_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("a bad input must be refused before Ray starts")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    pattern, code = documented_cases()[case]
+    argv = commands(inputs, tmp_path)[case]
+    start = time.monotonic()
+    try:
+        exit_code = main(argv)
+    except SystemExit as stop:  # argparse refuses a flag value by exiting
+        exit_code = stop.code
+    elapsed = time.monotonic() - start
+    err = capsys.readouterr().err
+    assert exit_code == code, err
+    assert pattern_regex(pattern).search(err), f"{pattern!r} not in:\n{err}"
+    assert "s3cr3t-value" not in err
+    assert elapsed < SECONDS
+    # Nothing expensive started: no Ray, no experiment folder.
+    assert not ray.is_initialized()
+    assert not (tmp_path / "ray_results").exists()
+
+
+@pytest.mark.parametrize(
+    "model, offline, accepted",
+    [
+        ("{folder}", True, True),  # an existing folder, whatever the Hub
+        ("owner/name", False, True),  # a Hub id with the Hub on: transformers may download it
+        ("name", False, True),
+        ("cached-owner/cached-name", True, True),  # in the local cache
+        ("owner/name", True, False),  # offline and not cached
+        ("./no-such-model", False, False),  # a path, not an id
+        ("../models/no-such-model", False, False),
+        ("runs/a/b", False, False),
+        ("/abs/no-such-model", False, False),
+    ],
+)
+def test_check_model(model, offline, accepted, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from sora_tune.train import check_model
+
+    # A Hub cache holding cached-owner/cached-name, as huggingface_hub lays it out.
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--cached-owner--cached-name" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (cache / "models--cached-owner--cached-name" / "refs").mkdir()
+    (cache / "models--cached-owner--cached-name" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
+
+    model = model.format(folder=tmp_path)
+    if accepted:
+        check_model(model)
+    else:
+        with pytest.raises(ValueError, match=re.escape(repr(model))):
+            check_model(model)
