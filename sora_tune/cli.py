@@ -133,7 +133,9 @@ def train_command(args: argparse.Namespace) -> int:
     config = TrialConfig.from_dict(trial_values(args))
     if args.mlflow_uri:
         from .tracking import create_trial_run, tracked_trial
+        from .tune.search import check_tracking_uri
 
+        check_tracking_uri(args.mlflow_uri)  # a dead server stops here, before any training
         run_id = create_trial_run(args.mlflow_uri, args.experiment_name)
         result = tracked_trial(
             config, run_id=run_id, output_dir=args.output_dir, progress=True, report=_print_epoch

@@ -86,3 +86,13 @@ def test_bad_input_exits_with_a_message(tiny_trial, tmp_path, capsys):
 def test_target_modules_flag():
     assert parse_target_modules("query,value") == ["query", "value"]
     assert parse_target_modules(r".*\.query") == r".*\.query"
+
+
+def test_train_with_an_unreachable_mlflow_server_stops_before_training(
+    tiny_trial, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    flags = ["--mlflow-uri", "http://127.0.0.1:9"]
+    assert main(["train", *trial_flags(tiny_trial), "--output-dir", str(out), *flags]) == 2
+    assert "unreachable" in capsys.readouterr().err
+    assert not list(out.glob("checkpoint-epoch*"))
