@@ -87,13 +87,14 @@ class SearchSpace:
                 )
         for name, spec in self.distributions.items():
             _check_distribution(source, name, spec)
+        # The fixed values first, so a bad one is reported as itself, not under a searched key.
+        _check_trial(source, "parameters", self.fixed)
         # Every bound and choice must make a valid trial: TrialConfig names the field it refuses.
         for name, spec in self.distributions.items():
             for value in (
                 spec["values"] if spec["type"] == "choice" else (spec["low"], spec["high"])
             ):
                 _check_trial(source, f"parameters.{name}", self.fixed | {name: value})
-        _check_trial(source, "parameters", self.fixed)
         for index, point in enumerate(self.points_to_evaluate):
             where = f"points_to_evaluate[{index}]"
             if not isinstance(point, dict):
