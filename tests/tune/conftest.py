@@ -1,8 +1,11 @@
 """A real local Ray and real MLflow stores for the search tests (nothing mocked)."""
 
+import contextlib
+
 import pytest
 import ray
 import yaml
+from ray.cluster_utils import Cluster
 
 from sora_tune.tune import SearchConfig, load_search_space
 
@@ -51,3 +54,18 @@ def search_in(tmp_path, space, name: str, **settings) -> tuple[SearchConfig, str
         **settings,
     )
     return config, uri
+
+
+@contextlib.contextmanager
+def ray_cluster(*, head_cpus: int, worker_cpus: int):
+    """A multi-node Ray on this machine (`ray.cluster_utils.Cluster`): a head with `head_cpus`
+    and one worker node with `worker_cpus`, this process connected to it."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus})
+    cluster.add_node(num_cpus=worker_cpus)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -3,21 +3,15 @@
 import mlflow
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 
 from sora_tune.tune import run_search
-from tests.tune.conftest import search_in, tiny_search_parameters
+from tests.tune.conftest import ray_cluster, search_in, tiny_search_parameters
 
 
 @pytest.fixture
 def two_nodes():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    with ray_cluster(head_cpus=1, worker_cpus=1) as cluster:
+        yield cluster
 
 
 def test_trials_run_on_both_nodes(two_nodes, tiny_trial, write_space, tmp_path):

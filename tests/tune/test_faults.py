@@ -14,12 +14,10 @@ import time
 
 import mlflow
 import pytest
-import ray
-from ray.cluster_utils import Cluster
 
 from sora_tune.tune import run_search
 from tests.conftest import write_tiny_glue
-from tests.tune.conftest import search_in, tiny_search_parameters
+from tests.tune.conftest import ray_cluster, search_in, tiny_search_parameters
 
 
 def closed_port() -> int:
@@ -68,13 +66,8 @@ def test_unreachable_mlflow_server_stops_the_search_before_any_trial(
 def worker_cluster():
     """A head that runs nothing (0 CPUs) and one worker node of 1 CPU: every trial runs on a
     worker, which the test may remove."""
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    with ray_cluster(head_cpus=0, worker_cpus=1) as cluster:
+        yield cluster
 
 
 def val_score_steps(client: mlflow.MlflowClient, run_id: str) -> list[int]:
