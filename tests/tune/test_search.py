@@ -9,6 +9,7 @@ import mlflow
 import pytest
 
 from sora_tune.tune import check_tracking_uri, resume_search, run_search
+from sora_tune.tune.search import make_sampler
 from tests.tune.conftest import search_in, tiny_search_parameters
 
 
@@ -145,3 +146,25 @@ def test_unreachable_mlflow_server_fails_fast():
     with pytest.raises(ConnectionError, match="unreachable"):
         check_tracking_uri("http://127.0.0.1:9", timeout=2)
     assert time.time() - start < 5
+
+
+def test_single_objective_search_with_asha(local_ray, tiny_trial, write_space, tmp_path):
+    _, space = write_space(tiny_search_parameters(tiny_trial))
+    config, uri = search_in(
+        tmp_path, space, "asha", num_samples=2, objective="val_score", asha=True, sampler="random"
+    )
+    results = run_search(config)
+    assert len(results) == 2 and not results.errors
+    _, children = child_runs(uri, "asha")
+    assert len(children) == 2
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "gp", "random"])
+def test_every_sampler_can_be_built(sampler):
+    assert make_sampler(sampler, seed=0) is not None
+
+
+def test_asha_needs_a_single_objective(tiny_trial, write_space, tmp_path):
+    _, space = write_space(tiny_search_parameters(tiny_trial))
+    with pytest.raises(ValueError, match="asha early stopping needs a single objective"):
+        search_in(tmp_path, space, "x", asha=True)
