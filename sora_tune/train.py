@@ -247,7 +247,15 @@ def seed_everything(seed: int) -> None:
 
 
 def load_tokenizer(config: TrialConfig):
-    return AutoTokenizer.from_pretrained(config.model or default_model())
+    """The backbone's tokenizer; the first thing a trial or a search loads from the model.
+
+    Raises:
+        ValueError: the model cannot be loaded (e.g. a Hub id that does not exist).
+    """
+    try:
+        return AutoTokenizer.from_pretrained(config.model or default_model())
+    except OSError as err:
+        raise ValueError(f"model {config.model!r} cannot be loaded: {err}") from None
 
 
 def prepare_data(config: TrialConfig, tokenizer=None) -> DatasetDict:

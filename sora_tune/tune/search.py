@@ -256,7 +256,7 @@ def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None)
     # Tokenise once and share through Ray's object store, unless a data setting is searched.
     data = None
     if not set(DATA_KEYS) & set(space.distributions):
-        data = in_memory(prepare_data(fixed_trial, _load_tokenizer(fixed_trial)))
+        data = in_memory(prepare_data(fixed_trial, load_tokenizer(fixed_trial)))
     else:  # each trial prepares its own data: read every task's files once, to check them
         for task, data_dir in _data_sources(space):
             load_glue(task, data_dir)
@@ -366,13 +366,6 @@ def close_open_runs(
         client.set_terminated(run.info.run_id, status="FAILED" if known else "KILLED")
         if not known:
             client.delete_run(run.info.run_id)
-
-
-def _load_tokenizer(trial: TrialConfig):
-    try:
-        return load_tokenizer(trial)
-    except OSError as err:  # e.g. a Hub id that does not exist
-        raise ValueError(f"model {trial.model!r} cannot be loaded: {err}") from None
 
 
 def _data_sources(space: SearchSpace) -> set[tuple[str, str | None]]:
