@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .uris import check_no_password, check_tracking_uri
+
 # Trial flags: field of TrialConfig -> (type, help). The defaults live in TrialConfig.
 TRIAL_FLAGS: dict[str, tuple[Any, str]] = {
     "task": (str, "GLUE task: cola, sst2, mrpc, qqp, stsb, mnli, mnli-mm, qnli, rte, wnli"),
@@ -128,14 +130,15 @@ def train_command_parser(subparsers) -> None:
 
 
 def train_command(args: argparse.Namespace) -> int:
+    if args.mlflow_uri:  # a dead server stops here, before torch is imported
+        check_no_password("--mlflow-uri", args.mlflow_uri)
+        check_tracking_uri(args.mlflow_uri)
     from .train import TrialConfig, train_trial
 
     config = TrialConfig.from_dict(trial_values(args))
     if args.mlflow_uri:
         from .tracking import create_trial_run, tracked_trial
-        from .tune.search import check_tracking_uri
 
-        check_tracking_uri(args.mlflow_uri)  # a dead server stops here, before any training
         run_id = create_trial_run(args.mlflow_uri, args.experiment_name)
         result = tracked_trial(
             config, run_id=run_id, output_dir=args.output_dir, progress=True, report=_print_epoch
@@ -229,6 +232,11 @@ def search_command_parser(subparsers) -> None:
 
 
 def search_command(args: argparse.Namespace) -> int:
+    if args.mlflow_uri and not args.resume:
+        # A dead server or a password in a URI stops here, within seconds: before torch is
+        # imported and Ray started (run_search checks again, for callers of the Python API).
+        check_no_password("--mlflow-uri", args.mlflow_uri)
+        check_tracking_uri(args.mlflow_uri)
     from .tune import SearchConfig, load_search_space, resume_search, run_search
 
     if args.resume:
@@ -391,11 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .data import GlueDataUnavailableError
-
     try:
         return args.command(args)
-    except (ValueError, FileNotFoundError, ConnectionError, GlueDataUnavailableError) as err:
+    # Bad input, a missing file, an unreachable server or Hub (GlueDataUnavailableError).
+    except (ValueError, FileNotFoundError, ConnectionError) as err:
         print(f"sora-tune: error: {err}", file=sys.stderr)
         return 2
 

@@ -33,7 +33,7 @@ HUB_PROBE_TIMEOUT = 3.0  # seconds; without the probe the Hub client retries DNS
 _TRUE_VALUES = {"1", "ON", "YES", "TRUE"}  # how huggingface_hub reads boolean variables
 
 
-class GlueDataUnavailableError(RuntimeError):
+class GlueDataUnavailableError(ConnectionError):
     """No GLUE folder was given and the Hugging Face Hub cannot be reached."""
 
 

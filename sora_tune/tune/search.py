@@ -14,12 +14,9 @@ import math
 import os
 import subprocess
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import mlflow
 from datasets import Dataset, DatasetDict
@@ -28,7 +25,11 @@ from .. import __version__
 from ..data import load_glue
 from ..tracking import tracked_trial
 from ..train import TrialConfig, load_tokenizer, prepare_data
+from ..uris import check_no_password, check_tracking_uri, redact_uri
 from .space import SearchSpace
+
+if TYPE_CHECKING:
+    import pyarrow.fs
 
 Sampler = Literal["tpe", "nsga2", "gp", "random"]
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
@@ -106,49 +107,6 @@ class SearchConfig:
         if self.storage_path is None or "://" not in self.storage_path:
             self.storage_path = os.path.abspath(self.storage_path or "ray_results")
         self.name = self.name or f"{self.experiment_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def check_no_password(name: str, uri: str) -> None:
-    """Refuse a URI with a password in it: credentials come from the environment, so that they
-    never reach MLflow params, Ray's experiment state or a log.
-
-    Raises:
-        ValueError: naming the setting, with the password masked.
-    """
-    if urllib.parse.urlsplit(uri).password is None:
-        return
-    raise ValueError(
-        f"{name} {redact_uri(uri)} carries a password: pass credentials through the environment "
-        "instead (MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD for an MLflow server, "
-        "PGPASSWORD for PostgreSQL, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for s3://)"
-    )
-
-
-def redact_uri(uri: str) -> str:
-    """`uri` with the password of its user info, if any, replaced by `***`."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
-def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
-    """Fail within seconds, before any trial, when an MLflow server does not answer.
-
-    Raises:
-        ConnectionError: naming the URI and what went wrong.
-    """
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
-            if response.status != 200:
-                raise ConnectionError(
-                    f"MLflow server {redact_uri(uri)} answered /health with {response.status}"
-                )
-    except (TimeoutError, urllib.error.URLError, OSError) as err:
-        raise ConnectionError(f"MLflow server {redact_uri(uri)} is unreachable: {err}") from None
 
 
 def make_sampler(name: Sampler, seed: int):
@@ -267,14 +225,8 @@ def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None)
 
     mlflow.set_tracking_uri(config.mlflow_uri)
     experiment = mlflow.set_experiment(config.experiment_name)
-    state_file = (
-        Path(config.storage_path) / config.name / SEARCH_STATE_FILE
-        if "://" not in config.storage_path
-        else None
-    )
     if resume is not None:
-        state = json.loads((Path(resume) / SEARCH_STATE_FILE).read_text())
-        parent_run_id = state["parent_run_id"]
+        parent_run_id = read_search_state(resume)["parent_run_id"]
     else:
         parent_run_id = start_parent_run(config, experiment.experiment_id)
     tracking = {
@@ -327,13 +279,10 @@ def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None)
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             ),
         )
-        if state_file is not None:
-            state_file.parent.mkdir(parents=True, exist_ok=True)
-            state_file.write_text(
-                json.dumps(
-                    {"parent_run_id": parent_run_id, "config": _search_params(config)}, indent=1
-                )
-            )
+        write_search_state(
+            f"{config.storage_path}/{config.name}",
+            {"parent_run_id": parent_run_id, "config": _search_params(config)},
+        )
 
     results = tuner.fit()
     client = mlflow.MlflowClient(config.mlflow_uri)
@@ -401,13 +350,49 @@ def resume_search(path: str | os.PathLike, *, address: str | None = None):
     Raises:
         FileNotFoundError: `path` is not the folder of a sora-tune search.
     """
-    state_file = Path(path) / SEARCH_STATE_FILE
-    if not state_file.exists():
-        raise FileNotFoundError(f"{path} is not a sora-tune search folder (no {SEARCH_STATE_FILE})")
-    values = json.loads(state_file.read_text())["config"]
+    values = read_search_state(path)["config"]
     values["space"] = SearchSpace(**values["space"])
     values["address"] = address or values["address"]
     return run_search(SearchConfig(**values), resume=path)
+
+
+def _state_file(folder: str | os.PathLike) -> tuple[pyarrow.fs.FileSystem, str]:
+    """The file system and path of a search's state file, through pyarrow as Ray resolves its
+    storage: a local or NFS folder, or a URI such as s3://bucket/path or gs://bucket/path."""
+    import pyarrow.fs
+
+    folder = str(folder)
+    if "://" not in folder:
+        folder = os.path.abspath(folder)
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(folder)
+    return filesystem, f"{path.rstrip('/')}/{SEARCH_STATE_FILE}"
+
+
+def write_search_state(folder: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write the state `--resume` needs into the search's Ray folder, whole or not at all."""
+    filesystem, path = _state_file(folder)
+    filesystem.create_dir(path.rpartition("/")[0], recursive=True)
+    staged = f"{path}.tmp"
+    with filesystem.open_output_stream(staged) as stream:
+        stream.write(json.dumps(state, indent=1).encode())
+    filesystem.move(staged, path)
+
+
+def read_search_state(folder: str | os.PathLike) -> dict[str, Any]:
+    """The state `write_search_state` wrote.
+
+    Raises:
+        FileNotFoundError: `folder` is not the folder of a sora-tune search.
+    """
+    import pyarrow.fs
+
+    filesystem, path = _state_file(folder)
+    if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
+        raise FileNotFoundError(
+            f"{folder} is not a sora-tune search folder (no {SEARCH_STATE_FILE})"
+        )
+    with filesystem.open_input_stream(path) as stream:
+        return json.loads(stream.read())
 
 
 def start_parent_run(config: SearchConfig, experiment_id: str) -> str:
