@@ -9,7 +9,12 @@ import mlflow
 import pytest
 
 from sora_tune.tune import check_tracking_uri, resume_search, run_search
-from sora_tune.tune.search import make_sampler
+from sora_tune.tune.search import (
+    SEARCH_STATE_FILE,
+    make_sampler,
+    read_search_state,
+    write_search_state,
+)
 from tests.tune.conftest import search_in, tiny_search_parameters
 
 
@@ -94,7 +99,8 @@ def test_diverging_trial_is_recorded_as_failed(local_ray, tiny_trial, write_spac
 def test_resume_after_the_driver_is_killed(local_ray, tiny_trial, write_space, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     path, _ = write_space(tiny_search_parameters(tiny_trial) | {"epochs": 3})
-    storage = tmp_path / "ray"
+    # A file:// URI takes the code path of s3:// and gs:// storage (pyarrow file systems).
+    storage = f"file://{tmp_path / 'ray'}"
     command = [
         sys.executable,
         "-m",
@@ -111,7 +117,7 @@ def test_resume_after_the_driver_is_killed(local_ray, tiny_trial, write_space, t
         "--experiment-name",
         "resume",
         "--storage-path",
-        str(storage),
+        storage,
         "--name",
         "resume",
         "--address",
@@ -133,12 +139,22 @@ def test_resume_after_the_driver_is_killed(local_ray, tiny_trial, write_space, t
     driver.wait()
     time.sleep(3)  # Ray notices the dead driver and stops its trial
 
-    results = resume_search(storage / "resume")
+    results = resume_search(f"{storage}/resume")
     assert len(results) == 4
     _, children = child_runs(uri, "resume")
     assert len(children) == 4
     assert len({r.data.tags["ray_trial_id"] for r in children}) == 4
     assert all(r.info.status == "FINISHED" for r in children)
+
+
+def test_search_state_round_trip_on_a_path_and_a_uri(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    state = {"parent_run_id": "abc", "config": {"name": "s"}}
+    write_search_state("searches/s", state)  # a relative path, as the CLI takes it
+    assert read_search_state(f"file://{tmp_path}/searches/s") == state
+    assert sorted(os.listdir(tmp_path / "searches" / "s")) == [SEARCH_STATE_FILE]
+    with pytest.raises(FileNotFoundError, match="not a sora-tune search folder"):
+        read_search_state(f"file://{tmp_path}/searches")
 
 
 def test_unreachable_mlflow_server_fails_fast():
