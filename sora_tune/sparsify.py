@@ -11,7 +11,6 @@ import csv
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -48,15 +47,15 @@ def run_sparsify(
         raise ValueError("sparsify needs a rising xi schedule: set xi_schedule and xi_max")
     config = dataclasses.replace(config, epochs=schedule.total_epochs)
     output_dir = Path(output_dir)
-    rows: list[dict] = []
-
-    def record_stage_end(metrics: dict[str, Any], checkpoint: str) -> None:
-        epoch = metrics["epoch"]  # 1-based: the epoch just finished
-        if epoch == config.epochs or schedule.stage_at(epoch) != schedule.stage_at(epoch - 1):
-            row = {k: metrics[k] for k in CURVE_COLUMNS if k in metrics}
-            rows.append(row | {"stage": schedule.stage_at(epoch - 1)})
-
-    result = train_trial(config, report=record_stage_end, output_dir=output_dir, progress=progress)
+    result = train_trial(config, output_dir=output_dir, progress=progress)
+    # From the whole history, not from reports: a resumed or rerun sweep keeps its earlier stages.
+    rows = [
+        {k: metrics[k] for k in CURVE_COLUMNS if k in metrics}
+        | {"stage": schedule.stage_at(epoch - 1)}
+        for metrics in result["history"]
+        if (epoch := metrics["epoch"]) == config.epochs
+        or schedule.stage_at(epoch) != schedule.stage_at(epoch - 1)
+    ]
     write_curve(rows, output_dir / "sparsify.csv")
     plot_curve(rows, output_dir / "sparsify.png", task=config.task)
     if result.get("rank_pattern"):

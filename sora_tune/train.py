@@ -590,6 +590,7 @@ def _finish(model, config: TrialConfig, output_dir: Path, history: list[dict], s
                 export_peft(model, output_dir / "adapter")
         result["head_params"] = head_params(model)
     result["config"] = dataclasses.asdict(config)
+    result["history"] = history  # every epoch's report, kept across a resume
     staging = output_dir / ".metrics.json.tmp"
     staging.write_text(json.dumps(result, indent=2))
     os.replace(staging, output_dir / "metrics.json")

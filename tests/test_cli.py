@@ -71,6 +71,10 @@ def test_sparsify_traces_the_curve(tiny_trial, tmp_path):
     params = [int(r["retained_params"]) for r in rows]
     assert params == sorted(params, reverse=True) and params[-1] < params[0]
     assert (out / "sparsify.png").stat().st_size > 0 and (out / "ranks.png").stat().st_size > 0
+    # Run again on the finished folder: nothing is retrained and the curve keeps every stage.
+    assert main(["sparsify", *flags, "--output-dir", str(out)]) == 0
+    with open(out / "sparsify.csv") as handle:
+        assert list(csv.DictReader(handle)) == rows
 
 
 def test_bad_input_exits_with_a_message(tiny_trial, tmp_path, capsys):
