@@ -105,6 +105,82 @@ def _search(data: dict) -> list[str]:
     ]
 
 
+def _hypervolume(data: dict) -> list[str]:
+    config, summary = data["config"], data["summary"]
+    n, scale = summary["budget"], data["hv_all_trials"] or 1.0
+    studies = data["studies"]
+    seeds = len(next(iter(studies.values())))
+
+    def share(hv: float) -> str:
+        return f"{hv / scale:.1%}"
+
+    lines = [
+        f"Hypervolume of the (val_score ↑, retained_params ↓) front after n trials, as a share of "
+        f"that of all {sum(len(s['trials']) for b in studies.values() for s in b.values())} "
+        f"trials of the run (reference point {tuple(data['reference'] or ())}). Each study is "
+        f"Optuna ask/tell with the search's sampler over `{Path(config['space']).name}` for 2N = "
+        f"{2 * n} trials, {seeds} seed(s) per sampler; trials: {config['task']}, "
+        f"{config['max_train_samples']} training rows, {config['epochs']} epoch(s), length "
+        f"{config['max_length']}, {config['max_eval_samples']} val rows. "
+        f"{data['trials_failed']} trial(s) failed; {data['trials_trained']} were trained, the "
+        "others repeated the parameters of an earlier trial and reused its result.",
+    ]
+    startup = config["sampler_startup_trials"].get("tpe")
+    if startup:
+        lines[0] += (
+            f" TPE's first {startup} trials are random draws, the same as random search's with "
+            "the same seed."
+        )
+    for sampler, comparison in summary["comparisons"].items():
+        base = summary["baseline"]
+        rows = [
+            [
+                seed,
+                share(e["hv_at_n"]),
+                share(e["baseline_at_n"]),
+                share(e["baseline_at_2n"]),
+                share(e["hv_at_2n"]),
+                "yes" if e["reached"] else "no",
+            ]
+            for seed, e in comparison["per_seed"].items()
+        ]
+        mean = comparison["mean"]
+        rows.append(
+            [
+                "**mean**",
+                *(share(mean[k]) for k in ("hv_at_n", "baseline_at_n", "baseline_at_2n")),
+                share(mean["hv_at_2n"]),
+                f"{comparison['seeds_reached']} of {comparison['seeds']}",
+            ]
+        )
+        lines += [
+            "",
+            f"Does {sampler} after N = {n} reach {base} after 2N = {2 * n}?",
+            "",
+            *_table(
+                [
+                    "seed",
+                    f"{sampler} N",
+                    f"{base} N",
+                    f"{base} 2N",
+                    f"{sampler} 2N",
+                    f"{sampler} N ≥ {base} 2N",
+                ],
+                rows,
+            ),
+        ]
+    rows = [
+        [sampler]
+        + [f"{share(curve['mean'][i])} ± {share(curve['std'][i])}" for i in (n - 1, 2 * n - 1)]
+        for sampler, curve in summary["curves"].items()
+    ]
+    header = ["sampler", f"N = {n}, mean ± std", f"2N = {2 * n}, mean ± std"]
+    lines += ["", *_table(header, rows)]
+    if data.get("plot"):
+        lines += ["", f"![Mean hypervolume curves](bench/{data['plot']})"]
+    return lines
+
+
 def _generic(data: dict) -> list[str]:
     medians = data.get("median_ms", {})
     rows = [[name, f"{ms:.1f}"] for name, ms in medians.items()]
@@ -116,6 +192,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
     "padding": ("Padding", _padding),
     "inference": ("Inference latency", _inference),
     "search": ("Search overhead", _search),
+    "hypervolume": ("Search efficiency", _hypervolume),
 }
 
 
