@@ -344,6 +344,12 @@ def register_command_parser(subparsers) -> None:
         help="register the chosen run's adapter as an MLflow model; alias champion moves to it",
     )
     parser.add_argument("--name", required=True, help="registered model name")
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept an adapter stored only as a pickled adapter_model.bin (trusted sources only: "
+        "loading a pickle can run code)",
+    )
     add_selection_arguments(parser)
     parser.set_defaults(command=register_command)
 
@@ -351,7 +357,7 @@ def register_command_parser(subparsers) -> None:
 def register_command(args: argparse.Namespace) -> int:
     from .registry import CHAMPION, register
 
-    registered = register(name=args.name, **selection_values(args))
+    registered = register(name=args.name, allow_pickle=args.allow_pickle, **selection_values(args))
     print(
         f"registered {registered.name} version {registered.version} from run {registered.run_id}: "
         f"val_score {registered.val_score:.4f}, retained_params {registered.retained_params}, "

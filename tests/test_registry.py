@@ -12,6 +12,7 @@ import pytest
 import torch
 from mlflow.exceptions import MlflowException
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from sora_tune.cli import main
@@ -199,17 +200,35 @@ def test_the_model_holds_no_pickle_and_only_safetensors_weights(store, tmp_path)
     assert logged.source_run_id == store["run"].info.run_id
 
 
-def test_an_adapter_without_safetensors_is_refused(store, tmp_path):
-    (tmp_path / "adapter").mkdir()
-    (tmp_path / "adapter" / "adapter_config.json").write_bytes(
+def test_a_pickled_adapter_needs_allow_pickle(store, tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_bytes(
         (store["adapter"] / "adapter_config.json").read_bytes()
     )
-    (tmp_path / "adapter" / "adapter_model.bin").write_bytes(b"a pickle")
+    # PEFT's older format: the same tensors as a torch pickle.
+    torch.save(
+        load_file(store["adapter"] / "adapter_model.safetensors"), adapter / "adapter_model.bin"
+    )
     client = mlflow.MlflowClient(store["uri"])
+    run = store["run"]
+    # Its own experiment: the store's is the one the selection tests choose from.
     run_id = client.create_run(client.create_experiment("pickled")).info.run_id
-    client.log_artifacts(run_id, str(tmp_path / "adapter"), "adapter")
-    with pytest.raises(ValueError, match=r"lacks \['adapter_model.safetensors'\]"):
+    for key, value in run.data.params.items():
+        client.log_param(run_id, key, value)
+    client.log_artifacts(run_id, str(adapter), "adapter")
+    with pytest.raises(
+        ValueError, match=r"lacks adapter_model.safetensors.*pickle.*--allow-pickle"
+    ):
         log_trial_model(run_id, tracking_uri=store["uri"])
+
+    info = log_trial_model(run_id, tracking_uri=store["uri"], allow_pickle=True)
+    assert info.metadata["allow_pickle"] is True
+    mlflow.set_tracking_uri(store["uri"])
+    rows = dev_rows(store["settings"])[["sentence1", "sentence2"]]
+    pickled = mlflow.pyfunc.load_model(info.model_uri).predict(rows)
+    safe = mlflow.pyfunc.load_model(store["model_uri"]).predict(rows)
+    assert pickled["label"].tolist() == safe["label"].tolist()
 
 
 def test_the_packaged_backbone_is_named_by_its_package(store, tiny_glue, tmp_path):

@@ -44,10 +44,12 @@ class SoraAdapterModel(mlflow.pyfunc.PythonModel):
     regression) for texts or text pairs."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        """Load the base model, the adapter (safetensors only) and the tokenizer.
+        """Load the base model, the adapter (safetensors; a pickled `adapter_model.bin` only if
+        the model was registered with `allow_pickle`) and the tokenizer.
 
         Raises:
-            FileNotFoundError: the adapter has no `adapter_model.safetensors`.
+            FileNotFoundError: the adapter has no `adapter_model.safetensors` and the model was
+                not registered with `allow_pickle`.
         """
         info = json.loads(Path(context.artifacts["model_info"]).read_text())
         self.task: str = info["task"]
@@ -56,8 +58,9 @@ class SoraAdapterModel(mlflow.pyfunc.PythonModel):
         self.max_length: int = info["max_length"]
         self.num_labels = len(self.label_names) if self.label_names else 1
         adapter = Path(context.artifacts["adapter"])
-        # PEFT falls back to a pickled adapter_model.bin when the safetensors file is missing.
-        if not (adapter / "adapter_model.safetensors").is_file():
+        # PEFT falls back to a pickled adapter_model.bin when the safetensors file is missing:
+        # allowed only for a model registered with allow_pickle.
+        if not (adapter / "adapter_model.safetensors").is_file() and not info.get("allow_pickle"):
             raise FileNotFoundError(f"{adapter} has no adapter_model.safetensors")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         base = AutoModelForSequenceClassification.from_pretrained(
