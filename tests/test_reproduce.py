@@ -105,13 +105,16 @@ def test_reproduce(reproduce_args, tmp_path):
     assert all(r["reused"] for r in again["runs"]) and again["sparsify"]["reused"]
     assert [path.stat().st_mtime_ns for path in metrics_files] == mtimes
     assert again["summary"] == result["summary"]
-    assert again["sparsify"]["rows"] == result["sparsify"]["rows"]  # read back from the CSV
+    assert again["sparsify"]["rows"] == result["sparsify"]["rows"]  # the sweep resumed at its end
 
     # The Markdown comes from the JSON alone.
     rendered = (docs / "results.md").read_text()
     (docs / "results.md").unlink()
     script.main([*reproduce_args, "--render-only"])
     assert (docs / "results.md").read_text() == rendered
+    # A note on what else ran goes into the JSON and the page.
+    script.main([*reproduce_args, "--render-only", "--note=a CI run shared the CPU"])
+    assert "a CI run shared the CPU" in (docs / "results.md").read_text()
 
 
 def test_a_run_folder_with_other_settings_is_refused(reproduce_args):
