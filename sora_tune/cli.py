@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .uris import check_no_password, check_tracking_uri
+from .uris import check_tracking_uri
 
 # Trial flags: field of TrialConfig -> (type, help). The defaults live in TrialConfig.
 TRIAL_FLAGS: dict[str, tuple[Any, str]] = {
@@ -131,7 +131,6 @@ def train_command_parser(subparsers) -> None:
 
 def train_command(args: argparse.Namespace) -> int:
     if args.mlflow_uri:  # a dead server stops here, before torch is imported
-        check_no_password("--mlflow-uri", args.mlflow_uri)
         check_tracking_uri(args.mlflow_uri)
     from .train import TrialConfig, train_trial
 
@@ -235,7 +234,6 @@ def search_command(args: argparse.Namespace) -> int:
     if args.mlflow_uri and not args.resume:
         # A dead server or a password in a URI stops here, within seconds: before torch is
         # imported and Ray started (run_search checks again, for callers of the Python API).
-        check_no_password("--mlflow-uri", args.mlflow_uri)
         check_tracking_uri(args.mlflow_uri)
     from .tune import SearchConfig, load_search_space, resume_search, run_search
 

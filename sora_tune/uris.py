@@ -34,11 +34,14 @@ def redact_uri(uri: str) -> str:
 
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
-    """Fail within seconds, before any trial, when an MLflow server does not answer.
+    """Fail within seconds, before any trial, when the MLflow tracking URI carries a password
+    (`check_no_password`) or its server does not answer.
 
     Raises:
+        ValueError: the URI carries a password.
         ConnectionError: naming the URI and what went wrong.
     """
+    check_no_password("--mlflow-uri", uri)
     if not uri.startswith(("http://", "https://")):
         return
     try:

@@ -206,9 +206,8 @@ def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None)
 
     # Everything that can be wrong with the input fails here, before Ray starts: the MLflow
     # server, the fixed settings (task, model path, ...), the data folder and its TSV files.
-    check_no_password("--mlflow-uri", config.mlflow_uri)
-    check_no_password("--storage-path", config.storage_path)
     check_tracking_uri(config.mlflow_uri)
+    check_no_password("--storage-path", config.storage_path)
     space = config.space
     fixed_trial = TrialConfig.from_dict(space.fixed)  # validates the fixed part once more
     # Tokenise once and share through Ray's object store, unless a data setting is searched.
