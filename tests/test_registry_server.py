@@ -3,7 +3,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,16 +14,11 @@ import yaml
 
 from sora_tune.registry import register
 from sora_tune.tune import SearchConfig, load_search_space, run_search
+from tests.conftest import free_port
 from tests.test_registry import MRPC_LABELS, dev_rows, peft_logits
 from tests.tune.conftest import local_ray  # noqa: F401 (a fixture, used below)
 
 pytestmark = pytest.mark.usefixtures("local_ray")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

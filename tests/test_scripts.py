@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -12,15 +11,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.conftest import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 MLFLOW_SERVER = REPO / "scripts" / "mlflow_server.sh"
 LOCAL_CLUSTER = REPO / "scripts" / "cluster" / "local_cluster.sh"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def script_env(**extra: str) -> dict[str, str]:

@@ -6,7 +6,6 @@ is tests/test_errors.py.)
 
 import collections
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -16,22 +15,15 @@ import mlflow
 import pytest
 
 from sora_tune.tune import run_search
-from tests.conftest import write_tiny_glue
+from tests.conftest import free_port, write_tiny_glue
 from tests.tune.conftest import ray_cluster, search_in, tiny_search_parameters
-
-
-def closed_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (bound once, then released)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_unreachable_mlflow_server_stops_the_search_before_any_trial(
     tiny_trial, write_space, tmp_path
 ):
     path, _ = write_space(tiny_search_parameters(tiny_trial))
-    uri = f"http://127.0.0.1:{closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     storage, ray_tmp = tmp_path / "ray", tmp_path / "ray-tmp"
     (ray_tmp / "ray").mkdir(parents=True)
     command = [
