@@ -489,6 +489,7 @@ def train_trial(
     model = build_model(config, total_steps=steps_per_epoch * config.epochs).to(device)
     adamw, gate_optimizer = configure_optimizers(model, config)
     optimizers = [o for o in (adamw, gate_optimizer) if o is not None]
+    trainable = [p for p in model.parameters() if p.requires_grad]  # clipped together each step
     scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, lr_lambda(config, steps_per_epoch))
     xi_schedule = config.xi_plan()
 
@@ -517,9 +518,7 @@ def train_trial(
             penalty = gate_optimizer.l1_penalty() if gate_optimizer is not None else 0.0
             (loss + penalty).backward()
             if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for p in model.parameters() if p.requires_grad], config.max_grad_norm
-                )
+                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
             for optimizer in optimizers:
                 optimizer.step()
             scheduler.step()
