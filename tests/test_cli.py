@@ -24,7 +24,7 @@ def test_train_writes_adapter_and_metrics(tiny_trial, tmp_path, capsys):
 
 
 def test_train_logs_to_mlflow(tiny_trial, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # where the relative URI below lands
     flags = trial_flags(tiny_trial | {"epochs": 2})
     assert (
         main(
@@ -32,15 +32,16 @@ def test_train_logs_to_mlflow(tiny_trial, tmp_path):
                 "train",
                 *flags,
                 "--output-dir",
-                str(tmp_path / "run"),
+                "run",
                 "--mlflow-uri",
-                uri,
+                "sqlite:///mlflow.db",
                 "--experiment-name",
                 "cli",
             ]
         )
         == 0
     )
+    assert (tmp_path / "mlflow.db").exists()
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["cli"], output_format="list")
     assert len(runs) == 1

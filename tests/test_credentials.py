@@ -59,9 +59,9 @@ def assert_no_secret_in_files(root: Path) -> None:
 
 
 def test_train_logs_no_credentials(secret_env, tiny_trial, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # what the command's default resolves to
     flags = trial_flags(tiny_trial | {"epochs": 1})
-    code = main(["train", *flags, "--output-dir", str(tmp_path / "run"), "--mlflow-uri", uri])
+    code = main(["train", *flags, "--output-dir", "run", "--mlflow-uri", "sqlite:///mlflow.db"])
     assert code == 0
     assert assert_no_secret_in_runs(uri) == 1
     assert_no_secret_in_files(tmp_path)
@@ -70,7 +70,7 @@ def test_train_logs_no_credentials(secret_env, tiny_trial, tmp_path):
 def test_search_logs_no_credentials(secret_env, tiny_trial, tmp_path, capsys):
     # The secrets are in the environment before Ray starts, so its workers inherit them, as the
     # workers of a cluster node do.
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the default store, in the folder of the command
     space = tmp_path / "space.yaml"
     space.write_text("parameters:\n  xi: {type: loguniform, low: 1.0e-4, high: 1.0e-1}\n")
     flags = trial_flags(tiny_trial | {"epochs": 1})
@@ -83,10 +83,8 @@ def test_search_logs_no_credentials(secret_env, tiny_trial, tmp_path, capsys):
                 *flags,
                 "--num-samples",
                 "2",
-                "--mlflow-uri",
-                uri,
                 "--storage-path",
-                str(tmp_path / "ray"),
+                "ray",
                 "--name",
                 "secrets",
             ]

@@ -9,6 +9,7 @@ import re
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 import ray
 import yaml
@@ -54,6 +55,7 @@ def inputs(tiny_trial, tmp_path):
     for split in ("train", "dev"):
         (wrong_columns / f"{split}.tsv").write_text("label\tsentence\n1\tA sentence.\n")
     (tmp_path / "empty-folder").mkdir()
+    mlflow.MlflowClient(f"sqlite:///{tmp_path / 'other.db'}").create_experiment("sora-sst2")
     malformed = tmp_path / "malformed.yaml"
     malformed.write_text("parameters:\n  xi: {type: loguniform, low: 1.0e-5\n  r_max: 8\n")
     return {
@@ -115,6 +117,14 @@ def commands(inputs: dict, tmp_path: Path) -> dict[str, list[str]]:
             "https://alice:s3cr3t-value@mlflow.example.com",
         ],
         "not-a-search-folder": ["search", "--resume", inputs["empty_folder"]],
+        "store-not-found": ["pareto", "--experiment", "sora-mrpc"],
+        "experiment-not-found": [
+            "pareto",
+            "--experiment",
+            "sora-mrpc",
+            "--mlflow-uri",
+            "sqlite:///other.db",
+        ],
         "predict-input-missing": [
             "predict",
             "--model",

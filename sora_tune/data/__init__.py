@@ -8,12 +8,20 @@ Typical use::
     metrics = compute_metrics("mrpc", logits, labels)
 """
 
-from sora_tune.data.batching import EpochSampler, make_dataloader, padding_ratio, tokenize_splits
-from sora_tune.data.glue import GlueDataUnavailableError, load_glue, make_splits
+from sora_tune.data.batching import (
+    CACHE_ENV,
+    EpochSampler,
+    make_dataloader,
+    padding_ratio,
+    tokenize_splits,
+)
+from sora_tune.data.glue import DATA_DIR_ENV, GlueDataUnavailableError, load_glue, make_splits
 from sora_tune.data.metrics import compute_metrics
 from sora_tune.data.tasks import TASKS, GlueTask, get_task
 
 __all__ = [
+    "CACHE_ENV",
+    "DATA_DIR_ENV",
     "TASKS",
     "EpochSampler",
     "GlueDataUnavailableError",

@@ -17,12 +17,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
+from ..uris import existing_store
 from .front import default_reference, hypervolume, is_pareto_front, select
 
 ROLE_TAG = "sora_tune.role"  # "search" on a search's parent run, "trial" on its trials
@@ -123,10 +125,11 @@ def load_trial_runs(
     Raises:
         ValueError: not exactly one of `experiment_name` and `parent_run_id`, or an experiment
             or parent run that does not exist.
+        FileNotFoundError: a local store (sqlite file, folder) that does not exist.
     """
     if (experiment_name is None) == (parent_run_id is None):
         raise ValueError("give exactly one of experiment_name and parent_run_id")
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(existing_store(tracking_uri or mlflow.get_tracking_uri()))
     if parent_run_id is not None:
         try:
             parent = client.get_run(parent_run_id)
@@ -139,7 +142,11 @@ def load_trial_runs(
     else:
         experiment = client.get_experiment_by_name(experiment_name)
         if experiment is None:
-            raise ValueError(f"no MLflow experiment named {experiment_name!r}")
+            names = sorted(e.name for e in client.search_experiments())
+            raise ValueError(
+                f"no MLflow experiment named {experiment_name!r} in {client.tracking_uri}; "
+                f"it has {', '.join(map(repr, names)) or 'no experiment'}"
+            )
         runs = _search_runs(client, experiment.experiment_id)
         searches = [r.info.run_id for r in runs if r.data.tags.get(ROLE_TAG) == "search"]
         parent_run_id = searches[0] if len(searches) == 1 else None

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,13 @@ from .. import __version__
 from ..data import load_glue
 from ..tracking import tracked_trial
 from ..train import TrialConfig, load_tokenizer, prepare_data
-from ..uris import check_no_password, check_tracking_uri, redact_uri
+from ..uris import (
+    DEFAULT_TRACKING_URI,
+    check_no_password,
+    check_tracking_uri,
+    redact_uri,
+    resolve_tracking_uri,
+)
 from .space import SearchSpace
 
 if TYPE_CHECKING:
@@ -67,7 +74,8 @@ class SearchConfig:
         storage_path: Where Ray keeps the experiment state; shared storage (NFS, s3://, gs://)
             for several nodes.
         name: The Ray experiment name (a folder under `storage_path`).
-        mlflow_uri: MLflow tracking URI; a local sqlite file by default.
+        mlflow_uri: MLflow tracking URI; a local sqlite file by default. A relative local store
+            (`sqlite:///mlflow.db`, `file:mlruns`) is taken from the current folder.
         experiment_name: MLflow experiment.
         seed: Seeds the sampler.
         max_failures: Retries of a trial that crashed (a node lost, an exception).
@@ -84,7 +92,7 @@ class SearchConfig:
     address: str | None = None  # None: local Ray
     storage_path: str | None = None  # None: ./ray_results
     name: str | None = None  # None: "<experiment_name>-<timestamp>"
-    mlflow_uri: str = "sqlite:///mlflow.db"
+    mlflow_uri: str = DEFAULT_TRACKING_URI
     experiment_name: str = "sora-tune"
     seed: int = 0
     max_failures: int = 1  # retries of a crashed trial
@@ -104,8 +112,12 @@ class SearchConfig:
             raise ValueError("cpus_per_trial must be > 0 and gpus_per_trial >= 0")
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {self.max_concurrent}")
+        # Paths are taken from the user's folder here, on the driver: Ray starts every trial in
+        # a folder of its own.
         if self.storage_path is None or "://" not in self.storage_path:
             self.storage_path = os.path.abspath(self.storage_path or "ray_results")
+        self.mlflow_uri = resolve_tracking_uri(self.mlflow_uri)
+        self.space = self.space.with_resolved_paths()
         self.name = self.name or f"{self.experiment_name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -147,6 +159,11 @@ def find_trial_run(
     return runs[0].info.run_id if runs else None
 
 
+def trial_dirname(trial) -> str:
+    """A trial's folder under the search's: its id. Ray's default name lists every setting."""
+    return f"trial_{trial.trial_id}"
+
+
 def run_trial(trial_params: dict[str, Any], *, data=None, tracking: dict[str, str]) -> None:
     """The Ray Tune function trainable: one trial, its own MLflow child run, resumable."""
     import ray
@@ -175,8 +192,12 @@ def run_trial(trial_params: dict[str, Any], *, data=None, tracking: dict[str, st
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
 
     checkpoint = tune.get_checkpoint()
-    output_dir = Path(context.get_trial_dir()) / "trial"
-    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_from:
+    # Not in the trial's Ray folder, which Ray copies to the storage path while trials write:
+    # what lasts is reported as checkpoints and logged to MLflow.
+    with (
+        tempfile.TemporaryDirectory(prefix=f"sora-trial-{trial_id}-") as output_dir,
+        checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_from,
+    ):
         result = tracked_trial(
             config,
             run_id=run_id,
@@ -270,6 +291,7 @@ def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None)
                 scheduler=scheduler,
                 num_samples=config.num_samples,
                 reuse_actors=True,
+                trial_dirname_creator=trial_dirname,
             ),
             run_config=tune.RunConfig(
                 name=config.name,

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from ..train import TrialConfig
+from ..train import TrialConfig, absolute_path, resolve_paths
 
 DISTRIBUTIONS = {
     "loguniform": ("low", "high"),
@@ -51,6 +51,19 @@ class SearchSpace:
         space = SearchSpace(distributions, self.fixed | overrides, [p for p in points if p])
         space.validate("overrides")
         return space
+
+    def with_resolved_paths(self) -> SearchSpace:
+        """The space with every path setting absolute (see `train.resolve_paths`), fixed, chosen
+        from or a starting point, so trials read the files the user named from their folder."""
+        distributions = {
+            name: spec | {"values": [absolute_path(name, v) for v in spec["values"]]}
+            if spec["type"] == "choice"
+            else spec
+            for name, spec in self.distributions.items()
+        }
+        fixed = {k: v for k, v in resolve_paths(self.fixed).items() if k not in distributions}
+        points = [{k: absolute_path(k, v) for k, v in p.items()} for p in self.points_to_evaluate]
+        return SearchSpace(distributions, fixed, points)
 
     def to_tune(self) -> dict[str, Any]:
         """The Ray Tune `param_space`: a `tune` domain per searched parameter, fixed values as is."""

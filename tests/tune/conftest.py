@@ -1,6 +1,7 @@
 """A real local Ray and real MLflow stores for the search tests (nothing mocked)."""
 
 import contextlib
+import os
 
 import pytest
 import ray
@@ -42,18 +43,14 @@ def tiny_search_parameters(tiny_trial: dict) -> dict:
 
 
 def search_in(tmp_path, space, name: str, **settings) -> tuple[SearchConfig, str]:
-    """A search of `space` whose Ray state and sqlite MLflow store live in `tmp_path`; the MLflow
-    experiment and the Ray experiment are both called `name`. Returns it and the tracking URI."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    """A search of `space` as a user starts it from `tmp_path`, the test's folder: the default
+    MLflow store (./mlflow.db) and a relative Ray storage path (./ray); the MLflow experiment and
+    the Ray experiment are both called `name`. Returns it and the tracking URI it resolved to."""
+    assert os.getcwd() == str(tmp_path), "tests run in their tmp_path"
     config = SearchConfig(
-        space=space,
-        mlflow_uri=uri,
-        experiment_name=name,
-        storage_path=str(tmp_path / "ray"),
-        name=name,
-        **settings,
+        space=space, experiment_name=name, storage_path="ray", name=name, **settings
     )
-    return config, uri
+    return config, config.mlflow_uri
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from sora_tune.tune.search import (
     read_search_state,
     write_search_state,
 )
+from sora_tune.uris import DEFAULT_TRACKING_URI, resolve_tracking_uri
 from tests.tune.conftest import search_in, tiny_search_parameters
 
 
@@ -97,7 +98,7 @@ def test_diverging_trial_is_recorded_as_failed(local_ray, tiny_trial, write_spac
 
 
 def test_resume_after_the_driver_is_killed(local_ray, tiny_trial, write_space, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = resolve_tracking_uri(DEFAULT_TRACKING_URI)  # the driver's ./mlflow.db
     path, _ = write_space(tiny_search_parameters(tiny_trial) | {"epochs": 3})
     # A file:// URI takes the code path of s3:// and gs:// storage (pyarrow file systems).
     storage = f"file://{tmp_path / 'ray'}"
@@ -112,8 +113,6 @@ def test_resume_after_the_driver_is_killed(local_ray, tiny_trial, write_space, t
         "4",
         "--max-concurrent",
         "1",
-        "--mlflow-uri",
-        uri,
         "--experiment-name",
         "resume",
         "--storage-path",
