@@ -367,16 +367,18 @@ def run_sweep(args: argparse.Namespace) -> dict:
     copies `sparsify.png` and `ranks.png` to `--figures-dir` as `sparsify_<task>.png` and
     `ranks_<task>.png`."""
     task, r_max, seed = get_task(args.sparsify_task).name, max(args.r_max), args.seeds[0]
-    config = trial_config(args, task, "sora", r_max, seed)
-    config = dataclasses.replace(
-        config,
-        xi_schedule="geometric",
-        xi_max=args.sparsify_xi_max,
-        xi_stages=args.sparsify_xi_stages,
-        xi_every=args.sparsify_xi_every,
-        dense_epochs=args.sparsify_dense_epochs,
+    settings = dataclasses.asdict(trial_config(args, task, "sora", r_max, seed))
+    del settings["epochs"]  # the schedule's length
+    config = TrialConfig.for_schedule(
+        settings
+        | {
+            "xi_schedule": "geometric",
+            "xi_max": args.sparsify_xi_max,
+            "xi_stages": args.sparsify_xi_stages,
+            "xi_every": args.sparsify_xi_every,
+            "dense_epochs": args.sparsify_dense_epochs,
+        }
     )
-    config = dataclasses.replace(config, epochs=config.xi_plan().total_epochs)
     folder = Path(args.runs_dir) / f"sparsify-{task}-r{r_max}-s{seed}"
     reused = finished_metrics(folder, config) is not None  # refuses a folder of other settings
     rows = run_sparsify(config, folder)  # a finished or interrupted sweep resumes, curve intact
@@ -704,9 +706,8 @@ def main(argv: list[str] | None = None) -> dict:
             "model_name": model_name,
         },
         "machine": machine_info(args.threads, args.note or "another job may share the CPU"),
-        "trial_settings": {
-            k: getattr(sora, k) for k in ("lr", "xi", "eta", "lam", "alpha", "gate_mode")
-        },
+        "trial_settings": {k: getattr(sora, k) for k in ("lr", "lam", "alpha", "gate_mode")}
+        | {"xi": sora.xi_plan().xi, "eta": sora.effective_eta},
         "tasks": tasks,
         "runs": runs,
         "summary": summarize(runs),

@@ -6,8 +6,9 @@ checks its input before anything else) does not pay for torch and PEFT up front.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .sora import (
@@ -22,22 +23,17 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ProximalGateOptimizer",
-    "SoRAConfig",
-    "XiSchedule",
-    "add_sora",
-    "export_peft",
-    "prune",
-    "retained_params",
-]
-
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        return getattr(importlib.import_module(".sora", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "sora": (
+            "ProximalGateOptimizer",
+            "SoRAConfig",
+            "XiSchedule",
+            "add_sora",
+            "export_peft",
+            "prune",
+            "retained_params",
+        )
+    },
+)

@@ -144,7 +144,8 @@ def train_command_parser(subparsers) -> None:
 def train_command(args: argparse.Namespace) -> int:
     if args.mlflow_uri:  # a dead server stops here, before torch is imported
         check_tracking_uri(args.mlflow_uri)
-    from .train import TrialConfig, train_trial
+    from .config import TrialConfig
+    from .train import train_trial
 
     config = TrialConfig.from_dict(trial_values(args))
     if args.mlflow_uri:
@@ -185,12 +186,12 @@ def sparsify_command_parser(subparsers) -> None:
 
 
 def sparsify_command(args: argparse.Namespace) -> int:
+    from .config import TrialConfig
     from .sparsify import run_sparsify
-    from .train import TrialConfig
 
     values = trial_values(args)
     values.setdefault("xi_schedule", "geometric")
-    config = TrialConfig.from_dict(values)
+    config = TrialConfig.for_schedule(values)
     rows = run_sparsify(config, args.output_dir, progress=True)
     print(f"{'stage':>5} {'xi':>9} {'params':>9} {'train':>7} {'val':>7} {'test':>7}")
     for row in rows:

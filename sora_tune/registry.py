@@ -34,10 +34,10 @@ from mlflow.models.model import ModelInfo
 from mlflow.types import ColSpec, DataType, Schema
 from transformers import AutoTokenizer
 
+from .config import default_model
 from .data import GlueTask, get_task
 from .pareto import ParetoResult, load_trial_runs, pareto_report
 from .serving import PYFUNC_FILE
-from .train import default_model
 from .uris import existing_store
 
 CHAMPION = "champion"  # the alias `register` moves to every new version

@@ -8,7 +8,6 @@ rank of every module by layer).
 from __future__ import annotations
 
 import csv
-import dataclasses
 import re
 from pathlib import Path
 
@@ -18,7 +17,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .train import TrialConfig, train_trial  # noqa: E402
+from .config import TrialConfig  # noqa: E402
+from .train import train_trial  # noqa: E402
 
 CURVE_COLUMNS = (
     "stage",
@@ -35,17 +35,23 @@ def run_sparsify(
     config: TrialConfig, output_dir: str | Path, *, progress: bool = False
 ) -> list[dict]:
     """Run the schedule of `config` (which must rise) for exactly its length and record the end of
-    every stage. Returns the curve rows (`CURVE_COLUMNS`).
+    every stage. Returns the curve rows (`CURVE_COLUMNS`). `TrialConfig.for_schedule` builds a
+    config of the right length.
 
     Raises:
-        ValueError: a constant ξ schedule (nothing to trace) or a LoRA/AdaLoRA method.
+        ValueError: a constant ξ schedule (nothing to trace), a LoRA/AdaLoRA method, or epochs
+            other than the schedule's length.
     """
     if config.method != "sora":
         raise ValueError(f"sparsify needs method sora, got {config.method!r}")
     schedule = config.xi_plan()
     if schedule.kind == "constant":
         raise ValueError("sparsify needs a rising xi schedule: set xi_schedule and xi_max")
-    config = dataclasses.replace(config, epochs=schedule.total_epochs)
+    if config.epochs != schedule.total_epochs:
+        raise ValueError(
+            f"sparsify runs the xi schedule for exactly its length, {schedule.total_epochs} "
+            f"epochs; epochs is {config.epochs}"
+        )
     output_dir = Path(output_dir)
     result = train_trial(config, output_dir=output_dir, progress=progress)
     # From the whole history, not from reports: a resumed or rerun sweep keeps its earlier stages.

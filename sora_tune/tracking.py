@@ -11,7 +11,8 @@ from typing import Any
 
 import mlflow
 
-from .train import TrialConfig, train_trial
+from .config import TrialConfig
+from .train import train_trial
 
 
 def numeric(metrics: dict[str, Any]) -> dict[str, float]:
@@ -24,11 +25,13 @@ def numeric(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def trial_params(config: TrialConfig) -> dict[str, str]:
-    """Every trial setting as an MLflow param (`None` kept as the string "None")."""
-    return {
-        k: json.dumps(v) if isinstance(v, list) else str(v)
-        for k, v in dataclasses.asdict(config).items()
-    }
+    """Every trial setting as an MLflow param (`None` kept as the string "None"), with `eta` and
+    `xi` as the trial uses them when left to their defaults. ξ set through `xi_total` depends on
+    the steps; it is logged per epoch as the metrics `xi` and `xi_total`."""
+    values = dataclasses.asdict(config) | {"eta": config.effective_eta}
+    if config.xi_total is None:
+        values["xi"] = config.xi_plan().xi
+    return {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in values.items()}
 
 
 def create_trial_run(tracking_uri: str, experiment_name: str) -> str:

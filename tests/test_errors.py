@@ -186,7 +186,7 @@ def test_bad_input_fails_fast_with_its_message(case, inputs, tmp_path, capsys, m
 def test_check_model(model, offline, accepted, tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    from sora_tune.train import check_model
+    from sora_tune.config import check_model
 
     # A Hub cache holding cached-owner/cached-name, as huggingface_hub lays it out.
     cache = tmp_path / "hub"

@@ -5,7 +5,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from sora_tune.train import REPORT_KEYS, TrialConfig, lr_lambda, train_trial
+from sora_tune.train import REPORT_KEYS, TrialConfig, latest_checkpoint, lr_lambda, train_trial
 
 
 def test_short_run_learns_and_reports_every_key(tiny_trial, tmp_path):
@@ -121,3 +121,112 @@ def test_lr_schedule_restarts_at_every_xi_stage():
     assert factor(20) == pytest.approx(1.0)  # restarted, not decayed to zero
     assert factor(30) == pytest.approx(1.0)
     assert factor(39) == pytest.approx(1 / 9)
+
+
+def _stop_after(epoch: int):
+    class Stop(Exception):
+        pass
+
+    def report(metrics, checkpoint):
+        if metrics["epoch"] == epoch:
+            raise Stop
+
+    return Stop, report
+
+
+# 40 training rows in batches of 8 over 6 epochs: 30 steps. AdaLoRA's budget is final from step
+# 24 (tfinal = 20% of the steps): a stop after epoch 5 resumes with the pattern fixed, one after
+# epoch 2 while it still allocates.
+@pytest.mark.parametrize("stop_epoch", [2, 5])
+def test_adalora_resume_equals_uninterrupted(tiny_trial, tmp_path, stop_epoch):
+    trial = tiny_trial | {"method": "adalora", "epochs": 6, "lr": 2e-2}
+    full = train_trial(trial, output_dir=tmp_path / "full")
+    Stop, report = _stop_after(stop_epoch)
+    with pytest.raises(Stop):
+        train_trial(trial, report=report, output_dir=tmp_path / "resumed")
+    resumed = train_trial(trial, output_dir=tmp_path / "resumed")
+    assert resumed["rank_pattern"] == full["rank_pattern"]
+    assert resumed["retained_params"] == full["retained_params"] < 4 * 2 * (4 * 64 + 96 + 96)
+    for key in ("train_loss", "val_score", "test_score"):
+        assert resumed[key] == pytest.approx(full[key], rel=1e-6, abs=1e-9), key
+
+
+@pytest.mark.parametrize("method", ["sora", "lora", "adalora"])
+def test_exported_adapter_has_the_trained_models_logits(
+    tiny_trial, tiny_model_dir, method, tmp_path
+):
+    """The adapter PEFT loads from `adapter/` computes what the trained model computed: the
+    trained tensors are in the last checkpoint."""
+    from sora_tune.sora import load_adapter
+    from sora_tune.train import build_model, load_tokenizer
+
+    trial = tiny_trial | {"method": method, "epochs": 3, "lr": 2e-2, "xi": 0.05}
+    if method != "sora":
+        trial.pop("xi")
+    result = train_trial(trial, output_dir=tmp_path)
+    config = TrialConfig.from_dict(trial)
+    trained = build_model(config, total_steps=15).eval()
+    load_adapter(trained, latest_checkpoint(tmp_path) / "adapter.safetensors")
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    exported = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    batch = load_tokenizer(config)(
+        ["red blue green", "small large quick slow"], ["red blue green", "dark"],
+        padding=True, return_tensors="pt",
+    )  # fmt: skip
+    with torch.no_grad():
+        expected, got = trained(**batch).logits, exported(**batch).logits
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    if method != "lora":
+        assert sum(result["rank_pattern"].values()) < 12 * 4, "something was pruned"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_and_resumes_on_the_cpu(tiny_trial, tmp_path, precision):
+    trial = tiny_trial | {"precision": precision, "epochs": 2}
+    full = train_trial(trial, output_dir=tmp_path / "full")
+    assert full["status"] == "finished" and full["precision"] == precision
+    Stop, report = _stop_after(1)
+    with pytest.raises(Stop):
+        train_trial(trial, report=report, output_dir=tmp_path / "resumed")
+    resumed = train_trial(trial, output_dir=tmp_path / "resumed")
+    for key in ("train_loss", "val_score", "retained_params"):
+        assert resumed[key] == pytest.approx(full[key], rel=1e-6, abs=1e-9), key
+    state = torch.load(latest_checkpoint(tmp_path / "full") / "trainer_state.pt", weights_only=True)
+    assert bool(state["scaler"]) == (precision == "fp16")  # the loss scale is checkpointed
+
+
+def test_auto_precision_is_fp32_on_the_cpu(tiny_trial, tmp_path):
+    from sora_tune.train import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
+    result = train_trial(tiny_trial | {"epochs": 1}, output_dir=tmp_path)
+    assert result["precision"] == "fp32"
+
+
+def test_official_gate_lr_follows_the_lr_schedule(tiny_trial):
+    """The gates' AdamW learning rate is lr (or eta), warmed up and decayed with lr's schedule;
+    paper mode's η stays constant."""
+    from sora_tune.train import build_model, configure_optimization
+
+    def lrs(values, steps=12):
+        config = TrialConfig.from_dict(tiny_trial | {"warmup_ratio": 0.25} | values)
+        model = build_model(config, total_steps=steps)
+        optimization = configure_optimization(
+            model, config, steps_per_epoch=4, device=torch.device("cpu"), precision="fp32"
+        )
+        seen = []
+        for _ in range(steps):
+            gate_lr = optimization.gate_optimizer.param_groups[0]["lr"]
+            seen.append((optimization.adamw.param_groups[0]["lr"], gate_lr))
+            for scheduler in optimization.schedulers:
+                scheduler.step()
+        return seen
+
+    default = lrs({"lr": 1e-3})
+    assert [gate for _, gate in default] == pytest.approx([lr for lr, _ in default])
+    assert default[0][0] < default[2][0] and default[-1][0] < default[4][0]  # warm-up, decay
+    own = lrs({"lr": 1e-3, "eta": 1e-2})
+    assert [gate for _, gate in own] == pytest.approx([10 * lr for lr, _ in own])
+    paper = lrs({"lr": 1e-3, "gate_mode": "paper", "eta": 0.1})
+    assert {gate for _, gate in paper} == {0.1}

@@ -6,31 +6,31 @@ Typical use::
     splits = tokenize_splits(make_splits(raw, "mrpc", seed=0), "mrpc", tokenizer)
     loader = make_dataloader(splits["train"], tokenizer, batch_size=32, shuffle=True)
     metrics = compute_metrics("mrpc", logits, labels)
+
+Names load from their modules on first use (PEP 562): the task table and the data locations
+come without datasets and torch.
 """
 
-from sora_tune.data.batching import (
-    CACHE_ENV,
-    EpochSampler,
-    make_dataloader,
-    padding_ratio,
-    tokenize_splits,
-)
-from sora_tune.data.glue import DATA_DIR_ENV, GlueDataUnavailableError, load_glue, make_splits
-from sora_tune.data.metrics import compute_metrics
-from sora_tune.data.tasks import TASKS, GlueTask, get_task
+from __future__ import annotations
 
-__all__ = [
-    "CACHE_ENV",
-    "DATA_DIR_ENV",
-    "TASKS",
-    "EpochSampler",
-    "GlueDataUnavailableError",
-    "GlueTask",
-    "compute_metrics",
-    "get_task",
-    "load_glue",
-    "make_dataloader",
-    "make_splits",
-    "padding_ratio",
-    "tokenize_splits",
-]
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from .batching import EpochSampler, make_dataloader, padding_ratio, tokenize_splits
+    from .glue import GlueDataUnavailableError, load_glue, make_splits
+    from .locations import CACHE_ENV, DATA_DIR_ENV
+    from .metrics import compute_metrics
+    from .tasks import TASKS, GlueTask, get_task
+
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "batching": ("EpochSampler", "make_dataloader", "padding_ratio", "tokenize_splits"),
+        "glue": ("GlueDataUnavailableError", "load_glue", "make_splits"),
+        "locations": ("CACHE_ENV", "DATA_DIR_ENV"),
+        "metrics": ("compute_metrics",),
+        "tasks": ("TASKS", "GlueTask", "get_task"),
+    },
+)

@@ -23,11 +23,11 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
+from sora_tune.data.locations import CACHE_ENV
 from sora_tune.data.tasks import GlueTask, get_task
 
 __all__ = ["CACHE_ENV", "EpochSampler", "make_dataloader", "padding_ratio", "tokenize_splits"]
 
-CACHE_ENV = "SORA_TUNE_CACHE"  # folder of tokenized splits; default ~/.cache/sora_tune/tokenized
 # Bump when the tokenized layout changes, so caches written by older code are not reused.
 _CACHE_VERSION = 1
 # The columns a model takes; everything else stays out of the batches.

@@ -23,11 +23,11 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from sklearn.model_selection import train_test_split
 
+from sora_tune.data.locations import DATA_DIR_ENV
 from sora_tune.data.tasks import GlueTask, get_task
 
 __all__ = ["DATA_DIR_ENV", "GlueDataUnavailableError", "load_glue", "make_splits"]
 
-DATA_DIR_ENV = "SORA_TUNE_DATA_DIR"  # folder in the GLUE layout, used when no data_dir is passed
 HUB_DATASET = "nyu-mll/glue"
 HUB_PROBE_TIMEOUT = 3.0  # seconds; without the probe the Hub client retries DNS for over 20 s
 _TRUE_VALUES = {"1", "ON", "YES", "TRUE"}  # how huggingface_hub reads boolean variables

@@ -1,47 +1,69 @@
-"""The SoRA method: layer, gate optimizer, ξ schedule, pruning and export. No Ray, no MLflow here."""
+"""The SoRA method: layer, gate optimizer, ξ schedule, pruning and export. No Ray, no MLflow here.
 
-from .baselines import add_adalora, after_optimizer_step, lora_config
-from .config import ENCODER_LINEARS, SoRAConfig
-from .layer import SoRALinear, soft_threshold
-from .model import (
-    adapter_state_dict,
-    add_sora,
-    export_peft,
-    head_params,
-    load_adapter,
-    module_ranks,
-    param_groups,
-    prune,
-    rank_pattern,
-    retained_params,
-    save_adapter,
-    set_merged,
-    sora_layers,
+Names load from their modules on first use (PEP 562), so that the configs (`SoRAConfig`,
+`XiSchedule`) can be read without importing torch and PEFT.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from .baselines import (
+        adalora_state,
+        add_adalora,
+        after_optimizer_step,
+        load_adalora_state,
+    )
+    from .config import ENCODER_LINEARS, SoRAConfig, lora_config
+    from .layer import SoRALinear, soft_threshold
+    from .model import (
+        adapter_state_dict,
+        add_sora,
+        export_peft,
+        head_params,
+        load_adapter,
+        module_ranks,
+        param_groups,
+        prune,
+        rank_pattern,
+        retained_params,
+        save_adapter,
+        set_merged,
+        sora_layers,
+    )
+    from .optimizer import ProximalGateOptimizer
+    from .schedule import XiSchedule
+
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "baselines": (
+            "adalora_state",
+            "add_adalora",
+            "after_optimizer_step",
+            "load_adalora_state",
+        ),
+        "config": ("ENCODER_LINEARS", "SoRAConfig", "lora_config"),
+        "layer": ("SoRALinear", "soft_threshold"),
+        "model": (
+            "adapter_state_dict",
+            "add_sora",
+            "export_peft",
+            "head_params",
+            "load_adapter",
+            "module_ranks",
+            "param_groups",
+            "prune",
+            "rank_pattern",
+            "retained_params",
+            "save_adapter",
+            "set_merged",
+            "sora_layers",
+        ),
+        "optimizer": ("ProximalGateOptimizer",),
+        "schedule": ("XiSchedule",),
+    },
 )
-from .optimizer import ProximalGateOptimizer
-from .schedule import XiSchedule
-
-__all__ = [
-    "ENCODER_LINEARS",
-    "ProximalGateOptimizer",
-    "SoRAConfig",
-    "SoRALinear",
-    "XiSchedule",
-    "adapter_state_dict",
-    "add_adalora",
-    "add_sora",
-    "after_optimizer_step",
-    "export_peft",
-    "head_params",
-    "load_adapter",
-    "lora_config",
-    "module_ranks",
-    "param_groups",
-    "prune",
-    "rank_pattern",
-    "retained_params",
-    "save_adapter",
-    "set_merged",
-    "soft_threshold",
-    "sora_layers",
-]

@@ -1,13 +1,11 @@
 """Baselines in the same harness as SoRA.
 
-- ``lora``: the SoRA layer with the gate fixed at 1 and not trained (`lora_config`).
+- ``lora``: the SoRA layer with the gate fixed at 1 and not trained (`config.lora_config`).
 - ``adalora``: PEFT's AdaLoRA. Its budget allocator must run after every optimizer step;
   `after_optimizer_step` does that for the caller and is a no-op for the other methods.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 from peft import AdaLoraConfig, PeftModel, get_peft_model
 from peft.tuners.adalora import AdaLoraModel
@@ -15,11 +13,6 @@ from torch import nn
 
 from .config import ENCODER_LINEARS, SoRAConfig
 from .model import resolve_heads
-
-
-def lora_config(config: SoRAConfig) -> SoRAConfig:
-    """The LoRA baseline of a SoRA config: the same layer with the gate fixed at 1."""
-    return dataclasses.replace(config, gate_init="ones", trainable_gate=False)
 
 
 def add_adalora(
@@ -59,5 +52,48 @@ def add_adalora(
 def after_optimizer_step(model: nn.Module, global_step: int) -> None:
     """Run what a method needs after each optimizer step, before `zero_grad` (AdaLoRA's budget
     allocation); nothing for SoRA and LoRA."""
+    adalora = _adalora(model)
+    if adalora is not None:
+        adalora.update_and_allocate(global_step)
+
+
+def _adalora(model: nn.Module) -> AdaLoraModel | None:
     if isinstance(model, PeftModel) and isinstance(model.base_model, AdaLoraModel):
-        model.base_model.update_and_allocate(global_step)
+        return model.base_model
+    return None
+
+
+def adalora_state(model: nn.Module) -> dict | None:
+    """What AdaLoRA's budget allocation keeps between steps besides the weights: the importance
+    scores of its rank allocator and the rank pattern it has fixed. `None` for other methods.
+
+    A resumed AdaLoRA run needs them to go on as if never stopped: without the scores it
+    re-allocates from scratch, and after the budget is final it masks with no pattern at all.
+    """
+    adalora = _adalora(model)
+    if adalora is None:
+        return None
+    allocator = adalora.rankallocator
+    return {
+        "ipt": dict(allocator.ipt),
+        "exp_avg_ipt": dict(allocator.exp_avg_ipt),
+        "exp_avg_unc": dict(allocator.exp_avg_unc),
+        "rank_pattern": adalora.peft_config[adalora.trainable_adapter_name].rank_pattern,
+    }
+
+
+def load_adalora_state(model: nn.Module, state: dict | None) -> None:
+    """Restore what `adalora_state` returned into an AdaLoRA model (nothing for other methods);
+    tensors move to the device of the parameter they score."""
+    adalora = _adalora(model)
+    if adalora is None or state is None:
+        return
+    params = dict(adalora.model.named_parameters())
+    allocator = adalora.rankallocator
+    for name in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+        setattr(
+            allocator,
+            name,
+            {key: value.to(params[key].device) for key, value in state[name].items()},
+        )
+    adalora.peft_config[adalora.trainable_adapter_name].rank_pattern = state["rank_pattern"]

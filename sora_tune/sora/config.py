@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -85,3 +86,8 @@ class SoRAConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def lora_config(config: SoRAConfig) -> SoRAConfig:
+    """The LoRA baseline of a SoRA config: the same layer with the gate fixed at 1."""
+    return dataclasses.replace(config, gate_init="ones", trainable_gate=False)

@@ -84,6 +84,13 @@ class XiSchedule:
             return 0
         return min((epoch - self.dense_phase) // self.every + 1, len(self.values()) - 1)
 
+    def stage_epochs(self, epochs: int) -> list[int]:
+        """How many of `epochs` epochs each stage lasts (the last stage runs to the end)."""
+        counts = [0] * len(self.values())
+        for epoch in range(epochs):
+            counts[self.stage_at(epoch)] += 1
+        return counts
+
     def xi_at(self, epoch: int) -> float:
         return self.values()[self.stage_at(epoch)]
 

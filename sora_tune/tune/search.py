@@ -23,9 +23,10 @@ import mlflow
 from datasets import Dataset, DatasetDict
 
 from .. import __version__
+from ..config import TrialConfig
 from ..data import load_glue
 from ..tracking import tracked_trial
-from ..train import TrialConfig, load_tokenizer, prepare_data
+from ..train import load_tokenizer, prepare_data
 from ..uris import (
     DEFAULT_TRACKING_URI,
     check_no_password,

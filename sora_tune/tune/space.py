@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from ..train import TrialConfig, absolute_path, resolve_paths
+from ..config import TrialConfig, absolute_path, resolve_paths
 
 DISTRIBUTIONS = {
     "loguniform": ("low", "high"),

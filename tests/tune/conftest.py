@@ -37,7 +37,7 @@ def tiny_search_parameters(tiny_trial: dict) -> dict:
     """Fixed tiny-trial settings plus a small searched space."""
     fixed = tiny_trial | {"epochs": 2}
     return fixed | {
-        "xi": {"type": "loguniform", "low": 1e-4, "high": 1e-1},
+        "xi": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
         "r_max": {"type": "choice", "values": [2, 4]},
     }
 

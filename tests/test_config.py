@@ -1,0 +1,92 @@
+"""TrialConfig: defaults as the authors ran them, ξ that transfers across budgets, refusals."""
+
+import pytest
+
+from sora_tune.config import DEFAULT_PAPER_ETA, DEFAULT_XI, TrialConfig
+
+
+def test_gate_defaults_follow_the_authors_runs():
+    official = TrialConfig(lr=8e-4)
+    # run_glue.py sets --sparse_lr to --learning_rate when it is not given.
+    assert official.eta is None and official.effective_eta == 8e-4
+    assert TrialConfig(lr=1.2e-3).effective_eta == 1.2e-3
+    assert TrialConfig(lr=8e-4, eta=0.05).effective_eta == 0.05
+    assert official.xi_plan().xi == DEFAULT_XI == 1e-4
+    assert official.lam == 0.1
+    paper = TrialConfig(gate_mode="paper")
+    assert paper.effective_eta == DEFAULT_PAPER_ETA == 0.1
+    assert paper.xi_plan().xi == pytest.approx(0.1 * 0.1)  # ξ = η·λ (eq. 10)
+
+
+@pytest.mark.parametrize(
+    "values, steps_per_epoch, expected",
+    [
+        # constant: the whole trial is one stage of epochs × steps gate steps
+        ({"xi_total": 0.6, "epochs": 3}, 100, [0.6 / 300]),
+        ({"xi_total": 0.6, "epochs": 3}, 1000, [0.6 / 3000]),
+        # a rising schedule: dense 2 epochs, then a stage per epoch; the last runs to the end
+        (
+            {
+                "xi_total": 0.0,
+                "xi_schedule": "linear",
+                "xi_max": 1.0,
+                "xi_stages": 3,
+                "dense_epochs": 2,
+                "epochs": 5,
+            },
+            50,
+            [0.0, 0.5 / 50, 1.0 / 100],
+        ),
+        # xi per step stays as given, whatever the steps
+        ({"xi": 3e-4, "epochs": 3}, 100, [3e-4]),
+    ],
+)
+def test_xi_total_is_spread_over_the_gate_steps_of_its_stage(values, steps_per_epoch, expected):
+    assert TrialConfig(**values).stage_xis(steps_per_epoch) == pytest.approx(expected)
+
+
+def test_xi_total_means_the_same_pressure_at_any_size():
+    small, large = TrialConfig(xi_total=0.5, epochs=2), TrialConfig(xi_total=0.5, epochs=20)
+    for config, steps in ((small, 88), (large, 4500)):
+        (xi,) = config.stage_xis(steps)
+        assert xi * steps * config.epochs == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"xi": 1e-4, "xi_total": 0.5}, "set xi or xi_total, not both"),
+        ({"gate_mode": "paper", "xi_total": 0.5}, "xi is derived"),
+        ({"xi_total": -1.0}, "xi_total must be a finite number >= 0"),
+        ({"precision": "fp8"}, "precision must be one of auto, bf16, fp16, fp32"),
+        ({"val_size": 1.5}, "val_size must be a fraction in \\(0, 1\\) or a whole number"),
+        ({"val_size": 2.5}, "val_size must be a fraction"),
+        ({"val_size": 0.0}, "val_size must be a fraction"),
+        (
+            {"gate_mode": "paper", "eta": 0.0, "xi_schedule": "linear", "lam": 0.1, "xi_max": 1.0,
+             "xi_stages": 2, "epochs": 2},
+            "needs eta > 0",
+        ),
+        (
+            {"xi_schedule": "geometric", "xi_max": 1e-2, "xi_stages": 5, "epochs": 3},
+            "the xi schedule needs 5 epochs \\(1 dense, then 4 stages of 1\\), but epochs is 3",
+        ),
+    ],
+)  # fmt: skip
+def test_refused_instead_of_silently_changed(values, message):
+    with pytest.raises(ValueError, match=message):
+        TrialConfig(**values)
+
+
+def test_val_size_counts_whole_rows():
+    assert TrialConfig(val_size=2).val_size == 2
+    assert TrialConfig(val_size=100.0).val_size == 100.0
+
+
+def test_for_schedule_takes_epochs_from_the_schedule_and_refuses_others():
+    values = {"xi_schedule": "geometric", "xi": 1e-4, "xi_max": 1e-2, "xi_stages": 4}
+    assert TrialConfig.for_schedule(values).epochs == 4
+    assert TrialConfig.for_schedule(values | {"dense_epochs": 3}).epochs == 6
+    assert TrialConfig.for_schedule(values | {"epochs": 4}).epochs == 4
+    with pytest.raises(ValueError, match="the xi schedule runs for 4 epochs, but epochs is 7"):
+        TrialConfig.for_schedule(values | {"epochs": 7})
