@@ -52,6 +52,7 @@ import optuna  # noqa: E402
 import torch  # noqa: E402
 from transformers.utils.logging import disable_progress_bar  # noqa: E402
 
+from sora_tune.config import DATA_FIELDS  # noqa: E402
 from sora_tune.pareto.front import default_reference, hypervolume  # noqa: E402
 from sora_tune.train import (  # noqa: E402
     TrialConfig,
@@ -61,7 +62,7 @@ from sora_tune.train import (  # noqa: E402
     train_trial,
 )
 from sora_tune.tune import SearchSpace, load_search_space  # noqa: E402
-from sora_tune.tune.search import DATA_KEYS, OBJECTIVES, SAMPLERS, make_sampler  # noqa: E402
+from sora_tune.tune.search import OBJECTIVES, SAMPLERS, make_sampler  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DIRECTIONS = tuple("maximize" if OBJECTIVES[k] == "max" else "minimize" for k in OBJECTIVES)
@@ -166,7 +167,7 @@ def proxy_space(args: argparse.Namespace, cache_dir: str) -> SearchSpace:
     if "cache_dir" not in space.fixed:
         overrides["cache_dir"] = cache_dir
     space = space.with_fixed(overrides)
-    searched = sorted(set(DATA_KEYS) & set(space.distributions))
+    searched = sorted(set(DATA_FIELDS) & set(space.distributions))
     if searched:
         raise ValueError(f"{args.space} searches {searched}; the data is prepared once here")
     return space

@@ -1,36 +1,36 @@
-"""Reproduce the shape of the paper's Table 2, Figure 2 and Figure 3 at CPU scale.
+"""Reproduce the paper's comparisons at CPU scale, and answer the question users have.
 
-SoRA against LoRA at every r_max on MRPC, CoLA, STS-B and an SST-2 subset with the packaged
-MiniLM, over several seeds, with the same budget per method: identical data subsample, steps,
-learning rate and seed; SoRA at its paper defaults (ξ, η, λ of `TrialConfig`), LoRA the same layer
-with the gate fixed at 1. Per (task, method, r_max) it reports the mean ± sample std over seeds of
-the GLUE dev score (the trials' `test_score`) and of the held-out `val_score`, the retained
-parameters, and the SoRA − LoRA deltas; then it runs the sparsifying scheduler (a rising ξ) on one
-task and copies its curve (Figure 2) and final-rank heatmap (Figure 3) into the docs.
+Four sections, every run a trial of `sora_tune.train` on the packaged MiniLM with the corrected
+defaults (gates at the trial's learning rate, gradients clipped at 0.1 as the authors ran):
 
-Everything is written to one JSON file, and `docs/results.md` is rendered from it (`--render-only`
-re-renders without training). Every run goes to its own folder under `--runs-dir`; a run whose
-folder holds a finished `metrics.json` is read, not trained again, so an interrupted reproduction
-continues where it stopped.
+- table2: the shape of the paper's Table 2, SoRA against LoRA at the same r_max on MRPC, CoLA,
+  STS-B and SST-2 subsets, paired by seed.
+- ladder: does SoRA buy a smaller adapter at the same score? On STS-B and SST-2, the LoRA rank
+  ladder (r = 1, 2, 4, 8) against SoRA at r_max 8 with a few `xi_total` values; score against
+  retained parameters, and the hypervolume of each front with one shared reference point.
+- sensitivity: the paper's Tables 6 and 7 (stable over ξ and over η_t, which is the weight λ of
+  mean|g| in the authors' code): a ξ × λ grid on STS-B.
+- clipping: the authors' clip norm 0.1 against 1.0.
 
-    python scripts/reproduce.py                  # the documented reproduction
+The grid runner is `sora_tune.experiments.run_grid`: one folder per run under `--runs-dir`, a
+finished run read back, so an interrupted reproduction continues where it stopped. Everything
+goes to one JSON file, and `docs/results.md` and `docs/ladder.png` are rendered from it
+(`--render-only` re-renders without training).
+
+    python scripts/reproduce.py                  # the documented reproduction (~2 h, 2 cores)
     python scripts/reproduce.py --render-only    # docs/results.md from docs/results/reproduce.json
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
 import platform
 import shlex
-import shutil
-import statistics
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -40,138 +40,129 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
-from sora_tune.data import compute_metrics, get_task  # noqa: E402
-from sora_tune.sparsify import run_sparsify  # noqa: E402
-from sora_tune.train import (  # noqa: E402
-    TrialConfig,
-    default_model,
-    load_tokenizer,
-    prepare_data,
-    train_trial,
-)
+from sora_tune.config import DEFAULT_XI, TrialConfig  # noqa: E402
+from sora_tune.data import get_task  # noqa: E402
+from sora_tune.experiments import GridRun, mean_std, paired_deltas, run_grid  # noqa: E402
+from sora_tune.pareto import hypervolume, is_pareto_front  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+SECTIONS = ("table2", "ladder", "sensitivity", "clipping")
 
-# ---- The budget of the documented reproduction: about 70 minutes on 2 cores. ----
+# ---- The budget of the documented reproduction: about 2 hours on 2 cores. ----
 EPOCHS = 2  # passes over each task's training subsample
-MAX_TRAIN_SAMPLES = 700  # training rows per task (seeded, stratified subsample)
-# Shorter sentences train faster: CoLA and SST-2 get more rows for about the same time.
-MAX_TRAIN_SAMPLES_PER_TASK: dict[str, int] = {"mrpc": 500, "cola": 1000, "sst2": 1000}
-MAX_EVAL_SAMPLES = 300  # rows of val (held out of train) and of test (GLUE dev), per task
-TRAIN_EVAL_SAMPLES = 200  # training rows scored every epoch (memorization)
+# Training rows per task: shorter sentences train faster, so CoLA and SST-2 get more.
+TRAIN_ROWS = {"mrpc": 500, "cola": 1000, "stsb": 700, "sst2": 1000}
+EVAL_ROWS = 300  # rows of val (held out of train) and of test (GLUE dev), per task
+TRAIN_EVAL_ROWS = 200  # training rows scored every epoch (memorization)
 MAX_LENGTH = 128  # tokens per sequence; batches are padded to their longest row only
-BATCH_SIZE = 8  # training rows per step, as the authors ran GLUE
-SPARSIFY_TASK = "mrpc"  # task of the ξ sweep (Figures 2 and 3)
-SPARSIFY_XI_MAX = 1e-2  # last stage's ξ; the sweep starts at TrialConfig's ξ0 (1e-4)
-SPARSIFY_XI_STAGES = 5  # ξ values, geometrically spaced from ξ0 to SPARSIFY_XI_MAX
-SPARSIFY_XI_EVERY = 1  # epochs per ξ stage
-SPARSIFY_DENSE_EPOCHS = 2  # epochs at ξ0 before the first raise
-# ---------------------------------------------------------------------------------------
+R_MAX = 8  # SoRA's rank before pruning, and LoRA's rank in Table 2
+TABLE2_SEEDS = (0, 1, 2, 3, 4)
+LADDER_TASKS = ("stsb", "sst2")
+LADDER_RANKS = (1, 2, 4, 8)  # LoRA
+LADDER_XI_TOTALS = (0.3, 0.6, 1.0, 1.4)  # SoRA: ξ × gate steps, from little pruning to a lot
+LADDER_SEEDS = (0, 1, 2)
+SENSITIVITY_XIS = (1e-5, 1e-4, 1e-3)  # Table 6's range
+SENSITIVITY_LAMS = (1e-3, 0.1, 10.0)  # Table 7's range (η_t in the paper, λ here)
+SENSITIVITY_SEEDS = (0, 1)
+CLIPPING_NORM = 1.0  # against the default, 0.1
+# ------------------------------------------------------------------------------
 
-SCORE_SCALE = 100  # scores are shown ×100, as in the paper's tables
+SCALE = 100  # scores are shown ×100, as in the paper's tables
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--tasks", default="mrpc,cola,stsb,sst2", help="GLUE tasks, comma-separated"
-    )
-    parser.add_argument("--methods", default="sora,lora", help="methods: sora, lora, adalora")
-    parser.add_argument("--r-max", default="4,8", help="ranks before pruning, comma-separated")
-    parser.add_argument("--seeds", default="0,1,2", help="seeds, comma-separated")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="sections to run")
+    parser.add_argument("--tasks", default="mrpc,cola,stsb,sst2", help="Table 2's tasks")
+    parser.add_argument("--seeds", default=",".join(map(str, TABLE2_SEEDS)), help="Table 2's seeds")
+    parser.add_argument("--ladder-tasks", default=",".join(LADDER_TASKS))
+    parser.add_argument("--ladder-ranks", default=",".join(map(str, LADDER_RANKS)))
+    parser.add_argument("--ladder-xi-totals", default=",".join(map(str, LADDER_XI_TOTALS)))
+    parser.add_argument("--ladder-seeds", default=",".join(map(str, LADDER_SEEDS)))
+    parser.add_argument("--sensitivity-seeds", default=",".join(map(str, SENSITIVITY_SEEDS)))
+    parser.add_argument("--r-max", type=int, default=R_MAX, help="SoRA's r_max, LoRA's rank")
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="epochs per run")
     parser.add_argument(
-        "--max-train-samples", type=int, default=MAX_TRAIN_SAMPLES, help="training rows per task"
+        "--train-rows",
+        default=",".join(f"{k}={v}" for k, v in TRAIN_ROWS.items()),
+        help="training rows per task, e.g. mrpc=500,stsb=700",
     )
-    parser.add_argument(
-        "--max-train-samples-per-task",
-        default=",".join(f"{k}={v}" for k, v in MAX_TRAIN_SAMPLES_PER_TASK.items()),
-        help="per-task training rows overriding --max-train-samples, e.g. sst2=800,cola=600",
-    )
-    parser.add_argument(
-        "--max-eval-samples", type=int, default=MAX_EVAL_SAMPLES, help="rows of val and of test"
-    )
-    parser.add_argument(
-        "--train-eval-samples",
-        type=int,
-        default=TRAIN_EVAL_SAMPLES,
-        help="training rows scored every epoch",
-    )
+    parser.add_argument("--eval-rows", type=int, default=EVAL_ROWS, help="rows of val and test")
+    parser.add_argument("--train-eval-rows", type=int, default=TRAIN_EVAL_ROWS)
     parser.add_argument("--max-length", type=int, default=MAX_LENGTH, help="tokens per sequence")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="training rows per step")
     parser.add_argument(
         "--data-dir",
         default=os.environ.get("SORA_TUNE_DATA_DIR") or str(REPO.parent / "shared/data/glue"),
-        help="folder in the official GLUE layout (default $SORA_TUNE_DATA_DIR or ../shared/data/glue)",
+        help="GLUE folder (default $SORA_TUNE_DATA_DIR or ../shared/data/glue)",
     )
-    parser.add_argument(
-        "--model", default=None, help="backbone name or folder (default the packaged MiniLM)"
-    )
-    parser.add_argument(
-        "--cache-dir", default=None, help="tokenisation cache (default the library's)"
-    )
-    parser.add_argument(
-        "--runs-dir", default=str(REPO / "runs/reproduce"), help="one output folder per run here"
-    )
-    parser.add_argument(
-        "--output", default=str(REPO / "docs/results/reproduce.json"), help="the JSON written"
-    )
-    parser.add_argument(
-        "--results-md", default=str(REPO / "docs/results.md"), help="the Markdown written"
-    )
-    parser.add_argument(
-        "--figures-dir", default=str(REPO / "docs"), help="where the sweep's PNGs are copied"
-    )
-    parser.add_argument("--sparsify-task", default=SPARSIFY_TASK, help="task of the ξ sweep")
-    parser.add_argument(
-        "--sparsify-xi-max", type=float, default=SPARSIFY_XI_MAX, help="the sweep's last ξ"
-    )
-    parser.add_argument(
-        "--sparsify-xi-stages",
-        type=int,
-        default=SPARSIFY_XI_STAGES,
-        help="ξ values from ξ0 to --sparsify-xi-max, geometrically spaced",
-    )
-    parser.add_argument(
-        "--sparsify-xi-every", type=int, default=SPARSIFY_XI_EVERY, help="epochs per ξ stage"
-    )
-    parser.add_argument(
-        "--sparsify-dense-epochs",
-        type=int,
-        default=SPARSIFY_DENSE_EPOCHS,
-        help="epochs at ξ0 before the first raise",
-    )
-    parser.add_argument("--skip-sparsify", action="store_true", help="do not run the ξ sweep")
-    parser.add_argument(
-        "--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads"
-    )
-    parser.add_argument(
-        "--note",
-        help="what else ran on the machine, shown with the wall time (default: that another job "
-        "may have; with --render-only: replaces the recorded note)",
-    )
-    parser.add_argument(
-        "--render-only",
-        action="store_true",
-        help="only rewrite --results-md from an existing --output JSON",
-    )
+    parser.add_argument("--model", default=None, help="backbone (default the packaged MiniLM)")
+    parser.add_argument("--cache-dir", default=None, help="tokenisation cache")
+    parser.add_argument("--runs-dir", default=str(REPO / "runs/reproduce"), help="run folders")
+    parser.add_argument("--output", default=str(REPO / "docs/results/reproduce.json"))
+    parser.add_argument("--results-md", default=str(REPO / "docs/results.md"))
+    parser.add_argument("--figure", default=str(REPO / "docs/ladder.png"), help="the ladder plot")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    parser.add_argument("--note", help="what else ran on the machine, shown with the wall time")
+    parser.add_argument("--render-only", action="store_true", help="re-render from --output")
     return parser.parse_args(argv)
 
 
-def parse_per_task(text: str) -> dict[str, int]:
-    """`sst2=800,cola=600` as `{"sst2": 800, "cola": 600}`, with canonical task names.
+def _numbers(text: str, kind=int) -> list:
+    return [kind(part) for part in text.split(",") if part.strip()]
 
-    Raises:
-        ValueError: an entry that is not `task=rows`, or an unknown task.
-    """
-    overrides = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        task, _, rows = item.partition("=")
-        if not rows.strip().isdigit():
-            raise ValueError(f"--max-train-samples-per-task: {item!r} is not task=rows")
-        overrides[get_task(task).name] = int(rows)
-    return overrides
+
+def grid(args: argparse.Namespace) -> list[GridRun]:
+    """Every run of the chosen sections, each once (a run two sections share is run once)."""
+    rows = {get_task(k).name: int(v) for k, v in (p.split("=") for p in args.train_rows.split(","))}
+
+    def run(task: str, seed: int, **labels: Any) -> GridRun:
+        settings = {k: v for k, v in labels.items() if k not in ("method", "r_max")}
+        config = TrialConfig(
+            task=task,
+            data_dir=args.data_dir,
+            model=args.model,
+            method=labels["method"],
+            r_max=labels["r_max"],
+            epochs=args.epochs,
+            max_length=args.max_length,
+            max_train_samples=rows[task],
+            max_eval_samples=args.eval_rows,
+            train_eval_samples=args.train_eval_rows,
+            seed=seed,
+            cache_dir=args.cache_dir,
+            **settings,
+        )
+        return GridRun(config, {"task": task, **labels, "seed": seed})
+
+    sections = set(args.sections.split(","))
+    runs: list[GridRun] = []
+    if "table2" in sections:
+        for task in args.tasks.split(","):
+            for seed in _numbers(args.seeds):
+                for method in ("sora", "lora"):
+                    runs.append(run(get_task(task).name, seed, method=method, r_max=args.r_max))
+    if "ladder" in sections:
+        for task in args.ladder_tasks.split(","):
+            task = get_task(task).name
+            for seed in _numbers(args.ladder_seeds):
+                for rank in _numbers(args.ladder_ranks):
+                    runs.append(run(task, seed, method="lora", r_max=rank))
+                for xi_total in _numbers(args.ladder_xi_totals, float):
+                    runs.append(run(task, seed, method="sora", r_max=args.r_max, xi_total=xi_total))
+    if "sensitivity" in sections:
+        for seed in _numbers(args.sensitivity_seeds):
+            for xi in SENSITIVITY_XIS:
+                for lam in SENSITIVITY_LAMS:
+                    runs.append(run("stsb", seed, method="sora", r_max=args.r_max, xi=xi, lam=lam))
+    if "clipping" in sections:
+        for seed in _numbers(args.seeds):
+            runs.append(
+                run("stsb", seed, method="sora", r_max=args.r_max, max_grad_norm=CLIPPING_NORM)
+            )
+            runs.append(run("stsb", seed, method="sora", r_max=args.r_max))  # Table 2's
+    return list({r.folder_name: r for r in runs}.values())
 
 
 def machine_info(threads: int, note: str) -> dict[str, Any]:
@@ -193,219 +184,177 @@ def machine_info(threads: int, note: str) -> dict[str, Any]:
     }
 
 
-def trial_config(args: argparse.Namespace, task: str, method: str, r_max: int, seed: int):
-    """The settings of one run: only `method` and `r_max` differ between the runs of a task and
-    seed, so every method gets the same data, steps, learning rate and seed."""
-    return TrialConfig(
-        task=task,
-        data_dir=args.data_dir,
-        model=args.model,
-        method=method,
-        r_max=r_max,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        max_train_samples=args.per_task.get(task, args.max_train_samples),
-        max_eval_samples=args.max_eval_samples,
-        train_eval_samples=args.train_eval_samples,
-        seed=seed,
-        cache_dir=args.cache_dir,
-    )
+# ---- Analysis: every number of the page is computed here, from the rows ----
 
 
-def finished_metrics(folder: Path, config: TrialConfig) -> dict | None:
-    """The metrics of a run that already ended in `folder`, or `None` if it has not.
-
-    Raises:
-        ValueError: the folder holds a run with other settings.
-    """
-    path = folder / "metrics.json"
-    if not path.exists():
-        return None
-    metrics = json.loads(path.read_text())
-    expected = json.loads(json.dumps(dataclasses.asdict(config)))  # lists as JSON has them
-    changed = sorted(k for k, v in expected.items() if metrics.get("config", {}).get(k) != v)
-    if changed:
-        raise ValueError(
-            f"{folder} holds a run with other settings ({', '.join(changed)}); "
-            "use another --runs-dir"
+def _select(rows: list[dict], **match: Any) -> list[dict]:
+    return [
+        r
+        for r in rows
+        if r["status"] == "finished"
+        and all(r.get(k) == v for k, v in match.items())
+        and all(
+            r.get(k) is None for k in ("xi", "lam", "xi_total", "max_grad_norm") if k not in match
         )
-    return metrics
+    ]
 
 
-def constant_baseline(data, task: str) -> float:
-    """The test score of the best constant guess learned from the training split: the majority
-    class for classification (Matthews correlation 0 on CoLA), the mean for STS-B (correlation 0)."""
-    train = np.asarray(data["train"]["labels"])
-    test = np.asarray(data["test"]["labels"])
-    if get_task(task).is_regression:
-        guess = float(train.mean())
-    else:
-        guess = Counter(train.tolist()).most_common(1)[0][0]
-    return compute_metrics(task, np.full(len(test), guess), test)["score"]
-
-
-def run_grid(args: argparse.Namespace) -> tuple[list[dict], dict[str, dict]]:
-    """Train (or read back) every run; returns one row per run and, per task, the split sizes and
-    the constant baseline."""
-    tokenizer = None
-    runs, tasks = [], {}
-    grid = [(t, s) for t in args.tasks for s in args.seeds]
-    total = len(grid) * len(args.methods) * len(args.r_max)
-    for task, seed in grid:
-        # The splits depend on the task and the seed only: tokenise once for every method and rank.
-        config = trial_config(args, task, args.methods[0], args.r_max[0], seed)
-        tokenizer = tokenizer or load_tokenizer(config)
-        data = prepare_data(config, tokenizer)
-        sizes = {f"{split}_rows": len(data[split]) for split in ("train", "val", "test")}
-        entry = tasks.setdefault(task, sizes | {"metric": get_task(task).primary, "baseline": []})
-        entry["baseline"].append(constant_baseline(data, task))
-        for method in args.methods:
-            for r_max in args.r_max:
-                config = trial_config(args, task, method, r_max, seed)
-                folder = Path(args.runs_dir) / f"{task}-{method}-r{r_max}-s{seed}"
-                metrics = finished_metrics(folder, config)
-                reused = metrics is not None
-                if not reused:
-                    metrics = train_trial(config, output_dir=folder, data=data)
-                runs.append(run_row(metrics, config, folder, reused=reused))
-                row = runs[-1]
-                took = "read back" if reused else f"{row['train_time_s'] or 0:.0f} s"
-                print(
-                    f"[{len(runs)}/{total}] {task} {method} r_max={r_max} seed={seed}: "
-                    f"{row['status']}, test {_score(row['test_score'])}, "
-                    f"{_params(row['retained_params'])} params, "
-                    f"{took}",
-                    flush=True,
-                )
-    for entry in tasks.values():
-        entry["baseline"] = statistics.mean(entry["baseline"])  # the test split varies by seed
-    return runs, tasks
-
-
-def run_row(metrics: dict, config: TrialConfig, folder: Path, *, reused: bool) -> dict:
+def _summary(rows: list[dict]) -> dict[str, Any]:
+    test, val = mean_std([r["test_score"] for r in rows]), mean_std([r["val_score"] for r in rows])
+    params = mean_std([r["retained_params"] for r in rows])
     return {
-        "task": config.task,
-        "method": config.method,
-        "r_max": config.r_max,
-        "seed": config.seed,
-        "status": metrics["status"],
-        "test_score": metrics.get("test_score"),
-        "val_score": metrics.get("val_score"),
-        "train_score": metrics.get("train_score"),
-        "retained_params": metrics.get("retained_params"),
-        "nonzero_rank": metrics.get("nonzero_rank"),
-        "head_params": metrics.get("head_params"),
-        "train_time_s": metrics.get("train_time_s"),
-        "epochs": metrics.get("epoch"),
-        "folder": str(folder),
-        "reused": reused,
+        "seeds": len(rows),
+        "test": test,
+        "val": val,
+        "params": params,
+        "train_time_s": mean_std([r["train_time_s"] for r in rows])[0],
     }
 
 
-def _mean(values: list[float]) -> float | None:
-    return statistics.mean(values) if values else None
-
-
-def _std(values: list[float]) -> float | None:
-    return statistics.stdev(values) if len(values) > 1 else None  # sample std (ddof=1)
-
-
-def summarize(runs: list[dict]) -> dict[str, list[dict]]:
-    """Mean ± sample std over seeds per (task, method, r_max); SoRA − LoRA per (task, r_max), the
-    score delta paired by seed; and the mean over tasks per (method, r_max), as in Table 2."""
-    keys = list(dict.fromkeys((r["task"], r["method"], r["r_max"]) for r in runs))
-    groups = []
-    for task, method, r_max in keys:
-        rows = [r for r in runs if (r["task"], r["method"], r["r_max"]) == (task, method, r_max)]
-        done = [r for r in rows if r["status"] == "finished"]
-        group = {"task": task, "method": method, "r_max": r_max, "seeds": len(done)}
-        group["diverged"] = len(rows) - len(done)
-        for name in ("test_score", "val_score", "retained_params", "nonzero_rank", "train_time_s"):
-            values = [r[name] for r in done]
-            group[f"{name}_mean"], group[f"{name}_std"] = _mean(values), _std(values)
-        groups.append(group)
-
-    deltas = []
-    for task, r_max in dict.fromkeys((t, r) for t, _, r in keys):
-        by_seed = {
-            method: {
-                r["seed"]: r
-                for r in runs
-                if (r["task"], r["method"], r["r_max"], r["status"])
-                == (task, method, r_max, "finished")
-            }
-            for method in ("sora", "lora")
-        }
-        seeds = sorted(set(by_seed["sora"]) & set(by_seed["lora"]))
-        if not seeds:
-            continue
-        delta = {"task": task, "r_max": r_max, "seeds": len(seeds)}
-        for name in ("test_score", "val_score"):
-            diffs = [by_seed["sora"][s][name] - by_seed["lora"][s][name] for s in seeds]
-            delta[f"{name}_delta"], delta[f"{name}_delta_std"] = _mean(diffs), _std(diffs)
-        sora_params = _mean([by_seed["sora"][s]["retained_params"] for s in seeds])
-        lora_params = _mean([by_seed["lora"][s]["retained_params"] for s in seeds])
-        delta["retained_params_delta_pct"] = 100 * (sora_params - lora_params) / lora_params
-        deltas.append(delta)
-
-    tasks = list(dict.fromkeys(g["task"] for g in groups))
-    average = []
-    for method, r_max in dict.fromkeys((m, r) for _, m, r in keys):
-        scores = [
-            g["test_score_mean"]
-            for g in groups
-            if (g["method"], g["r_max"]) == (method, r_max) and g["test_score_mean"] is not None
-        ]
-        if len(scores) == len(tasks):  # an average over fewer tasks would not compare
-            average.append({"method": method, "r_max": r_max, "test_score_mean": _mean(scores)})
+def analyse_table2(rows: list[dict], tasks: list[str], r_max: int) -> dict[str, Any]:
+    groups, deltas = [], []
+    for task in tasks:
+        for method in ("sora", "lora"):
+            groups.append(
+                {"task": task, "method": method}
+                | _summary(_select(rows, task=task, method=method, r_max=r_max))
+            )
+        pair = {"task": task, "r_max": r_max}
+        test = paired_deltas(
+            _select(rows, task=task, r_max=r_max),
+            pair_by="seed",
+            a={"method": "sora"},
+            b={"method": "lora"},
+            key="test_score",
+        )
+        val = paired_deltas(
+            _select(rows, task=task, r_max=r_max),
+            pair_by="seed",
+            a={"method": "sora"},
+            b={"method": "lora"},
+            key="val_score",
+        )
+        deltas.append(
+            {"task": task, "pairs": len(test), "test": mean_std(test), "val": mean_std(val)} | pair
+        )
+    average = {
+        method: mean_std(
+            [g["test"][0] for g in groups if g["method"] == method and g["test"][0] is not None]
+        )[0]
+        for method in ("sora", "lora")
+    }
     return {"groups": groups, "deltas": deltas, "average": average}
 
 
-def run_sweep(args: argparse.Namespace) -> dict:
-    """The sparsifying scheduler on `--sparsify-task` at the largest r_max and the first seed;
-    copies `sparsify.png` and `ranks.png` to `--figures-dir` as `sparsify_<task>.png` and
-    `ranks_<task>.png`."""
-    task, r_max, seed = get_task(args.sparsify_task).name, max(args.r_max), args.seeds[0]
-    settings = dataclasses.asdict(trial_config(args, task, "sora", r_max, seed))
-    del settings["epochs"]  # the schedule's length
-    config = TrialConfig.for_schedule(
-        settings
-        | {
-            "xi_schedule": "geometric",
-            "xi_max": args.sparsify_xi_max,
-            "xi_stages": args.sparsify_xi_stages,
-            "xi_every": args.sparsify_xi_every,
-            "dense_epochs": args.sparsify_dense_epochs,
+def _front_points(summaries: list[dict], key: str) -> np.ndarray:
+    return np.array([[s[key][0], s["params"][0]] for s in summaries if s[key][0] is not None])
+
+
+def analyse_ladder(rows: list[dict], args_ns: dict) -> dict[str, Any]:
+    """Per task: every LoRA rank and SoRA ξ_total, mean ± std over seeds; where each SoRA point
+    lies against the LoRA ladder; the hypervolume of both fronts with one reference point."""
+    result = {}
+    for task in args_ns["ladder_tasks"]:
+        lora = [
+            {"label": f"LoRA r={rank}", "r": rank}
+            | _summary(_select(rows, task=task, method="lora", r_max=rank))
+            for rank in args_ns["ladder_ranks"]
+        ]
+        sora = [
+            {"label": f"SoRA xi_total={x:g}", "xi_total": x}
+            | _summary(_select(rows, task=task, method="sora", r_max=args_ns["r_max"], xi_total=x))
+            for x in args_ns["ladder_xi_totals"]
+        ]
+        lora = [p for p in lora if p["seeds"]]
+        sora = [p for p in sora if p["seeds"]]
+        if not lora or not sora:
+            continue
+        ladder = sorted((p["params"][0], p["test"][0], p["test"][1] or 0.0) for p in lora)
+        for point in sora:
+            point["vs_ladder"] = _against_ladder(point, ladder)
+        # One reference for both fronts: score 0 (chance for correlations, below any accuracy
+        # here) and 10% beyond the largest adapter of either.
+        reference = (0.0, 1.1 * max(p["params"][0] for p in lora + sora))
+        volumes = {}
+        for name, points in (("lora", lora), ("sora", sora), ("both", lora + sora)):
+            for key in ("test", "val"):
+                values = _front_points(points, key)
+                volumes[f"{name}_{key}"] = hypervolume(values, ("maximize", "minimize"), reference)
+        front = is_pareto_front(_front_points(lora + sora, "test"), ("maximize", "minimize"))
+        result[task] = {
+            "lora": lora,
+            "sora": sora,
+            "reference": reference,
+            "hypervolume": volumes,
+            "front": [p["label"] for p, on in zip(lora + sora, front, strict=True) if on],
         }
-    )
-    folder = Path(args.runs_dir) / f"sparsify-{task}-r{r_max}-s{seed}"
-    reused = finished_metrics(folder, config) is not None  # refuses a folder of other settings
-    rows = run_sparsify(config, folder)  # a finished or interrupted sweep resumes, curve intact
-    metrics = json.loads((folder / "metrics.json").read_text())
-    figures = {}
-    for name in ("sparsify", "ranks"):
-        source = folder / f"{name}.png"
-        if source.exists():
-            target = Path(args.figures_dir) / f"{name}_{task}.png"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, target)
-            figures[name] = str(target.resolve())
-    print(f"ξ sweep on {task}: {len(rows)} stages{' (read back)' if reused else ''}", flush=True)
+    return result
+
+
+def _against_ladder(point: dict, ladder: list[tuple[float, float, float]]) -> dict[str, Any]:
+    """The LoRA ladder's test score at the point's parameter count (interpolated in log params,
+    its spread likewise), and whether the point is above, on or below it: on when the difference
+    is within the two spreads combined."""
+    params = [p for p, _, _ in ladder]
+    x = math.log(point["params"][0])
+    logs = [math.log(p) for p in params]
+    score = float(np.interp(x, logs, [s for _, s, _ in ladder]))
+    spread = float(np.interp(x, logs, [d for _, _, d in ladder]))
+    delta = point["test"][0] - score
+    margin = math.hypot(spread, point["test"][1] or 0.0)
+    where = "on" if abs(delta) <= margin else ("above" if delta > 0 else "below")
+    outside = not params[0] <= point["params"][0] <= params[-1]
     return {
-        "config": dataclasses.asdict(config),
-        "xi_values": config.xi_plan().values(),
-        "rows": rows,
-        "final_nonzero_rank": metrics.get("nonzero_rank"),
-        "train_time_s": metrics.get("train_time_s"),
-        "rank_pattern": metrics.get("rank_pattern"),
-        "figures": figures,
-        "folder": str(folder),
-        "reused": reused,
+        "ladder_score": score,
+        "delta": delta,
+        "margin": margin,
+        "where": where,
+        "extrapolated": outside,
     }
 
 
-# ---- Markdown ----
+def analyse_sensitivity(rows: list[dict], r_max: int) -> dict[str, Any]:
+    cells = {}
+    for xi in SENSITIVITY_XIS:
+        for lam in SENSITIVITY_LAMS:
+            cells[f"{xi:g},{lam:g}"] = {"xi": xi, "lam": lam} | _summary(
+                _select(rows, task="stsb", method="sora", r_max=r_max, xi=xi, lam=lam)
+            )
+    scores = [c["test"][0] for c in cells.values() if c["test"][0] is not None]
+    return {"cells": cells, "range": (min(scores), max(scores)) if scores else None}
+
+
+def analyse_clipping(rows: list[dict], r_max: int) -> dict[str, Any]:
+    stsb = _select(rows, task="stsb", method="sora", r_max=r_max) + _select(
+        rows, task="stsb", method="sora", r_max=r_max, max_grad_norm=CLIPPING_NORM
+    )
+    deltas = {
+        key: paired_deltas(
+            stsb,
+            pair_by="seed",
+            a={"max_grad_norm": None},
+            b={"max_grad_norm": CLIPPING_NORM},
+            key=key,
+        )
+        for key in ("test_score", "val_score")
+    }
+    return {
+        "pairs": len(deltas["test_score"]),
+        "test": mean_std(deltas["test_score"]),
+        "val": mean_std(deltas["val_score"]),
+    }
+
+
+def analyse(rows: list[dict], settings: dict) -> dict[str, Any]:
+    return {
+        "table2": analyse_table2(rows, settings["tasks"], settings["r_max"]),
+        "ladder": analyse_ladder(rows, settings),
+        "sensitivity": analyse_sensitivity(rows, settings["r_max"]),
+        "clipping": analyse_clipping(rows, settings["r_max"]),
+    }
+
+
+# ---- Rendering ----
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -413,313 +362,347 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def _score(mean: float | None, std: float | None = None, *, sign: bool = False) -> str:
+def _score(stat: tuple[float | None, float | None] | list, *, sign: bool = False) -> str:
+    mean, std = stat
     if mean is None:
         return "–"
-    text = f"{SCORE_SCALE * mean:+.1f}" if sign else f"{SCORE_SCALE * mean:.1f}"
-    spread = "n/a" if std is None else f"{SCORE_SCALE * std:.1f}"
-    return f"{text} ± {spread}"
+    text = f"{SCALE * mean:+.1f}" if sign else f"{SCALE * mean:.1f}"
+    return f"{text} ± {'n/a' if std is None else f'{SCALE * std:.1f}'}"
 
 
 def _params(value: float | None) -> str:
     return "–" if value is None else f"{value:,.0f}"
 
 
+def plot_ladder(ladder: dict[str, Any], path: Path) -> None:
+    """Test score against retained parameters: the LoRA ladder as a line, SoRA points by
+    xi_total, mean ± std over seeds."""
+    fig = Figure(figsize=(5 * max(1, len(ladder)), 4), layout="constrained")
+    axes = fig.subplots(1, max(1, len(ladder)), squeeze=False)[0]
+    for ax, (task, entry) in zip(axes, ladder.items(), strict=False):
+        for name, points, style in (
+            ("LoRA ladder", entry["lora"], "o-"),
+            ("SoRA by xi_total", entry["sora"], "s"),
+        ):
+            x = [p["params"][0] for p in points]
+            y = [SCALE * p["test"][0] for p in points]
+            err = [SCALE * (p["test"][1] or 0.0) for p in points]
+            ax.errorbar(x, y, yerr=err, fmt=style, capsize=3, label=name)
+        for p in entry["sora"]:
+            ax.annotate(
+                f"{p['xi_total']:g}",
+                (p["params"][0], SCALE * p["test"][0]),
+                fontsize=7,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
+        for p in entry["lora"]:
+            ax.annotate(
+                f"r={p['r']}",
+                (p["params"][0], SCALE * p["test"][0]),
+                fontsize=7,
+                xytext=(4, -10),
+                textcoords="offset points",
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("retained adapter parameters")
+        ax.set_ylabel(f"{task} test score ×{SCALE} ({get_task(task).primary})")
+        ax.set_title(f"{task}: SoRA labelled by xi_total")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
 def render_markdown(result: dict, md_path: Path, json_path: Path) -> str:
-    """`docs/results.md` from the JSON that `main` writes to `json_path`: every number comes
-    from it; links are relative to `md_path`."""
-    config, machine, summary = result["config"], result["machine"], result["summary"]
-    args, tasks = config["args"], result["tasks"]
-    runs, reused = result["runs"], sum(r["reused"] for r in result["runs"])
+    """`docs/results.md` from the JSON alone; links relative to `md_path`."""
+    settings, analysis, machine = result["settings"], result["analysis"], result["machine"]
     output = os.path.relpath(json_path.resolve(), md_path.resolve().parent)
-    train_rows = sorted({entry["train_rows"] for entry in tasks.values()})
-    margins = [
-        (g["test_score_mean"] - tasks[g["task"]]["baseline"], g["test_score_std"] or 0.0)
-        for g in summary["groups"]
-        if g["test_score_mean"] is not None
-    ]
-    above = sum(margin > 0 for margin, _ in margins)
-    clearly_above = sum(margin > std for margin, std in margins)
+    rows = result["rows"]
+    reused = sum(r["reused"] for r in rows)
     lines = [
-        "# Reproduction: SoRA against LoRA at CPU scale",
+        "# Reproduction at CPU scale: SoRA against LoRA, and what SoRA buys",
         "",
-        f"Generated by `scripts/reproduce.py` from [`{output}`]({output}); do not edit by hand. "
-        "Rerun the command below, or add `--render-only` to re-render this page from the JSON.",
+        f"Generated by `scripts/reproduce.py` from [`{output}`]({output}); do not edit by hand.",
         "",
-        "The shape of the paper's Table 2 (Ding et al. 2023): SoRA and LoRA at each r_max on GLUE "
-        "tasks, scores as mean ± sample standard deviation over seeds, with the parameters each "
-        "adapter retains, plus the ξ sweep of Figure 2 and the final ranks of Figure 3. **This is "
-        f"a CPU-sized run, not the paper's setting**: {config['model_name']} instead of "
-        f"DeBERTaV3-base, {'–'.join(map(str, sorted({min(train_rows), max(train_rows)})))} "
-        "training rows per task and "
-        f"{args['epochs']} epoch(s) instead of the full training sets, no per-task tuning. The "
-        "numbers below say what happens at this budget; they need not match the paper's, and "
-        "they are reported as they came out.",
+        f"**A CPU-sized run, not the paper's setting**: {settings['model_name']} instead of "
+        f"DeBERTaV3-base, {min(settings['train_rows'].values())}–{max(settings['train_rows'].values())} "
+        f"training rows per task, {settings['epochs']} epoch(s), batch 8, length {settings['max_length']}, "
+        "no per-task tuning. Scores ×100 on GLUE dev (the trials' `test_score`; `val` is held out "
+        "of the training file), as mean ± sample std over seeds; numbers as they came out.",
+        "",
+        "Defaults as the authors ran them: the gates' AdamW learning rate is the trial's (8e-4), "
+        "on the same warm-up and decay; λ = 0.1 (weight of mean|g|); ξ = "
+        f"{DEFAULT_XI:g} where not searched; gradients clipped at 0.1.",
         "",
         "## Command and machine",
         "",
-        "```bash",
-        config["command"],
-        "```",
+        f"`{result['command']}`",
         "",
-        f"Machine: {machine['platform']}, {machine['cpu_model']}, {machine['cpus']} CPUs, "
-        f"{machine['torch_threads']} torch threads, Python {machine['python']}, torch "
-        f"{machine['torch']}; {machine['note']}.",
+        f"{machine['platform']}, {machine['cpu_model']}, {machine['cpus']} CPUs, "
+        f"{machine['torch_threads']} torch threads, torch {machine['torch']}; {machine['note']}.",
         "",
-        f"Wall time of this invocation: {result['wall_s'] / 60:.1f} min for {len(runs)} runs"
-        + (f" ({reused} read back from an earlier invocation's folders)" if reused else "")
-        + (" and the ξ sweep" if result["sparsify"] else "")
-        + ". Training and evaluation time (kept across interruptions) summed over the runs: "
-        f"{sum(r['train_time_s'] or 0 for r in runs) / 60:.1f} min"
-        + (
-            f"; of the ξ sweep: {(result['sparsify']['train_time_s'] or 0) / 60:.1f} min."
-            if result["sparsify"]
-            else "."
-        ),
-        "",
-        "## Budget (the same for every method)",
-        "",
-        f"Seeds {', '.join(map(str, args['seeds']))}; {args['epochs']} epoch(s), batch "
-        f"{args['batch_size']}, max length {args['max_length']} tokens, learning rate "
-        f"{result['trial_settings']['lr']:g}. SoRA: ξ = {result['trial_settings']['xi']:g}, "
-        f"η = {result['trial_settings']['eta']:g}, λ = {result['trial_settings']['lam']:g} "
-        "(the package defaults); LoRA: the same layer with the gate fixed at 1. A seed sets the "
-        "training subsample, the hold-out, the initialisation and the data order; SoRA and LoRA "
-        "with the same seed see the same rows in the same order. `val` is held out of the "
-        "training file; `test` is (a seeded subsample of) GLUE dev, whose score is reported, as "
-        "in the paper; all scores are of the last epoch.",
-        "",
-        *_table(
-            ["task", "metric", "train rows", "val rows", "test rows", "constant guess (test)"],
-            [
-                [
-                    task,
-                    entry["metric"],
-                    str(entry["train_rows"]),
-                    str(entry["val_rows"]),
-                    str(entry["test_rows"]),
-                    f"{SCORE_SCALE * entry['baseline']:.1f}",
-                ]
-                for task, entry in tasks.items()
-            ],
-        ),
-        "",
-        "The constant guess predicts the training split's majority class (the mean score for "
-        "STS-B) for every row: the score of a model that learned nothing from the text (Matthews "
-        "and Pearson correlations are 0 for it).",
-        "",
-        "## Scores",
-        "",
-        f"Scores ×{SCORE_SCALE} on the test split (GLUE dev), mean ± sample std over seeds; "
-        "retained parameters Σ r_k (in_k + out_k) over the adapted modules after pruning (the "
-        "classification head, trained in full by both methods, is not counted); train s: "
-        "seconds of training and per-epoch evaluation per run, mean over seeds.",
-        "",
-        *_table(
-            ["task", "r_max", "method", "test score", "val score", "retained params", "train s"],
-            [
-                [
-                    g["task"],
-                    str(g["r_max"]),
-                    g["method"] + (f" ({g['diverged']} diverged)" if g["diverged"] else ""),
-                    _score(g["test_score_mean"], g["test_score_std"]),
-                    _score(g["val_score_mean"], g["val_score_std"]),
-                    _params(g["retained_params_mean"]),
-                    f"{g['train_time_s_mean']:.0f}" if g["train_time_s_mean"] is not None else "–",
-                ]
-                for g in summary["groups"]
-            ],
-        ),
-        "",
-        f"{above} of {len(summary['groups'])} (task, method, r_max) mean test scores are above "
-        f"the task's constant guess; {clearly_above} of them by more than their standard "
-        "deviation over seeds.",
+        f"Wall time of this invocation: {result['wall_s'] / 60:.1f} min for {len(rows)} runs"
+        + (f" ({reused} read back from earlier invocations)" if reused else "")
+        + f"; training and scoring summed over the runs: "
+        f"{sum(r['train_time_s'] or 0 for r in rows) / 60:.1f} min.",
     ]
-    if summary["average"]:
-        lines += [
-            "",
-            "Mean test score over the tasks (the paper's Avg. column): "
-            + "; ".join(
-                f"{a['method']} r_max {a['r_max']}: {SCORE_SCALE * a['test_score_mean']:.1f}"
-                for a in summary["average"]
-            )
-            + ".",
-        ]
-    if summary["deltas"]:
-        deltas = summary["deltas"]
-        lines += [
-            "",
-            "## SoRA − LoRA",
-            "",
-            f"Score deltas ×{SCORE_SCALE} paired by seed (mean ± sample std of the per-seed differences); "
-            "retained parameters of SoRA relative to LoRA.",
-            "",
-            *_table(
-                ["task", "r_max", "Δ test score", "Δ val score", "Δ retained params"],
-                [
-                    [
-                        d["task"],
-                        str(d["r_max"]),
-                        _score(d["test_score_delta"], d["test_score_delta_std"], sign=True),
-                        _score(d["val_score_delta"], d["val_score_delta_std"], sign=True),
-                        f"{d['retained_params_delta_pct']:+.1f}%",
-                    ]
-                    for d in deltas
-                ],
-            ),
-            "",
-            _verdict(deltas),
-            "",
-            _threshold_budget(result),
-        ]
-    if result["sparsify"]:
-        lines += ["", *_sweep_section(result["sparsify"], md_path)]
+    lines += _render_table2(analysis["table2"])
+    lines += _render_ladder(analysis["ladder"], result.get("figure"), settings["r_max"])
+    lines += _render_sensitivity(analysis["sensitivity"], settings["r_max"])
+    lines += _render_clipping(analysis["clipping"])
     return "\n".join(lines) + "\n"
 
 
-def _verdict(deltas: list[dict]) -> str:
-    """What the delta table says, counted from it."""
-    better = sum(d["test_score_delta"] > 0 for d in deltas)
-    beyond = sum(
-        d["test_score_delta_std"] is not None
-        and abs(d["test_score_delta"]) > d["test_score_delta_std"]
-        for d in deltas
-    )
-    smaller = [d["retained_params_delta_pct"] for d in deltas]
-    return (
-        f"SoRA's mean test score is higher than LoRA's in {better} of {len(deltas)} (task, "
-        f"r_max) pairs; in {beyond} of {len(deltas)} the mean difference is larger than the "
-        f"standard deviation of the per-seed differences. SoRA's retained parameters differ "
-        f"from LoRA's by {min(smaller):+.1f}% to {max(smaller):+.1f}%."
-    )
-
-
-def _threshold_budget(result: dict) -> str:
-    """Why SoRA prunes little at this budget, from the settings: the soft threshold takes at most
-    ξ off a gate per step."""
-    xi, args = result["trial_settings"]["xi"], result["config"]["args"]
-    steps = max(
-        math.ceil(entry["train_rows"] / args["batch_size"]) * args["epochs"]
-        for entry in result["tasks"].values()
-    )
-    return (
-        f"The soft threshold takes at most ξ = {xi:g} off a gate's magnitude per step: "
-        f"{xi * steps:.3g} over the {steps} steps of the longest run here, while the gates "
-        "start as draws of N(0, 1). So at this budget SoRA prunes few ranks, and its parameter "
-        "count stays close to LoRA's; the paper's runs take many thousands of steps. The sweep "
-        "below raises ξ, and with it the pruning."
-    )
-
-
-def _sweep_section(sweep: dict, md_path: Path) -> list[str]:
-    config = sweep["config"]
-    xi = ", ".join(f"{x:.2g}" for x in sweep["xi_values"])
+def _render_table2(table2: dict) -> list[str]:
+    if not any(g["seeds"] for g in table2["groups"]):
+        return []
     lines = [
-        f"## ξ sweep on {config['task']} (Figures 2 and 3)",
         "",
-        f"SoRA at r_max {config['r_max']}, seed {config['seed']}, "
-        f"at most {config['max_train_samples']} training rows: {config['dense_epochs']} dense "
-        "epoch(s) "
-        f"at ξ0, then ξ raised every {config['xi_every']} epoch(s) through {xi} ({config['epochs']} "
-        "epochs; the learning rate restarts at every stage). One point per stage, at its end; "
-        f"scores ×{SCORE_SCALE}.",
+        f"## Table 2's shape: SoRA against LoRA at r_max {table2['deltas'][0]['r_max']}",
         "",
         *_table(
-            ["stage", "epoch", "ξ", "retained params", "train score", "val score", "test score"],
+            ["task", "method", "seeds", "test", "val", "retained params"],
             [
                 [
-                    str(row["stage"]),
-                    str(row["epoch"]),
-                    f"{row['xi']:.2g}",
-                    _params(row["retained_params"]),
-                    f"{SCORE_SCALE * row['train_score']:.1f}",
-                    f"{SCORE_SCALE * row['val_score']:.1f}",
-                    f"{SCORE_SCALE * row['test_score']:.1f}",
+                    g["task"],
+                    g["method"],
+                    str(g["seeds"]),
+                    _score(g["test"]),
+                    _score(g["val"]),
+                    _params(g["params"][0]),
                 ]
-                for row in sweep["rows"]
+                for g in table2["groups"]
             ],
         ),
+        "",
+        "SoRA − LoRA, paired by seed (mean ± std of the per-seed differences):",
+        "",
+        *_table(
+            ["task", "pairs", "Δ test", "Δ val"],
+            [
+                [
+                    d["task"],
+                    str(d["pairs"]),
+                    _score(d["test"], sign=True),
+                    _score(d["val"], sign=True),
+                ]
+                for d in table2["deltas"]
+            ],
+        ),
+        "",
     ]
-    captions = {
-        "sparsify": "Memorization (train score) and generalization (val score) against the "
-        "retained parameters, one point per ξ stage (Figure 2)",
-        "ranks": f"Final rank of every adapted module by layer after the sweep; "
-        f"{sweep['final_nonzero_rank']} ranks of "
-        f"{config['r_max'] * len(sweep['rank_pattern'] or {})} kept (Figure 3)",
-    }
-    for name, path in sweep["figures"].items():
-        link = os.path.relpath(path, md_path.resolve().parent)
-        lines += ["", f"![{captions[name]}]({link})", "", captions[name] + "."]
+    better = [d for d in table2["deltas"] if d["test"][0] is not None and d["test"][0] > 0]
+    beyond = [d for d in table2["deltas"] if d["test"][1] and abs(d["test"][0]) > d["test"][1]]
+    average = table2["average"]
+    lines.append(
+        f"SoRA's mean test score is higher in {len(better)} of {len(table2['deltas'])} tasks; the "
+        f"difference exceeds its spread in {len(beyond)} ({', '.join(d['task'] for d in beyond) or 'none'}). "
+        + (
+            f"Average over the tasks: SoRA {SCALE * average['sora']:.1f}, LoRA {SCALE * average['lora']:.1f}."
+            if None not in average.values()
+            else ""
+        )
+    )
     return lines
 
 
-def print_table(summary: dict) -> None:
-    print(f"{'task':<6}{'r_max':>6} {'method':<8}{'test score':>14}{'val score':>14}{'params':>10}")
-    for g in summary["groups"]:
-        print(
-            f"{g['task']:<6}{g['r_max']:>6} {g['method']:<8}"
-            f"{_score(g['test_score_mean'], g['test_score_std']):>14}"
-            f"{_score(g['val_score_mean'], g['val_score_std']):>14}"
-            f"{_params(g['retained_params_mean']):>10}"
+def _render_ladder(ladder: dict, figure: str | None, r_max: int) -> list[str]:
+    if not ladder:
+        return []
+    lines = [
+        "",
+        "## Does SoRA buy a smaller adapter at the same score?",
+        "",
+        f"The LoRA rank ladder against SoRA at r_max {r_max} with `xi_total` (ξ × gate steps: how much a "
+        "gate can shrink over the trial), seeds as in the table. *Where* compares a SoRA point with "
+        "the ladder's test score at the same parameter count (interpolated in log params): *on* "
+        "when the difference is within the two spreads combined.",
+    ]
+    if figure:
+        lines += ["", f"![Test score against retained parameters]({figure})"]
+    for task, entry in ladder.items():
+        lines += [
+            "",
+            f"### {task}",
+            "",
+            *_table(
+                ["adapter", "seeds", "retained params", "test", "val", "vs the LoRA ladder"],
+                [
+                    [
+                        p["label"],
+                        str(p["seeds"]),
+                        _params(p["params"][0]),
+                        _score(p["test"]),
+                        _score(p["val"]),
+                        "–",
+                    ]
+                    for p in entry["lora"]
+                ]
+                + [
+                    [
+                        p["label"],
+                        str(p["seeds"]),
+                        _params(p["params"][0]),
+                        _score(p["test"]),
+                        _score(p["val"]),
+                        f"{p['vs_ladder']['where']} ({SCALE * p['vs_ladder']['delta']:+.1f} ± {SCALE * p['vs_ladder']['margin']:.1f}"
+                        + (", beyond the ladder's ends" if p["vs_ladder"]["extrapolated"] else "")
+                        + ")",
+                    ]
+                    for p in entry["sora"]
+                ],
+            ),
+        ]
+    lines += [
+        "",
+        "Hypervolume of each front (score × parameters dominated, of the per-configuration means), "
+        "with one reference point per task: score 0 and 1.1 × the largest adapter.",
+        "",
+        *_table(
+            [
+                "task",
+                "reference params",
+                "LoRA (test)",
+                "SoRA (test)",
+                "both (test)",
+                "LoRA (val)",
+                "SoRA (val)",
+                "front (test)",
+            ],
+            [
+                [
+                    task,
+                    _params(entry["reference"][1]),
+                    *[
+                        f"{entry['hypervolume'][f'{m}_test']:,.0f}"
+                        for m in ("lora", "sora", "both")
+                    ],
+                    *[f"{entry['hypervolume'][f'{m}_val']:,.0f}" for m in ("lora", "sora")],
+                    ", ".join(entry["front"]),
+                ]
+                for task, entry in ladder.items()
+            ],
+        ),
+        "",
+    ]
+    for task, entry in ladder.items():
+        counts = {
+            w: sum(p["vs_ladder"]["where"] == w for p in entry["sora"])
+            for w in ("above", "on", "below")
+        }
+        hv = entry["hypervolume"]
+        share = f"{100 * hv['sora_test'] / hv['lora_test']:.0f}%" if hv["lora_test"] else "n/a"
+        lines.append(
+            f"- {task}: of {len(entry['sora'])} SoRA points, {counts['above']} lie above the LoRA "
+            f"ladder, {counts['on']} on it and {counts['below']} below; SoRA's front has {share} "
+            "of the LoRA ladder's hypervolume (test)."
         )
-    for d in summary["deltas"]:
-        print(
-            f"{d['task']:<6}{d['r_max']:>6} sora−lora test "
-            f"{_score(d['test_score_delta'], d['test_score_delta_std'], sign=True)}, params "
-            f"{d['retained_params_delta_pct']:+.1f}%"
-        )
+    return lines
+
+
+def _render_sensitivity(sensitivity: dict, r_max: int) -> list[str]:
+    if sensitivity["range"] is None:
+        return []
+    cells = sensitivity["cells"]
+    low, high = sensitivity["range"]
+    return [
+        "",
+        "## Sensitivity to ξ and λ (Tables 6 and 7)",
+        "",
+        f"STS-B, SoRA at r_max {r_max}: test score (retained parameters) per ξ (rows) and λ (columns). "
+        "The paper's η_t of Table 7 is λ here, the weight of mean|g| (the authors' "
+        "`--sparse_lambda`).",
+        "",
+        *_table(
+            ["ξ \\ λ", *[f"{lam:g}" for lam in SENSITIVITY_LAMS]],
+            [
+                [f"{xi:g}"]
+                + [
+                    f"{_score(cells[f'{xi:g},{lam:g}']['test'])} ({_params(cells[f'{xi:g},{lam:g}']['params'][0])})"
+                    for lam in SENSITIVITY_LAMS
+                ]
+                for xi in SENSITIVITY_XIS
+            ],
+        ),
+        "",
+        f"Mean test scores range over {SCALE * (high - low):.1f} points ({SCALE * low:.1f} to {SCALE * high:.1f}).",
+    ]
+
+
+def _render_clipping(clipping: dict) -> list[str]:
+    if not clipping["pairs"]:
+        return []
+    return [
+        "",
+        "## Gradient clipping: the authors' 0.1 against 1.0",
+        "",
+        f"STS-B, SoRA, {clipping['pairs']} seeds: clip 0.1 − clip 1.0 = {_score(clipping['test'], sign=True)} "
+        f"(test), {_score(clipping['val'], sign=True)} (val); 0.1 is the default, as the authors "
+        "ran it.",
+    ]
 
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    output, md_path = Path(args.output), Path(args.results_md)
+    output, md_path, figure = Path(args.output), Path(args.results_md), Path(args.figure)
     if args.render_only:
         result = json.loads(output.read_text())
-        if args.note is not None:  # an account of the run's conditions, given afterwards
+        if args.note is not None:
             result["machine"]["note"] = args.note
             output.write_text(json.dumps(result, indent=2))
+        plot_ladder(result["analysis"]["ladder"], figure)
         md_path.write_text(render_markdown(result, md_path, output))
         print(f"wrote {md_path}")
         return result
 
-    args.tasks = [get_task(t).name for t in args.tasks.split(",")]
-    args.methods = args.methods.split(",")
-    args.r_max = [int(r) for r in args.r_max.split(",")]
-    args.seeds = [int(s) for s in args.seeds.split(",")]
-    args.per_task = parse_per_task(args.max_train_samples_per_task)
-    for name in ("data_dir", "runs_dir", "output", "results_md", "figures_dir"):
-        setattr(args, name, str(Path(getattr(args, name)).resolve()))
-    model_name = "the packaged all-MiniLM-L6-v2" if args.model is None else f"`{args.model}`"
-    args.model = args.model or default_model()
     torch.set_num_threads(args.threads)
-
+    for name in ("data_dir", "runs_dir"):
+        setattr(args, name, str(Path(getattr(args, name)).resolve()))
     start = time.perf_counter()
-    runs, tasks = run_grid(args)
-    sweep = None if args.skip_sparsify else run_sweep(args)
-    sora = trial_config(args, args.tasks[0], "sora", args.r_max[0], args.seeds[0])
-    result = {
-        "config": {
-            "command": shlex.join(["python", "scripts/reproduce.py", *argv]),
-            "argv": argv,
-            "args": vars(args),
-            "model_name": model_name,
+
+    def progress(index: int, total: int, row: dict) -> None:
+        took = "read back" if row["reused"] else f"{row['train_time_s'] or 0:.0f} s"
+        print(
+            f"[{index}/{total}] {Path(row['folder']).name}: {row['status']}, test "
+            f"{SCALE * (row['test_score'] or 0):.1f}, {_params(row['retained_params'])} params, {took}",
+            flush=True,
+        )
+
+    rows = run_grid(grid(args), args.runs_dir, on_run=progress)
+    settings = {
+        "tasks": [get_task(t).name for t in args.tasks.split(",")],
+        "r_max": args.r_max,
+        "epochs": args.epochs,
+        "max_length": args.max_length,
+        "train_rows": {
+            get_task(k).name: int(v) for k, v in (p.split("=") for p in args.train_rows.split(","))
         },
-        "machine": machine_info(args.threads, args.note or "another job may share the CPU"),
-        "trial_settings": {k: getattr(sora, k) for k in ("lr", "lam", "alpha", "gate_mode")}
-        | {"xi": sora.xi_plan().xi, "eta": sora.effective_eta},
-        "tasks": tasks,
-        "runs": runs,
-        "summary": summarize(runs),
-        "sparsify": sweep,
+        "ladder_tasks": [get_task(t).name for t in args.ladder_tasks.split(",")],
+        "ladder_ranks": _numbers(args.ladder_ranks),
+        "ladder_xi_totals": _numbers(args.ladder_xi_totals, float),
+        "model_name": "the packaged all-MiniLM-L6-v2" if args.model is None else f"`{args.model}`",
+    }
+    result = {
+        "command": shlex.join(["python", "scripts/reproduce.py", *argv]),
+        "machine": machine_info(args.threads, args.note or "other jobs may have shared the CPU"),
+        "settings": settings,
+        "rows": [r | {"folder": os.path.relpath(r["folder"], args.runs_dir)} for r in rows],
+        "analysis": analyse(rows, settings),
         "wall_s": time.perf_counter() - start,
+        # relative to the page, which links it: generated docs name no machine paths
+        "figure": os.path.relpath(figure.resolve(), md_path.resolve().parent)
+        if "ladder" in args.sections
+        else None,
     }
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2))
+    if result["figure"]:
+        plot_ladder(result["analysis"]["ladder"], figure)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text(render_markdown(result, md_path, output))
-    print_table(result["summary"])
-    print(f"wall {result['wall_s'] / 60:.1f} min; wrote {output} and {md_path}")
+    print(f"wrote {output}, {md_path}")
     return result
 
 

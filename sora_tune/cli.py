@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .uris import DEFAULT_TRACKING_URI, check_tracking_uri, resolve_tracking_uri
+from .uris import check_tracking_uri, default_tracking_uri, resolve_tracking_uri
 
 # Trial flags: field of TrialConfig -> (type, help). The defaults live in TrialConfig.
 TRIAL_FLAGS: dict[str, tuple[Any, str]] = {
@@ -64,10 +64,10 @@ TRIAL_FLAGS: dict[str, tuple[Any, str]] = {
 def add_tracking_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mlflow-uri",
-        default=DEFAULT_TRACKING_URI,
+        default=default_tracking_uri(),
         type=resolve_tracking_uri,
         help="MLflow tracking URI; a relative sqlite file or folder is taken from the current "
-        f"folder (default {DEFAULT_TRACKING_URI})",
+        "folder (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
     )
 
 
@@ -153,7 +153,12 @@ def train_command(args: argparse.Namespace) -> int:
 
         run_id = create_trial_run(args.mlflow_uri, args.experiment_name)
         result = tracked_trial(
-            config, run_id=run_id, output_dir=args.output_dir, progress=True, report=_print_epoch
+            config,
+            run_id=run_id,
+            tracking_uri=args.mlflow_uri,
+            output_dir=args.output_dir,
+            progress=True,
+            report=_print_epoch,
         )
     else:
         result = train_trial(config, output_dir=args.output_dir, progress=True, report=_print_epoch)
@@ -251,7 +256,7 @@ def search_command(args: argparse.Namespace) -> int:
     from .tune import SearchConfig, load_search_space, resume_search, run_search
 
     if args.resume:
-        results = resume_search(args.resume, address=args.address)
+        search = resume_search(args.resume, address=args.address)
     else:
         if not args.config:
             raise ValueError("search needs --config FILE (or --resume PATH)")
@@ -273,18 +278,28 @@ def search_command(args: argparse.Namespace) -> int:
             seed=args.sampler_seed,
             max_failures=args.max_failures,
         )
-        results = run_search(config)
-    print(_trials_table(results))
+        search = run_search(config)
+    print(_trials_table(search))
+    if search.interrupted:
+        print(
+            f"search interrupted ({search.interrupted}); finish it with: "
+            f"sora-tune search --resume {search.config.path}"
+        )
+        return 130
     return 0
 
 
-def _trials_table(results) -> str:
+def _trials_table(search) -> str:
+    from .tune.outcome import outcome
+
     lines = [
         f"{'trial':<16}{'status':<12}{'val_score':>10}{'test_score':>11}{'retained':>10}{'r_max':>6}{'train s':>9}"
     ]
-    for result in results:
+    for result in search.results:
         metrics = result.metrics or {}
-        status = "ERROR" if result.error else metrics.get("status", "finished")
+        status = outcome(metrics, error=result.error is not None)
+        if metrics.get("trial_id") in search.interrupted_trials:
+            status = "interrupted"
         lines.append(
             f"{metrics.get('trial_id', '?'):<16}{status:<12}{metrics.get('val_score', float('nan')):>10.4f}"
             f"{metrics.get('test_score', float('nan')):>11.4f}{metrics.get('retained_params', float('nan')):>10.0f}"

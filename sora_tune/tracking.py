@@ -1,18 +1,30 @@
 """MLflow records of trials: params, per-epoch metrics (`step=epoch`), the final scores and the
-pruned adapter. Used by `sora-tune train --mlflow-uri` and by every trial of a search."""
+pruned adapter. Used by `sora-tune train --mlflow-uri` and by every trial of a search.
+
+Everything goes through an `MlflowClient` and the run's id, not MLflow's active run: a trial
+that Ray stops between epochs must leave its run open for the search to end, which the fluent
+API's `with start_run()` would end as FAILED.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
 
 from .config import TrialConfig
-from .train import train_trial
+
+ROLE_TAG = "sora_tune.role"  # "search" on a search's parent run, "trial" on its trials
+FAILURE_TAG = "failure_reason"  # why a run did not finish
+PRECISION_TAG = "sora_tune.precision"  # the autocast dtype the trial trained and scored in
+STOPPED_TAG = "sora_tune.stopped_at_epoch"  # a scheduler stopped the trial after this epoch
 
 
 def numeric(metrics: dict[str, Any]) -> dict[str, float]:
@@ -38,42 +50,69 @@ def create_trial_run(tracking_uri: str, experiment_name: str) -> str:
     """A new MLflow run for one trial (the search makes its own, nested under its parent)."""
     mlflow.set_tracking_uri(tracking_uri)
     experiment = mlflow.set_experiment(experiment_name)
-    client = mlflow.MlflowClient(tracking_uri)
-    return client.create_run(experiment.experiment_id, tags={"sora_tune.role": "trial"}).info.run_id
+    client = MlflowClient(tracking_uri)
+    return client.create_run(experiment.experiment_id, tags={ROLE_TAG: "trial"}).info.run_id
+
+
+def end_run(client: MlflowClient, run_id: str, status: str, reason: str | None = None) -> None:
+    """End a trial's run with `status` (FINISHED, FAILED, KILLED), the reason in `failure_reason`."""
+    if reason is not None:
+        client.set_tag(run_id, FAILURE_TAG, reason[:5000])
+    client.set_terminated(run_id, status=status)
 
 
 def tracked_trial(
-    config: TrialConfig, *, run_id: str, output_dir: str | os.PathLike, **train_kwargs: Any
+    config: TrialConfig,
+    *,
+    run_id: str,
+    tracking_uri: str,
+    output_dir: str | os.PathLike,
+    **train_kwargs: Any,
 ) -> dict[str, Any]:
-    """Run `train_trial` inside the MLflow run `run_id` (created or resumed) and record it.
+    """Run `train_trial` in the MLflow run `run_id` (new, or reopened by a resumed trial) and
+    record it: params, every epoch's metrics at `step=epoch`, then the pruned adapter, its rank
+    pattern and the precision used.
 
-    The tracking URI must be set. A trial that diverges or raises ends its run FAILED with the
-    reason in the tag `failure_reason`; a resumed trial logs into the same run.
+    A trial that raises or diverges ends its run FAILED with the reason in `failure_reason`; one
+    interrupted by Ctrl-C ends KILLED. A trial that Ray stops between epochs (`SystemExit` from
+    its report) leaves the run open: the search, which knows why it stopped the trial (a
+    scheduler, an interrupted search), ends it.
     """
+    from .train import train_trial  # torch, only where a trial runs
+
+    client = MlflowClient(tracking_uri)
+    client.update_run(run_id, status="RUNNING")
+    client.log_batch(run_id, params=[Param(k, v) for k, v in trial_params(config).items()])
     user_report = train_kwargs.pop("report", None)
 
     def report(metrics: dict[str, Any], checkpoint: str) -> None:
-        mlflow.log_metrics(numeric(metrics), step=metrics["epoch"])
+        now = int(time.time() * 1000)
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, v, now, metrics["epoch"]) for k, v in numeric(metrics).items()],
+        )
         if user_report is not None:
             user_report(metrics, checkpoint)
 
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_params(trial_params(config))
-        try:
-            result = train_trial(config, report=report, output_dir=output_dir, **train_kwargs)
-        except Exception as err:
-            mlflow.set_tag("failure_reason", f"{type(err).__name__}: {err}"[:5000])
-            raise
-        result["mlflow_run_id"] = run_id
-        # The final values are the last epoch's (pruning is exact), already logged at step=epoch:
-        # MLflow's run.data.metrics shows the value at the highest step.
-        if result["status"] != "finished":
-            mlflow.set_tag("failure_reason", f"trial {result['status']}")
-            mlflow.end_run(status="FAILED")
-            return result
-        adapter = Path(output_dir) / "adapter"
-        if adapter.exists():
-            mlflow.log_artifacts(str(adapter), artifact_path="adapter")
-        mlflow.log_dict(result.get("rank_pattern", {}), "rank_pattern.json")
-        mlflow.log_metric("head_params", result["head_params"], step=result["epoch"])
+    try:
+        result = train_trial(config, report=report, output_dir=output_dir, **train_kwargs)
+    except Exception as err:
+        end_run(client, run_id, "FAILED", f"{type(err).__name__}: {err}")
+        raise
+    except KeyboardInterrupt:
+        end_run(client, run_id, "KILLED", "interrupted")
+        raise
+    result["mlflow_run_id"] = run_id
+    client.set_tag(run_id, PRECISION_TAG, result["precision"])
+    if result["status"] != "finished":
+        end_run(client, run_id, "FAILED", f"trial {result['status']}")
+        return result
+    # The final values are the last epoch's (pruning is exact), already logged at step=epoch:
+    # MLflow's run.data.metrics shows the value at the highest step.
+    adapter = Path(output_dir) / "adapter"
+    if adapter.exists():
+        client.log_artifacts(run_id, str(adapter), artifact_path="adapter")
+    client.log_dict(run_id, result.get("rank_pattern", {}), "rank_pattern.json")
+    client.log_metric(run_id, "head_params", result["head_params"], step=result["epoch"])
+    end_run(client, run_id, "FINISHED")
     return result

@@ -418,19 +418,25 @@ def save_checkpoint(
     return final
 
 
-def check_checkpoint_config(path: Path, config: TrialConfig) -> None:
-    """Refuse to resume from a checkpoint that a trial with other settings wrote.
+def check_saved_config(saved: dict[str, Any], config: TrialConfig, *, where: str) -> None:
+    """Refuse to continue (or read back) what a trial with other settings wrote to `where`.
 
     Raises:
         ValueError: naming the settings that differ.
     """
-    saved = json.loads((path / "config.json").read_text())
-    changed = sorted(k for k, v in dataclasses.asdict(config).items() if saved.get(k) != v)
+    # Through JSON, as they were saved: lists stay lists.
+    current = json.loads(json.dumps(dataclasses.asdict(config)))
+    changed = sorted(k for k, v in current.items() if saved.get(k) != v)
     if changed:
         raise ValueError(
-            f"{path} is a checkpoint of a trial with other settings ({', '.join(changed)}); "
+            f"{where} holds a trial with other settings ({', '.join(changed)}); "
             "use another output directory"
         )
+
+
+def check_checkpoint_config(path: Path, config: TrialConfig) -> None:
+    """Refuse to resume from a checkpoint that a trial with other settings wrote."""
+    check_saved_config(json.loads((path / "config.json").read_text()), config, where=str(path))
 
 
 def load_checkpoint(path: Path, model, optimization: Optimization) -> list[dict]:

@@ -60,6 +60,14 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
 # command runs from (MLflow's own suggestion for a local store; its file store is deprecated).
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _SQLITE = "sqlite:///"
+
+
+def default_tracking_uri() -> str:
+    """What every command uses without --mlflow-uri: `MLFLOW_TRACKING_URI`, as MLflow itself
+    does, else the sqlite file `DEFAULT_TRACKING_URI`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
 # Scheme-less URIs that MLflow reads as a service, not as a folder.
 _SERVICES = {"databricks", "databricks-uc", "uc"}
 

@@ -3,8 +3,15 @@
 Everything runs offline: the Hub is never asked for anything.
 """
 
+import dataclasses
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -173,3 +180,69 @@ def _work_in_tmp_path(tmp_path, monkeypatch):
     """Run every test in its own folder: MLflow's default ./mlruns and Ray's ./ray_results land
     there, never in the repository."""
     monkeypatch.chdir(tmp_path)
+
+
+@dataclasses.dataclass(frozen=True)
+class MlflowServer:
+    uri: str  # http://127.0.0.1:<port>
+    artifacts: Path  # where the server stores what clients upload
+
+
+def _healthy(uri: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on a free port of 127.0.0.1, serving artifacts: a sqlite backend
+    and an artifact root in a temporary folder, which clients upload to over HTTP as they would
+    from another machine. One for the whole session (tests use their own experiments); stopped
+    by its process group."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    uri = f"http://127.0.0.1:{free_port()}"
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        uri.rsplit(":", 1)[1],
+        "--workers",
+        "1",
+    ]
+    env = os.environ | {
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    log_path = root / "server.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while not _healthy(uri):
+            if server.poll() is not None:
+                pytest.fail(f"mlflow server exited:\n{log_path.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server not ready in 90 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.25)
+        yield MlflowServer(uri=uri, artifacts=root / "artifacts")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()

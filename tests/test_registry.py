@@ -73,7 +73,9 @@ def dev_rows(settings: dict) -> pd.DataFrame:
 def tracked(settings: dict, uri: str, output_dir: Path, experiment: str = "tiny") -> str:
     """Run a trial as `sora-tune train --mlflow-uri` does; returns its run id."""
     run_id = create_trial_run(uri, experiment)
-    tracked_trial(TrialConfig.from_dict(settings), run_id=run_id, output_dir=output_dir)
+    tracked_trial(
+        TrialConfig.from_dict(settings), run_id=run_id, tracking_uri=uri, output_dir=output_dir
+    )
     return run_id
 
 

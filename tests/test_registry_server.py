@@ -1,82 +1,16 @@
 """End to end against a real `mlflow server` process: a tiny search logs its trials to it,
 `register` chooses one and registers its adapter, and the model loads back by its alias."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
-
 import mlflow
 import pytest
 import yaml
 
 from sora_tune.registry import register
 from sora_tune.tune import SearchConfig, load_search_space, run_search
-from tests.conftest import free_port
 from tests.test_registry import MRPC_LABELS, dev_rows, peft_logits
 from tests.tune.conftest import local_ray  # noqa: F401 (a fixture, used below)
 
 pytestmark = pytest.mark.usefixtures("local_ray")
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """`mlflow server` on a free local port: a sqlite backend and proxied artifacts (clients
-    upload through the server, as from another machine) in a temporary folder. Stopped by its
-    process group at teardown."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    uri = f"http://127.0.0.1:{free_port()}"
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(root / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        uri.rsplit(":", 1)[1],
-        "--workers",
-        "1",
-    ]
-    env = os.environ | {
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-    }
-    log_path = root / "server.log"
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + 90
-        while not _healthy(uri):
-            if server.poll() is not None:
-                pytest.fail(f"mlflow server exited:\n{log_path.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not ready in 90 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.25)
-        yield uri
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-
-
-def _healthy(uri: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def test_search_register_and_load_by_alias(mlflow_server, tiny_trial, tmp_path):
@@ -91,19 +25,22 @@ def test_search_register_and_load_by_alias(mlflow_server, tiny_trial, tmp_path):
     config = SearchConfig(
         space=space,
         num_samples=3,
-        mlflow_uri=mlflow_server,
+        mlflow_uri=mlflow_server.uri,
         experiment_name="served",
         storage_path=str(tmp_path / "ray"),
         name="served",
     )
-    assert not run_search(config).errors
+    assert not run_search(config).results.errors
 
     first = register(
-        experiment_name="served", name="tiny-mrpc", tracking_uri=mlflow_server, output_dir=tmp_path
+        experiment_name="served",
+        name="tiny-mrpc",
+        tracking_uri=mlflow_server.uri,
+        output_dir=tmp_path,
     )
     assert first.version == 1 and first.model_uri == "models:/tiny-mrpc/1"
-    mlflow.set_tracking_uri(mlflow_server)
-    client = mlflow.MlflowClient(mlflow_server)
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    client = mlflow.MlflowClient(mlflow_server.uri)
     run = client.get_run(first.run_id)
     assert run.data.tags["sora_tune.role"] == "trial" and run.data.tags["pareto"] == "true"
 
@@ -124,7 +61,7 @@ def test_search_register_and_load_by_alias(mlflow_server, tiny_trial, tmp_path):
     second = register(
         experiment_name="served",
         name="tiny-mrpc",
-        tracking_uri=mlflow_server,
+        tracking_uri=mlflow_server.uri,
         max_params=smallest,
         output_dir=tmp_path,
     )

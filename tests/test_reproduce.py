@@ -1,6 +1,6 @@
-"""scripts/reproduce.py end to end on the tiny model and data: the JSON, the Markdown rendered from
-it, reuse of finished runs, and `--render-only`. No score is asserted: a tiny random model learns
-next to nothing in one epoch."""
+"""scripts/reproduce.py end to end on the tiny model and data: the JSON, the page and the plot
+rendered from it, runs shared between sections, reuse of finished runs, and `--render-only`. No
+score is asserted: a tiny random model learns next to nothing in one epoch."""
 
 import json
 
@@ -9,116 +9,91 @@ import torch
 
 from tests.test_bench_scripts import load_script
 
-TASKS, METHODS, R_MAX, SEEDS = ("mrpc", "stsb"), ("sora", "lora"), 4, (0, 1)
-
 
 @pytest.fixture
-def reproduce_args(tiny_glue, tiny_model_dir, tmp_path):
+def reproduce_args(tiny_trial, tmp_path):
     torch.set_num_threads(1)
     return [
-        f"--tasks={','.join(TASKS)}",
-        f"--methods={','.join(METHODS)}",
-        f"--r-max={R_MAX}",
-        f"--seeds={','.join(map(str, SEEDS))}",
+        "--tasks=mrpc,stsb",
+        "--seeds=0,1",
+        "--ladder-tasks=stsb",
+        "--ladder-ranks=1,4",
+        "--ladder-xi-totals=0.3,1.0",
+        "--ladder-seeds=0,1",
+        "--sensitivity-seeds=0",
+        "--r-max=4",
         "--epochs=1",
-        "--max-train-samples=16",
-        "--max-train-samples-per-task=stsb=12",
-        "--max-eval-samples=8",
-        "--train-eval-samples=8",
+        "--train-rows=mrpc=16,stsb=12",
+        "--eval-rows=8",
+        "--train-eval-rows=8",
         "--max-length=32",
-        "--batch-size=8",
-        f"--data-dir={tiny_glue}",
-        f"--model={tiny_model_dir}",
-        f"--cache-dir={tmp_path / 'cache'}",
-        f"--runs-dir={tmp_path / 'runs'}",
-        f"--output={tmp_path / 'docs' / 'results' / 'reproduce.json'}",
-        f"--results-md={tmp_path / 'docs' / 'results.md'}",
-        f"--figures-dir={tmp_path / 'docs'}",
-        "--sparsify-xi-max=1e-2",
-        "--sparsify-xi-stages=2",
-        "--sparsify-dense-epochs=1",
+        f"--data-dir={tiny_trial['data_dir']}",
+        f"--model={tiny_trial['model']}",
+        "--cache-dir=cache",
+        "--runs-dir=runs",
+        "--output=docs/results/reproduce.json",
+        "--results-md=docs/results.md",
+        "--figure=docs/ladder.png",
         "--threads=1",
     ]
 
 
 def test_reproduce(reproduce_args, tmp_path):
-    """Two invocations and a re-render: ~25 s."""
     script = load_script("reproduce")
     docs = tmp_path / "docs"
     result = script.main(reproduce_args)
 
     data = json.loads((docs / "results" / "reproduce.json").read_text())
-    assert {"config", "machine", "trial_settings", "tasks", "runs", "summary", "sparsify"} <= set(
-        data
-    )
-    assert data["wall_s"] > 0
-    assert data["config"]["argv"] == reproduce_args
-    assert data["config"]["command"].startswith("python scripts/reproduce.py --tasks=mrpc,stsb")
-    assert {"platform", "cpus", "torch", "torch_threads"} <= set(data["machine"])
-    assert len(data["runs"]) == len(TASKS) * len(METHODS) * len(SEEDS)
-    assert all(r["status"] == "finished" and not r["reused"] for r in data["runs"])
-    # One budget for both methods; the per-task override applies to STS-B only.
-    assert data["tasks"]["mrpc"]["train_rows"] == 16 and data["tasks"]["stsb"]["train_rows"] == 12
-    assert data["tasks"]["stsb"]["baseline"] == 0.0  # a constant guess has no correlation
-    assert 0 < data["tasks"]["mrpc"]["baseline"] < 1  # majority-class accuracy
-    lora = [r["retained_params"] for r in data["runs"] if r["method"] == "lora"]
-    assert len(set(lora)) == 1  # LoRA keeps every rank
-
-    summary = data["summary"]
-    assert len(summary["groups"]) == len(TASKS) * len(METHODS)
-    for group in summary["groups"]:
-        assert group["seeds"] == len(SEEDS)
-        assert group["test_score_std"] is not None  # sample std over two seeds
-    assert [(d["task"], d["r_max"]) for d in summary["deltas"]] == [(t, R_MAX) for t in TASKS]
-    assert {a["method"] for a in summary["average"]} == set(METHODS)
-
-    sweep = data["sparsify"]
-    assert [row["stage"] for row in sweep["rows"]] == [0, 1]
-    assert [row["xi"] for row in sweep["rows"]] == pytest.approx([1e-4, 1e-2])
-    assert (docs / "sparsify_mrpc.png").stat().st_size > 0
-    assert (docs / "ranks_mrpc.png").stat().st_size > 0
+    assert data["command"].startswith("python scripts/reproduce.py --tasks=mrpc,stsb")
+    # table2 2 tasks × 2 methods × 2 seeds, ladder 2 ranks + 2 ξ_total × 2 seeds (LoRA r=4 is
+    # Table 2's), sensitivity 9, clipping 2: each run once.
+    assert len(data["rows"]) == 8 + 6 + 9 + 2
+    assert all(r["status"] == "finished" and not r["reused"] for r in data["rows"])
+    assert str(tmp_path) not in json.dumps(data), "no machine paths in what the docs are made of"
+    analysis = data["analysis"]
+    assert [(g["task"], g["method"], g["seeds"]) for g in analysis["table2"]["groups"]] == [
+        ("mrpc", "sora", 2),
+        ("mrpc", "lora", 2),
+        ("stsb", "sora", 2),
+        ("stsb", "lora", 2),
+    ]
+    ladder = analysis["ladder"]["stsb"]
+    assert [p["label"] for p in ladder["lora"]] == ["LoRA r=1", "LoRA r=4"]
+    assert [p["seeds"] for p in ladder["lora"] + ladder["sora"]] == [2, 2, 2, 2]
+    assert {p["vs_ladder"]["where"] for p in ladder["sora"]} <= {"above", "on", "below"}
+    assert ladder["reference"][1] == pytest.approx(1.1 * 4 * 2 * (4 * 64 + 96 + 96))
+    assert set(analysis["sensitivity"]["cells"]) == {
+        f"{xi:g},{lam:g}" for xi in (1e-5, 1e-4, 1e-3) for lam in (1e-3, 0.1, 10.0)
+    }
+    assert analysis["clipping"]["pairs"] == 2
+    assert (docs / "ladder.png").stat().st_size > 0
 
     text = (docs / "results.md").read_text()
-    assert "python scripts/reproduce.py --tasks=mrpc,stsb" in text
-    for task in TASKS:
-        for method in METHODS:
-            assert any(
-                line.startswith(f"| {task} | {R_MAX} | {method} |") and " ± " in line
-                for line in text.splitlines()
-            ), (task, method)
-        assert any(
-            line.startswith(f"| {task} | {R_MAX} | ") and "%" in line for line in text.splitlines()
-        )
-    assert (
-        "## SoRA − LoRA" in text and "](sparsify_mrpc.png)" in text and "](ranks_mrpc.png)" in text
-    )
-    assert "need not match the paper" in text
+    for heading in ("## Table 2's shape", "## Does SoRA buy", "## Sensitivity", "## Gradient"):
+        assert heading in text
+    assert "](ladder.png)" in text and "| stsb | lora | 2 |" in text
 
-    # A second invocation reads every finished run and the sweep back instead of training again.
-    # The grid's runs are read back untouched; the sweep resumes at its end (its curve is
-    # compared below), which re-prunes and rewrites its metrics.json.
-    metrics_files = sorted((tmp_path / "runs").glob("*/metrics.json"))
-    assert len(metrics_files) == len(data["runs"]) + 1
-    metrics_files = [path for path in metrics_files if not path.parent.name.startswith("sparsify")]
-    mtimes = [path.stat().st_mtime_ns for path in metrics_files]
+    # A second invocation reads every run back, untouched.
+    metrics = sorted((tmp_path / "runs").glob("*/metrics.json"))
+    assert len(metrics) == len(data["rows"])
+    mtimes = [path.stat().st_mtime_ns for path in metrics]
     again = script.main(reproduce_args)
-    assert all(r["reused"] for r in again["runs"]) and again["sparsify"]["reused"]
-    assert [path.stat().st_mtime_ns for path in metrics_files] == mtimes
-    assert again["summary"] == result["summary"]
-    assert again["sparsify"]["rows"] == result["sparsify"]["rows"]  # the sweep resumed at its end
+    assert all(r["reused"] for r in again["rows"])
+    assert [path.stat().st_mtime_ns for path in metrics] == mtimes
+    assert again["analysis"] == result["analysis"]
 
-    # The Markdown comes from the JSON alone.
+    # The page comes from the JSON alone; a note on what else ran goes into both.
     rendered = (docs / "results.md").read_text()
     (docs / "results.md").unlink()
     script.main([*reproduce_args, "--render-only"])
     assert (docs / "results.md").read_text() == rendered
-    # A note on what else ran goes into the JSON and the page.
     script.main([*reproduce_args, "--render-only", "--note=a CI run shared the CPU"])
     assert "a CI run shared the CPU" in (docs / "results.md").read_text()
 
 
 def test_a_run_folder_with_other_settings_is_refused(reproduce_args):
     script = load_script("reproduce")
-    script.main([*reproduce_args, "--tasks=mrpc", "--seeds=0", "--methods=lora", "--skip-sparsify"])
+    one = ["--sections=table2", "--tasks=mrpc", "--seeds=0"]
+    script.main([*reproduce_args, *one])
     with pytest.raises(ValueError, match="other settings .*epochs"):
-        script.main([*reproduce_args, "--tasks=mrpc", "--seeds=0", "--methods=lora", "--epochs=2"])
+        script.main([*reproduce_args, *one, "--epochs=2"])

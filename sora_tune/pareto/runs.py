@@ -24,10 +24,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
+from ..tracking import FAILURE_TAG, ROLE_TAG, STOPPED_TAG
 from ..uris import existing_store
 from .front import default_reference, hypervolume, is_pareto_front, select
 
-ROLE_TAG = "sora_tune.role"  # "search" on a search's parent run, "trial" on its trials
 FRONT_METHOD = "sora"
 OBJECTIVES = {"val_score": "maximize", "retained_params": "minimize", "train_time_s": "minimize"}
 REQUIRED_METRICS = ("val_score", "retained_params")
@@ -186,11 +186,13 @@ def _search_runs(client: MlflowClient, experiment_id: str, filter_string: str = 
 
 
 def _left_out_reason(run: Run) -> str | None:
-    status = run.info.status
-    if status == "FAILED":
-        return f"failed: {run.data.tags.get('failure_reason', 'no failure_reason tag')}"
+    status, tags = run.info.status, run.data.tags
+    if status in ("FAILED", "KILLED"):
+        return f"{status.lower()}: {tags.get(FAILURE_TAG, f'no {FAILURE_TAG} tag')}"
     if status != "FINISHED":
         return f"unfinished ({status})"
+    if STOPPED_TAG in tags:  # its scores are of a smaller budget than the others'
+        return f"stopped early at epoch {tags[STOPPED_TAG]}"
     if "method" not in run.data.params:
         return "no method param (not a sora-tune trial)"
     for name in REQUIRED_METRICS:

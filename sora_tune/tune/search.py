@@ -2,7 +2,8 @@
 settings, MLflow keeps one parent run per search and one child run per trial.
 
 Optuna receives each trial's last-epoch `val_score` and `retained_params`: the values of the
-adapter the trial exports, so what the search optimises is what you can ship.
+adapter the trial exports, so what the search optimises is what you can ship. A trial that a
+scheduler stops early is PRUNED for Optuna and left off the front (see `outcome`).
 """
 
 from __future__ import annotations
@@ -10,52 +11,45 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
+import signal
 import subprocess
-import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import mlflow
 from datasets import Dataset, DatasetDict
 
 from .. import __version__
-from ..config import TrialConfig
+from ..config import DATA_FIELDS, TrialConfig
 from ..data import load_glue
-from ..tracking import tracked_trial
+from ..tracking import ROLE_TAG
 from ..train import load_tokenizer, prepare_data
 from ..uris import (
-    DEFAULT_TRACKING_URI,
     check_no_password,
     check_tracking_uri,
+    default_tracking_uri,
     redact_uri,
     resolve_tracking_uri,
 )
+from .cluster import (
+    check_client_storage,
+    check_paths_on_nodes,
+    check_storage,
+    check_tracking_for_cluster,
+)
+from .outcome import StoppedAsPrunedOptunaSearch, TrialRecorder, close_open_runs
 from .space import SearchSpace
-
-if TYPE_CHECKING:
-    import pyarrow.fs
+from .state import read_search_state, write_search_state
+from .trial import run_trial, trial_dirname
 
 Sampler = Literal["tpe", "nsga2", "gp", "random"]
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 OBJECTIVES = {"val_score": "max", "retained_params": "min"}
-# Settings that change the tokenised data: when one is searched, each trial prepares its own.
-DATA_KEYS = (
-    "task",
-    "data_dir",
-    "model",
-    "max_length",
-    "max_train_samples",
-    "max_eval_samples",
-    "val_size",
-    "seed",
-    "train_eval_samples",
-    "cache_dir",
-)
-SEARCH_STATE_FILE = "sora_tune_search.json"  # beside Ray's experiment state, for --resume
 
 
 @dataclass
@@ -69,14 +63,16 @@ class SearchConfig:
         objective: `multi` (maximise val_score, minimise retained_params) or `val_score` alone.
         asha: Stop poor trials early with ASHA (single objective only).
         max_concurrent: At most this many trials at once; `None`: as many as resources allow.
-        cpus_per_trial, gpus_per_trial: Resources of one trial; fractions of a GPU let several
-            small trials share it.
+        cpus_per_trial, gpus_per_trial: Resources of one trial. A trial is one process on one
+            device: at most 1 GPU, and fractions let several small trials share one.
         address: `None` starts a local Ray; `auto` or `ray://host:port` joins a cluster.
         storage_path: Where Ray keeps the experiment state; shared storage (NFS, s3://, gs://)
-            for several nodes.
+            for several nodes, a URI with `ray://`.
         name: The Ray experiment name (a folder under `storage_path`).
-        mlflow_uri: MLflow tracking URI; a local sqlite file by default. A relative local store
-            (`sqlite:///mlflow.db`, `file:mlruns`) is taken from the current folder.
+        mlflow_uri: MLflow tracking URI; by default `MLFLOW_TRACKING_URI`, else a local sqlite
+            file. A relative local store
+            (`sqlite:///mlflow.db`, `file:mlruns`) is taken from the current folder. A cluster
+            needs a server that serves artifacts.
         experiment_name: MLflow experiment.
         seed: Seeds the sampler.
         max_failures: Retries of a trial that crashed (a node lost, an exception).
@@ -89,11 +85,11 @@ class SearchConfig:
     asha: bool = False  # early stopping, single objective only
     max_concurrent: int | None = None  # None: as many as fit
     cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0  # fractions share a GPU
+    gpus_per_trial: float = 0.0  # at most 1; fractions share a GPU
     address: str | None = None  # None: local Ray
     storage_path: str | None = None  # None: ./ray_results
     name: str | None = None  # None: "<experiment_name>-<timestamp>"
-    mlflow_uri: str = DEFAULT_TRACKING_URI
+    mlflow_uri: str = dataclasses.field(default_factory=default_tracking_uri)
     experiment_name: str = "sora-tune"
     seed: int = 0
     max_failures: int = 1  # retries of a crashed trial
@@ -111,15 +107,49 @@ class SearchConfig:
             )
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise ValueError("cpus_per_trial must be > 0 and gpus_per_trial >= 0")
+        if self.gpus_per_trial > 1:
+            raise ValueError(
+                f"gpus_per_trial must be at most 1, got {self.gpus_per_trial:g}: a trial is one "
+                "process on one device (fractions such as 0.5 let trials share a GPU); run more "
+                "trials at once instead"
+            )
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {self.max_concurrent}")
+        check_client_storage(self.address, self.storage_path)
         # Paths are taken from the user's folder here, on the driver: Ray starts every trial in
         # a folder of its own.
         if self.storage_path is None or "://" not in self.storage_path:
             self.storage_path = os.path.abspath(self.storage_path or "ray_results")
         self.mlflow_uri = resolve_tracking_uri(self.mlflow_uri)
+        check_tracking_for_cluster(self.mlflow_uri, nodes=1, address=self.address)
         self.space = self.space.with_resolved_paths()
         self.name = self.name or f"{self.experiment_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    @property
+    def path(self) -> str:
+        """The search's Ray folder: what `--resume` takes."""
+        return f"{self.storage_path}/{self.name}"
+
+
+@dataclass
+class SearchResult:
+    """A finished (or interrupted) search.
+
+    Attributes:
+        results: Ray's `ResultGrid`, one result per trial.
+        config: The search's settings.
+        experiment_id: The MLflow experiment of its runs.
+        parent_run_id: Its MLflow parent run.
+        interrupted: The signal that stopped it (`SIGINT`, `SIGTERM`), or `None`.
+        interrupted_trials: Ids of the trials in flight when it was interrupted.
+    """
+
+    results: Any
+    config: SearchConfig
+    experiment_id: str
+    parent_run_id: str
+    interrupted: str | None = None
+    interrupted_trials: list[str] = dataclasses.field(default_factory=list)
 
 
 def make_sampler(name: Sampler, seed: int):
@@ -148,106 +178,38 @@ def _code_version() -> str:
     return f"{__version__}+{sha}" if sha else __version__
 
 
-def find_trial_run(
-    client: mlflow.MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str
-) -> str | None:
-    """The MLflow run a Ray trial already has (after a restart or a resumed search), if any."""
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.ray_trial_id = '{trial_id}'",
-        max_results=1,
-    )
-    return runs[0].info.run_id if runs else None
+def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None) -> SearchResult:
+    """Run (or, with `resume`, finish) a search.
 
-
-def trial_dirname(trial) -> str:
-    """A trial's folder under the search's: its id. Ray's default name lists every setting."""
-    return f"trial_{trial.trial_id}"
-
-
-def run_trial(trial_params: dict[str, Any], *, data=None, tracking: dict[str, str]) -> None:
-    """The Ray Tune function trainable: one trial, its own MLflow child run, resumable."""
-    import ray
-    from ray import tune
-
-    context = tune.get_context()
-    trial_id = context.get_trial_id()
-    config = TrialConfig.from_dict(trial_params)
-    mlflow.set_tracking_uri(tracking["uri"])
-    client = mlflow.MlflowClient(tracking["uri"])
-    run_id = find_trial_run(client, tracking["experiment_id"], tracking["parent_run_id"], trial_id)
-    if run_id is None:  # a retried or resumed trial keeps its run
-        run_id = client.create_run(
-            tracking["experiment_id"],
-            tags={
-                "mlflow.parentRunId": tracking["parent_run_id"],
-                "ray_trial_id": trial_id,
-                "sora_tune.role": "trial",
-                "mlflow.runName": context.get_trial_name(),
-            },
-        ).info.run_id
-
-    client.set_tag(run_id, "ray_node_id", ray.get_runtime_context().get_node_id())
-
-    def report(metrics: dict[str, Any], checkpoint_dir: str) -> None:
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
-
-    checkpoint = tune.get_checkpoint()
-    # Not in the trial's Ray folder, which Ray copies to the storage path while trials write:
-    # what lasts is reported as checkpoints and logged to MLflow.
-    with (
-        tempfile.TemporaryDirectory(prefix=f"sora-trial-{trial_id}-") as output_dir,
-        checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_from,
-    ):
-        result = tracked_trial(
-            config,
-            run_id=run_id,
-            output_dir=output_dir,
-            report=report,
-            data=data,
-            resume_from=resume_from,
-        )
-    if result["status"] != "finished":
-        # NaN objectives make Optuna record the trial as failed; the search goes on.
-        tune.report(
-            {"val_score": math.nan, "retained_params": math.nan, "status": result["status"]}
-        )
-
-
-def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None):
-    """Run (or, with `resume`, finish) a search; returns Ray's `ResultGrid`.
+    SIGINT (Ctrl-C) and SIGTERM stop it gracefully: no new trials, the trials in flight end
+    their MLflow runs KILLED ("search interrupted") and the parent run too, and `resume`
+    (`sora-tune search --resume <path>`) continues them in the same runs. A second signal stops
+    at once.
 
     Raises:
-        ValueError: bad settings or storage unsuitable for the cluster.
+        ValueError: bad settings, or storage, tracking or files the cluster's nodes cannot use.
         ConnectionError: the MLflow server does not answer (before any trial starts).
     """
     import ray
-    from ray import tune
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
-    # Everything that can be wrong with the input fails here, before Ray starts: the MLflow
-    # server, the fixed settings (task, model path, ...), the data folder and its TSV files.
-    check_tracking_uri(config.mlflow_uri)
-    check_no_password("--storage-path", config.storage_path)
-    space = config.space
-    fixed_trial = TrialConfig.from_dict(space.fixed)  # validates the fixed part once more
-    # Tokenise once and share through Ray's object store, unless a data setting is searched.
-    data = None
-    if not set(DATA_KEYS) & set(space.distributions):
-        data = in_memory(prepare_data(fixed_trial, load_tokenizer(fixed_trial)))
-    else:  # each trial prepares its own data: read every task's files once, to check them
-        for task, data_dir in _data_sources(space):
-            load_glue(task, data_dir)
-
+    data = _check_inputs(config)
     if not ray.is_initialized():
         ray.init(address=config.address, log_to_driver=True)
-    check_storage(config.storage_path)
+    _check_cluster(config, shares_data=data is not None)
 
     mlflow.set_tracking_uri(config.mlflow_uri)
     experiment = mlflow.set_experiment(config.experiment_name)
+    nodes = sum(node.get("Alive", False) for node in ray.nodes())
+    check_tracking_for_cluster(
+        config.mlflow_uri,
+        nodes=nodes,
+        address=config.address,
+        artifact_location=experiment.artifact_location,
+    )
+    client = mlflow.MlflowClient(config.mlflow_uri)
     if resume is not None:
         parent_run_id = read_search_state(resume)["parent_run_id"]
+        client.update_run(parent_run_id, status="RUNNING")
     else:
         parent_run_id = start_parent_run(config, experiment.experiment_id)
     tracking = {
@@ -255,119 +217,195 @@ def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None)
         "experiment_id": experiment.experiment_id,
         "parent_run_id": parent_run_id,
     }
+    with stop_gracefully_on_signals() as received:
+        try:
+            results = _make_tuner(config, tracking, data, resume).fit()
+        except KeyboardInterrupt:  # a second signal, or one before Ray Tune started
+            client.set_terminated(parent_run_id, status="KILLED")
+            raise
+        except Exception:
+            client.set_terminated(parent_run_id, status="FAILED")
+            raise
+    return _end_search(config, client, tracking, results, received[0] if received else None)
+
+
+def _check_inputs(config: SearchConfig) -> DatasetDict | None:
+    """Everything that can be wrong with the input fails here, before Ray starts: the MLflow
+    server, the fixed settings (task, model path, ...), the data folder and its TSV files.
+    Returns the tokenised data to share with every trial, or `None` when a data setting is
+    searched (each trial then prepares its own)."""
+    check_tracking_uri(config.mlflow_uri)
+    check_no_password("--storage-path", config.storage_path)
+    space = config.space
+    fixed_trial = TrialConfig.from_dict(space.fixed)  # validates the fixed part once more
+    if not set(DATA_FIELDS) & set(space.distributions):
+        return in_memory(prepare_data(fixed_trial, load_tokenizer(fixed_trial)))
+    for task in space.values("task"):  # read every task's files once, to check them
+        for data_dir in space.values("data_dir"):
+            load_glue(task, data_dir)
+    return None
+
+
+def _check_cluster(config: SearchConfig, *, shares_data: bool) -> None:
+    """On a cluster: shared storage, and the model (and data) folders on every node."""
+    import ray
+
+    check_storage(config.storage_path)
+    nodes = sum(node.get("Alive", False) for node in ray.nodes())
+    if nodes <= 1 and not config.address:
+        return
+    settings = ["model"] + ([] if shares_data else ["data_dir"])
+    check_paths_on_nodes(
+        {
+            name: [v for v in config.space.values(name) if v and os.path.isabs(v)]
+            for name in settings
+        }
+    )
+
+
+def _make_tuner(config: SearchConfig, tracking: dict[str, str], data, resume):
+    """The Tuner of a new search, or the restored one of an interrupted search."""
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, data=data, tracking=tracking),
         {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
     )
-
     if resume is not None:
-        tuner = tune.Tuner.restore(
+        return tune.Tuner.restore(
             str(resume), trainable=trainable, resume_errored=False, restart_errored=False
         )
-    else:
-        metrics = list(OBJECTIVES) if config.objective == "multi" else ["val_score"]
-        searcher = OptunaSearch(
-            metric=metrics if len(metrics) > 1 else metrics[0],
-            mode=[OBJECTIVES[m] for m in metrics] if len(metrics) > 1 else "max",
-            sampler=make_sampler(config.sampler, config.seed),
-            points_to_evaluate=space.points_to_evaluate or None,
-        )
-        if config.max_concurrent:
-            searcher = ConcurrencyLimiter(searcher, max_concurrent=config.max_concurrent)
-        scheduler = None
-        if config.asha:
-            scheduler = tune.schedulers.ASHAScheduler(
-                metric="val_score",
-                mode="max",
-                time_attr="training_iteration",
-                max_t=fixed_trial.epochs,
-                grace_period=1,
-            )
-        tuner = tune.Tuner(
-            trainable,
-            param_space=space.to_tune(),
-            tune_config=tune.TuneConfig(
-                search_alg=searcher,
-                scheduler=scheduler,
-                num_samples=config.num_samples,
-                reuse_actors=True,
-                trial_dirname_creator=trial_dirname,
-            ),
-            run_config=tune.RunConfig(
-                name=config.name,
-                storage_path=config.storage_path,
-                failure_config=tune.FailureConfig(max_failures=config.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            ),
-        )
-        write_search_state(
-            f"{config.storage_path}/{config.name}",
-            {"parent_run_id": parent_run_id, "config": _search_params(config)},
-        )
-
-    results = tuner.fit()
-    client = mlflow.MlflowClient(config.mlflow_uri)
-    close_open_runs(client, experiment.experiment_id, parent_run_id, results)
-    client.set_terminated(parent_run_id)
-    return results
-
-
-def close_open_runs(
-    client: mlflow.MlflowClient, experiment_id: str, parent_run_id: str, results
-) -> None:
-    """End the trial runs still RUNNING once the search is over, so each trial has one run.
-
-    A trial Ray knows ends its run itself unless its worker died for good: its run ends FAILED.
-    Any other open run belongs to a trial that a killed driver had started but not yet saved in
-    its experiment state; the resumed search ran that work again as another trial, so the orphan
-    is deleted (MLflow keeps deleted runs restorable).
-    """
-    # A trial's folder name carries its id, also for trials that errored before any report.
-    folders = [Path(result.path).name for result in results]
-    open_runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'",
+    space = config.space
+    metrics = list(OBJECTIVES) if config.objective == "multi" else ["val_score"]
+    searcher = StoppedAsPrunedOptunaSearch(
+        metric=metrics if len(metrics) > 1 else metrics[0],
+        mode=[OBJECTIVES[m] for m in metrics] if len(metrics) > 1 else "max",
+        sampler=make_sampler(config.sampler, config.seed),
+        points_to_evaluate=space.points_to_evaluate or None,
     )
-    for run in open_runs:
-        trial_id = run.data.tags.get("ray_trial_id", "")
-        known = bool(trial_id) and any(trial_id in folder for folder in folders)
-        reason = "worker lost, trial did not finish" if known else "orphaned by a killed driver"
-        client.set_tag(run.info.run_id, "failure_reason", reason)
-        client.set_terminated(run.info.run_id, status="FAILED" if known else "KILLED")
-        if not known:
-            client.delete_run(run.info.run_id)
+    if config.max_concurrent:
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=config.max_concurrent)
+    scheduler = None
+    if config.asha:
+        scheduler = tune.schedulers.ASHAScheduler(
+            metric="val_score",
+            mode="max",
+            time_attr="training_iteration",
+            max_t=TrialConfig.from_dict(space.fixed).epochs,
+            grace_period=1,
+        )
+    tuner = tune.Tuner(
+        trainable,
+        param_space=space.to_tune(),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=config.num_samples,
+            reuse_actors=True,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=config.name,
+            storage_path=config.storage_path,
+            failure_config=tune.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[TrialRecorder(tracking)],
+        ),
+    )
+    write_search_state(
+        config.path,
+        {"parent_run_id": tracking["parent_run_id"], "config": dataclasses.asdict(config)},
+    )
+    return tuner
 
 
-def _data_sources(space: SearchSpace) -> set[tuple[str, str | None]]:
-    """Every (task, data_dir) pair the trials of `space` can use."""
+def _end_search(
+    config: SearchConfig,
+    client: mlflow.MlflowClient,
+    tracking: dict[str, str],
+    results,
+    interrupted: str | None,
+) -> SearchResult:
+    """End the runs Ray left open and the parent run: FINISHED, or KILLED when interrupted."""
+    parent_run_id = tracking["parent_run_id"]
+    closed = close_open_runs(
+        client,
+        tracking["experiment_id"],
+        parent_run_id,
+        results,
+        interrupted=interrupted is not None,
+    )
+    if interrupted:
+        client.set_tag(parent_run_id, "sora_tune.interrupted_by", interrupted)
+    client.set_terminated(parent_run_id, status="KILLED" if interrupted else "FINISHED")
+    return SearchResult(
+        results=results,
+        config=config,
+        experiment_id=tracking["experiment_id"],
+        parent_run_id=parent_run_id,
+        interrupted=interrupted,
+        interrupted_trials=closed if interrupted else [],
+    )
 
-    def values(name: str) -> list[Any]:
-        if name in space.distributions:
-            return space.distributions[name].get("values", [])
-        return [space.fixed.get(name, getattr(TrialConfig, name))]
 
-    return {(task, data_dir) for task in values("task") for data_dir in values("data_dir")}
+@contextlib.contextmanager
+def stop_gracefully_on_signals() -> Iterator[list[str]]:
+    """While a search runs, SIGINT and SIGTERM stop it as Ray Tune stops on SIGINT (the loop
+    ends, the experiment state is saved for a resume); yields the list of signals received.
+
+    Ray Tune handles only SIGINT (and SIGUSR1), and only on the main thread: here both signals
+    call its handler, which it installs for SIGUSR1 when `fit` starts. Before that, or on a
+    second signal, they raise `KeyboardInterrupt`. Off the main thread, signals stay Python's.
+    """
+    received: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handle(signum: int, frame) -> None:
+        first = not received
+        received.append(signal.Signals(signum).name)
+        tune_handler = signal.getsignal(signal.SIGUSR1)
+        if not first or not callable(tune_handler):
+            raise KeyboardInterrupt
+        tune_handler(signum, frame)
+
+    watched = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    previous = {s: signal.getsignal(s) for s in watched}
+    variable = "TUNE_DISABLE_SIGINT_HANDLER"  # Tune's own SIGINT handler would replace ours
+    previous_variable = os.environ.get(variable)
+    os.environ[variable] = "1"
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # not a handler of an earlier search
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    try:
+        yield received
+    finally:
+        for watched_signal, handler in previous.items():
+            signal.signal(watched_signal, handler)
+        if previous_variable is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = previous_variable
 
 
 def in_memory(data: DatasetDict) -> DatasetDict:
-    """A copy held in memory: a dataset loaded from the disk cache pickles as a file reference,
-    which a worker on another machine could not open."""
+    """The splits as in-memory Arrow tables: a dataset loaded from the disk cache pickles as a
+    file reference, which a worker on another machine could not open. The rows stay in Arrow
+    (a `take` of the selected rows), never Python objects."""
     return DatasetDict(
         {
-            name: Dataset.from_dict(split.to_dict(), features=split.features)
+            name: Dataset(split.with_format("arrow")[:], info=split.info, split=split.split)
             for name, split in data.items()
         }
     )
 
 
-def _search_params(config: SearchConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)  # nested: the space is a dict too
-
-
-def resume_search(path: str | os.PathLike, *, address: str | None = None):
+def resume_search(path: str | os.PathLike, *, address: str | None = None) -> SearchResult:
     """Finish an interrupted search from its Ray experiment folder: finished trials are not run
-    again and every trial keeps its MLflow run.
+    again and every trial keeps its MLflow run. Every setting comes from the search itself; only
+    `address` (where Ray runs) may differ.
 
     Raises:
         FileNotFoundError: `path` is not the folder of a sora-tune search.
@@ -378,45 +416,6 @@ def resume_search(path: str | os.PathLike, *, address: str | None = None):
     return run_search(SearchConfig(**values), resume=path)
 
 
-def _state_file(folder: str | os.PathLike) -> tuple[pyarrow.fs.FileSystem, str]:
-    """The file system and path of a search's state file, through pyarrow as Ray resolves its
-    storage: a local or NFS folder, or a URI such as s3://bucket/path or gs://bucket/path."""
-    import pyarrow.fs
-
-    folder = str(folder)
-    if "://" not in folder:
-        folder = os.path.abspath(folder)
-    filesystem, path = pyarrow.fs.FileSystem.from_uri(folder)
-    return filesystem, f"{path.rstrip('/')}/{SEARCH_STATE_FILE}"
-
-
-def write_search_state(folder: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write the state `--resume` needs into the search's Ray folder, whole or not at all."""
-    filesystem, path = _state_file(folder)
-    filesystem.create_dir(path.rpartition("/")[0], recursive=True)
-    staged = f"{path}.tmp"
-    with filesystem.open_output_stream(staged) as stream:
-        stream.write(json.dumps(state, indent=1).encode())
-    filesystem.move(staged, path)
-
-
-def read_search_state(folder: str | os.PathLike) -> dict[str, Any]:
-    """The state `write_search_state` wrote.
-
-    Raises:
-        FileNotFoundError: `folder` is not the folder of a sora-tune search.
-    """
-    import pyarrow.fs
-
-    filesystem, path = _state_file(folder)
-    if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
-        raise FileNotFoundError(
-            f"{folder} is not a sora-tune search folder (no {SEARCH_STATE_FILE})"
-        )
-    with filesystem.open_input_stream(path) as stream:
-        return json.loads(stream.read())
-
-
 def start_parent_run(config: SearchConfig, experiment_id: str) -> str:
     """The search's parent run: the space, sampler, sample count, code version and resources."""
     import ray
@@ -425,7 +424,7 @@ def start_parent_run(config: SearchConfig, experiment_id: str) -> str:
     run = client.create_run(
         experiment_id,
         run_name=config.name,
-        tags={"sora_tune.role": "search", "ray_experiment": config.name},
+        tags={ROLE_TAG: "search", "ray_experiment": config.name},
     )
     params = {
         "sampler": config.sampler,
@@ -435,50 +434,9 @@ def start_parent_run(config: SearchConfig, experiment_id: str) -> str:
         "gpus_per_trial": config.gpus_per_trial,
         "code_version": _code_version(),
         "cluster_resources": json.dumps(ray.cluster_resources()),
-        "ray_storage": redact_uri(f"{config.storage_path}/{config.name}"),
+        "ray_storage": redact_uri(config.path),
     }
     for key, value in params.items():
         client.log_param(run.info.run_id, key, str(value))
     client.log_dict(run.info.run_id, dataclasses.asdict(config.space), "search_space.json")
     return run.info.run_id
-
-
-def check_storage(storage_path: str) -> None:
-    """On a cluster with nodes on other machines, a local `storage_path` must be shared.
-
-    Raises:
-        ValueError: several machines, and a local path on no network file system.
-    """
-    import ray
-
-    if "://" in storage_path:
-        return
-    addresses = {node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")}
-    if len(addresses) <= 1 or _is_network_filesystem(storage_path):
-        return
-    raise ValueError(
-        f"storage_path {storage_path} is a local folder, but the cluster spans {len(addresses)} "
-        "machines: use shared storage (an NFS mount, s3://bucket/path or gs://bucket/path)"
-    )
-
-
-def _is_network_filesystem(path: str) -> bool:
-    network = {
-        "nfs",
-        "nfs4",
-        "cifs",
-        "smb3",
-        "lustre",
-        "gpfs",
-        "beegfs",
-        "fuse.sshfs",
-        "ceph",
-        "glusterfs",
-    }
-    try:
-        mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
-    except OSError:
-        return False
-    path = os.path.realpath(path)
-    best = max((m for m in mounts if path.startswith(m[1])), key=lambda m: len(m[1]), default=None)
-    return best is not None and best[2] in network

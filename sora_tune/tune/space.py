@@ -52,6 +52,13 @@ class SearchSpace:
         space.validate("overrides")
         return space
 
+    def values(self, name: str) -> list[Any]:
+        """Every value setting `name` can take in this space's trials: its choices, or its fixed
+        value (`TrialConfig`'s default when the space leaves it out)."""
+        if name in self.distributions:
+            return list(self.distributions[name].get("values", []))
+        return [self.fixed.get(name, getattr(TrialConfig, name))]
+
     def with_resolved_paths(self) -> SearchSpace:
         """The space with every path setting absolute (see `train.resolve_paths`), fixed, chosen
         from or a starting point, so trials read the files the user named from their folder."""

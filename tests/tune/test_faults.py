@@ -67,7 +67,7 @@ def val_score_steps(client: mlflow.MlflowClient, run_id: str) -> list[int]:
 
 
 def test_a_trial_on_a_lost_node_resumes_from_its_last_checkpoint(
-    worker_cluster, tiny_trial, write_space, tmp_path
+    worker_cluster, mlflow_server, tiny_trial, write_space, tmp_path
 ):
     epochs = 8
     # Enough rows that an epoch lasts a second or two on the tiny model: time to remove the node
@@ -75,14 +75,17 @@ def test_a_trial_on_a_lost_node_resumes_from_its_last_checkpoint(
     glue = write_tiny_glue(tmp_path / "long-glue", n_train=1600, n_dev=16)
     parameters = tiny_search_parameters(tiny_trial) | {"epochs": epochs, "data_dir": str(glue)}
     _, space = write_space(parameters)
-    config, uri = search_in(tmp_path, space, "lost-node", num_samples=1, max_failures=2)
+    config, uri = search_in(
+        tmp_path, space, "lost-node", num_samples=1, max_failures=2, mlflow_uri=mlflow_server.uri
+    )
     client = mlflow.MlflowClient(uri)
+    mlflow.set_tracking_uri(uri)
 
     outcome: dict = {}
 
     def search() -> None:
         try:
-            outcome["results"] = run_search(config)
+            outcome["results"] = run_search(config).results
         except BaseException as err:  # surfaced by the main thread
             outcome["error"] = err
 
@@ -95,15 +98,14 @@ def test_a_trial_on_a_lost_node_resumes_from_its_last_checkpoint(
     # Generous: on a loaded machine the worker's actor alone took 2 minutes to start.
     deadline = time.time() + 600
     while time.time() < deadline and "error" not in outcome:
-        if os.path.exists(tmp_path / "mlflow.db"):
-            runs = mlflow.search_runs(
-                experiment_names=["lost-node"],
-                filter_string="tags.`sora_tune.role` = 'trial'",
-                output_format="list",
-            )
-            if runs and max(val_score_steps(client, runs[0].info.run_id), default=0) >= 2:
-                run = runs[0]
-                break
+        runs = mlflow.search_runs(
+            experiment_names=["lost-node"],
+            filter_string="tags.`sora_tune.role` = 'trial'",
+            output_format="list",
+        )
+        if runs and max(val_score_steps(client, runs[0].info.run_id), default=0) >= 2:
+            run = runs[0]
+            break
         time.sleep(0.2)
     assert "error" not in outcome, outcome.get("error")
     assert run is not None, "the trial never reached epoch 2"
@@ -121,7 +123,6 @@ def test_a_trial_on_a_lost_node_resumes_from_its_last_checkpoint(
     results = outcome["results"]
     assert len(results) == 1 and not results.errors
 
-    mlflow.set_tracking_uri(uri)
     trials = mlflow.search_runs(
         experiment_names=["lost-node"],
         filter_string="tags.`sora_tune.role` = 'trial'",

@@ -9,13 +9,8 @@ import mlflow
 import pytest
 
 from sora_tune.tune import check_tracking_uri, resume_search, run_search
-from sora_tune.tune.search import (
-    SEARCH_STATE_FILE,
-    make_sampler,
-    read_search_state,
-    write_search_state,
-)
-from sora_tune.uris import DEFAULT_TRACKING_URI, resolve_tracking_uri
+from sora_tune.tune.search import make_sampler
+from sora_tune.tune.state import SEARCH_STATE_FILE, read_search_state, write_search_state
 from tests.tune.conftest import search_in, tiny_search_parameters
 
 
@@ -30,7 +25,7 @@ def child_runs(uri: str, experiment: str):
 def test_multi_objective_search_records_every_trial(local_ray, tiny_trial, write_space, tmp_path):
     _, space = write_space(tiny_search_parameters(tiny_trial), points=[{"xi": 1e-4, "r_max": 4}])
     config, uri = search_in(tmp_path, space, "search", num_samples=4)
-    results = run_search(config)
+    results = run_search(config).results
     assert len(results) == 4 and not results.errors
     parents, children = child_runs(uri, "search")
     assert len(parents) == 1 and len(children) == 4
@@ -76,7 +71,7 @@ def test_a_failing_trial_is_recorded_and_the_others_finish(
     }
     _, space = write_space(parameters, points=[{"model": str(broken)}, {"model": tiny_model_dir}])
     config, uri = search_in(tmp_path, space, "fail", num_samples=2, max_failures=0)
-    results = run_search(config)
+    results = run_search(config).results
     assert len(results.errors) == 1
     _, children = child_runs(uri, "fail")
     statuses = sorted(r.info.status for r in children)
@@ -89,7 +84,7 @@ def test_diverging_trial_is_recorded_as_failed(local_ray, tiny_trial, write_spac
     parameters = tiny_trial | {"epochs": 1, "lr": {"type": "choice", "values": [1e30, 5e-3]}}
     _, space = write_space(parameters, points=[{"lr": 1e30}, {"lr": 5e-3}])
     config, uri = search_in(tmp_path, space, "nan", num_samples=2)
-    results = run_search(config)
+    results = run_search(config).results
     assert not results.errors
     _, children = child_runs(uri, "nan")
     assert sorted(r.info.status for r in children) == ["FAILED", "FINISHED"]
@@ -97,8 +92,12 @@ def test_diverging_trial_is_recorded_as_failed(local_ray, tiny_trial, write_spac
     assert failed.data.tags["failure_reason"] == "trial diverged"
 
 
-def test_resume_after_the_driver_is_killed(local_ray, tiny_trial, write_space, tmp_path):
-    uri = resolve_tracking_uri(DEFAULT_TRACKING_URI)  # the driver's ./mlflow.db
+def test_resume_after_the_driver_is_killed(
+    local_ray, mlflow_server, tiny_trial, write_space, tmp_path
+):
+    # The driver joins the test's Ray by --address, as it would join a cluster: that takes a
+    # tracking server, which every node can reach.
+    uri = mlflow_server.uri
     path, _ = write_space(tiny_search_parameters(tiny_trial) | {"epochs": 3})
     # A file:// URI takes the code path of s3:// and gs:// storage (pyarrow file systems).
     storage = f"file://{tmp_path / 'ray'}"
@@ -113,6 +112,8 @@ def test_resume_after_the_driver_is_killed(local_ray, tiny_trial, write_space, t
         "4",
         "--max-concurrent",
         "1",
+        "--mlflow-uri",
+        uri,
         "--experiment-name",
         "resume",
         "--storage-path",
@@ -122,8 +123,6 @@ def test_resume_after_the_driver_is_killed(local_ray, tiny_trial, write_space, t
         "--address",
         local_ray,
     ]
-    # Create the store's tables first: two processes migrating one new sqlite file collide.
-    mlflow.MlflowClient(uri).search_experiments()
     driver = subprocess.Popen(
         command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -138,7 +137,7 @@ def test_resume_after_the_driver_is_killed(local_ray, tiny_trial, write_space, t
     driver.wait()
     time.sleep(3)  # Ray notices the dead driver and stops its trial
 
-    results = resume_search(f"{storage}/resume")
+    results = resume_search(f"{storage}/resume").results
     assert len(results) == 4
     _, children = child_runs(uri, "resume")
     assert len(children) == 4
@@ -168,7 +167,7 @@ def test_single_objective_search_with_asha(local_ray, tiny_trial, write_space, t
     config, uri = search_in(
         tmp_path, space, "asha", num_samples=2, objective="val_score", asha=True, sampler="random"
     )
-    results = run_search(config)
+    results = run_search(config).results
     assert len(results) == 2 and not results.errors
     _, children = child_runs(uri, "asha")
     assert len(children) == 2

@@ -1,0 +1,114 @@
+"""The Ray Tune trainable: one trial, on the device Ray assigned it, in its own MLflow run."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from typing import Any
+
+from mlflow import MlflowClient
+
+from ..config import TrialConfig
+from ..tracking import ROLE_TAG, tracked_trial
+
+# Reported with every epoch, so that whoever reads a trial's last result (the searcher, a
+# scheduler, the end-of-search table) can tell a trial stopped early from one that finished.
+BUDGET_KEY = "budget_epochs"
+
+
+def trial_dirname(trial) -> str:
+    """A trial's folder under the search's: its id. Ray's default name lists every setting."""
+    return f"trial_{trial.trial_id}"
+
+
+def trial_device(gpu_ids: list[str] | list[int], visible_devices: str | None) -> str:
+    """The torch device of a trial that Ray assigned the GPUs `gpu_ids` (`ray.get_gpu_ids()`).
+
+    No GPU means the CPU, even on a GPU node: Ray no longer hides the node's GPUs from actors
+    that asked for none (ray-project/ray#62492), so `torch.cuda.is_available()` says nothing
+    about the trial's share. Otherwise the first assigned GPU, numbered as torch sees it: its
+    position in `CUDA_VISIBLE_DEVICES`, which Ray sets to the assigned ids (or the id itself
+    where Ray was told not to set it).
+
+    Raises:
+        RuntimeError: an assigned id that is neither listed nor a number.
+    """
+    if not gpu_ids:
+        return "cpu"
+    first = str(gpu_ids[0])
+    listed = [d.strip() for d in (visible_devices or "").split(",") if d.strip()]
+    if first in listed:
+        return f"cuda:{listed.index(first)}"
+    if first.isdigit():
+        return f"cuda:{first}"
+    raise RuntimeError(
+        f"Ray assigned GPU {first!r}, which CUDA_VISIBLE_DEVICES={visible_devices!r} does not list"
+    )
+
+
+def find_trial_run(
+    client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str
+) -> str | None:
+    """The MLflow run a Ray trial already has (after a restart or a resumed search), if any."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.ray_trial_id = '{trial_id}'",
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def run_trial(trial_params: dict[str, Any], *, data=None, tracking: dict[str, str]) -> None:
+    """The Ray Tune function trainable: one trial, its own MLflow child run, resumable."""
+    import ray
+    from ray import tune
+
+    context = tune.get_context()
+    trial_id = context.get_trial_id()
+    config = TrialConfig.from_dict(trial_params)
+    client = MlflowClient(tracking["uri"])
+    run_id = find_trial_run(client, tracking["experiment_id"], tracking["parent_run_id"], trial_id)
+    if run_id is None:  # a retried or resumed trial keeps its run
+        run_id = client.create_run(
+            tracking["experiment_id"],
+            tags={
+                "mlflow.parentRunId": tracking["parent_run_id"],
+                "ray_trial_id": trial_id,
+                ROLE_TAG: "trial",
+                "mlflow.runName": context.get_trial_name(),
+            },
+        ).info.run_id
+    device = trial_device(ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    client.set_tag(run_id, "ray_node_id", ray.get_runtime_context().get_node_id())
+    client.set_tag(run_id, "sora_tune.device", device)
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str) -> None:
+        tune.report(
+            metrics | {BUDGET_KEY: config.epochs},
+            checkpoint=tune.Checkpoint.from_directory(checkpoint_dir),
+        )
+
+    checkpoint = tune.get_checkpoint()
+    # Not in the trial's Ray folder, which Ray copies to the storage path while trials write:
+    # what lasts is reported as checkpoints and logged to MLflow.
+    with (
+        tempfile.TemporaryDirectory(prefix=f"sora-trial-{trial_id}-") as output_dir,
+        checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_from,
+    ):
+        result = tracked_trial(
+            config,
+            run_id=run_id,
+            tracking_uri=tracking["uri"],
+            output_dir=output_dir,
+            report=report,
+            data=data,
+            resume_from=resume_from,
+            device=device,
+        )
+    if result["status"] != "finished":
+        # NaN objectives make Optuna record the trial as failed; the search goes on.
+        tune.report(
+            {"val_score": math.nan, "retained_params": math.nan, "status": result["status"]}
+        )
