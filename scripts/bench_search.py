@@ -219,11 +219,11 @@ def main(argv: list[str] | None = None) -> dict:
             with (
                 timed_calls("prepare_data", data_s),
                 timed_calls("in_memory", data_s),
-                timed_calls("set_experiment", experiment_s, module=mlflow),
+                timed_calls("experiment_id_of", experiment_s),
                 timed_calls("start_parent_run", parent_s, parents),
                 timed_calls("close_open_runs", close_s),
             ):
-                results = run_search(config)
+                results = run_search(config).results
             wall_end = time.time()
         finally:
             ray.shutdown()
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
         "notes": {
             "train_time_s": "training plus per-epoch evaluation, as each trial reports it",
             "data_preparation_s": "the search's prepare_data and in_memory calls",
-            "mlflow_store_s": "the search's mlflow.set_experiment: opening (here creating) the "
+            "mlflow_store_s": "the search's experiment_id_of: opening (here creating) the "
             "sqlite store and the experiment",
             "first_trial_start_s": "from the parent run's creation to the first trial's MLflow "
             "run: Tuner set-up, the trial actor's start and imports",

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
@@ -48,10 +47,16 @@ def trial_params(config: TrialConfig) -> dict[str, str]:
 
 def create_trial_run(tracking_uri: str, experiment_name: str) -> str:
     """A new MLflow run for one trial (the search makes its own, nested under its parent)."""
-    mlflow.set_tracking_uri(tracking_uri)
-    experiment = mlflow.set_experiment(experiment_name)
     client = MlflowClient(tracking_uri)
-    return client.create_run(experiment.experiment_id, tags={ROLE_TAG: "trial"}).info.run_id
+    experiment_id = experiment_id_of(client, experiment_name)
+    return client.create_run(experiment_id, tags={ROLE_TAG: "trial"}).info.run_id
+
+
+def experiment_id_of(client: MlflowClient, name: str) -> str:
+    """The id of the experiment `name`, created if needed. Through the client, unlike
+    `mlflow.set_experiment`, which also sets the process's tracking URI and experiment."""
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
 
 
 def end_run(client: MlflowClient, run_id: str, status: str, reason: str | None = None) -> None:

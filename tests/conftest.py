@@ -178,8 +178,10 @@ def tiny_trial(tiny_glue, tiny_model_dir, tmp_path):
 @pytest.fixture(autouse=True)
 def _work_in_tmp_path(tmp_path, monkeypatch):
     """Run every test in its own folder: MLflow's default ./mlruns and Ray's ./ray_results land
-    there, never in the repository."""
+    there, never in the repository. `mlflow.set_tracking_uri` also sets MLFLOW_TRACKING_URI,
+    which would otherwise carry one test's store into the next."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
 @dataclasses.dataclass(frozen=True)

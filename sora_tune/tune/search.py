@@ -27,12 +27,13 @@ from datasets import Dataset, DatasetDict
 from .. import __version__
 from ..config import DATA_FIELDS, TrialConfig
 from ..data import load_glue
-from ..tracking import ROLE_TAG
+from ..tracking import ROLE_TAG, experiment_id_of
 from ..train import load_tokenizer, prepare_data
 from ..uris import (
     check_no_password,
     check_tracking_uri,
     default_tracking_uri,
+    local_store_path,
     redact_uri,
     resolve_tracking_uri,
 )
@@ -76,6 +77,10 @@ class SearchConfig:
         experiment_name: MLflow experiment.
         seed: Seeds the sampler.
         max_failures: Retries of a trial that crashed (a node lost, an exception).
+        optuna_storage: Where Optuna keeps the study, named after the search (`name`), so
+            `optuna-dashboard` and `optuna.load_study` read it: an RDB URL. `None`: a sqlite
+            file `optuna.db` beside a local MLflow store, else in memory (Ray still saves the
+            sampler's state for `--resume`).
     """
 
     space: SearchSpace
@@ -93,6 +98,7 @@ class SearchConfig:
     experiment_name: str = "sora-tune"
     seed: int = 0
     max_failures: int = 1  # retries of a crashed trial
+    optuna_storage: str | None = None  # None: ./optuna.db beside a local MLflow store
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -122,6 +128,11 @@ class SearchConfig:
             self.storage_path = os.path.abspath(self.storage_path or "ray_results")
         self.mlflow_uri = resolve_tracking_uri(self.mlflow_uri)
         check_tracking_for_cluster(self.mlflow_uri, nodes=1, address=self.address)
+        store = local_store_path(self.mlflow_uri)
+        if self.optuna_storage is None and store is not None:
+            self.optuna_storage = f"sqlite:///{store.parent / 'optuna.db'}"
+        elif self.optuna_storage is not None:
+            self.optuna_storage = resolve_tracking_uri(self.optuna_storage)
         self.space = self.space.with_resolved_paths()
         self.name = self.name or f"{self.experiment_name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -164,6 +175,16 @@ def make_sampler(name: Sampler, seed: int):
     return samplers[name]()
 
 
+def optuna_storage(url: str | None):
+    """Optuna's storage for a study at `url` (an RDB URL such as sqlite:///optuna.db), or `None`
+    for an in-memory study."""
+    if url is None:
+        return None
+    import optuna
+
+    return optuna.storages.RDBStorage(url)
+
+
 def _code_version() -> str:
     try:
         sha = subprocess.run(
@@ -197,8 +218,8 @@ def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None)
         ray.init(address=config.address, log_to_driver=True)
     _check_cluster(config, shares_data=data is not None)
 
-    mlflow.set_tracking_uri(config.mlflow_uri)
-    experiment = mlflow.set_experiment(config.experiment_name)
+    client = mlflow.MlflowClient(config.mlflow_uri)
+    experiment = client.get_experiment(experiment_id_of(client, config.experiment_name))
     nodes = sum(node.get("Alive", False) for node in ray.nodes())
     check_tracking_for_cluster(
         config.mlflow_uri,
@@ -206,7 +227,6 @@ def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None)
         address=config.address,
         artifact_location=experiment.artifact_location,
     )
-    client = mlflow.MlflowClient(config.mlflow_uri)
     if resume is not None:
         parent_run_id = read_search_state(resume)["parent_run_id"]
         client.update_run(parent_run_id, status="RUNNING")
@@ -236,6 +256,8 @@ def _check_inputs(config: SearchConfig) -> DatasetDict | None:
     searched (each trial then prepares its own)."""
     check_tracking_uri(config.mlflow_uri)
     check_no_password("--storage-path", config.storage_path)
+    if config.optuna_storage is not None:
+        check_no_password("--optuna-storage", config.optuna_storage)
     space = config.space
     fixed_trial = TrialConfig.from_dict(space.fixed)  # validates the fixed part once more
     if not set(DATA_FIELDS) & set(space.distributions):
@@ -283,6 +305,8 @@ def _make_tuner(config: SearchConfig, tracking: dict[str, str], data, resume):
         mode=[OBJECTIVES[m] for m in metrics] if len(metrics) > 1 else "max",
         sampler=make_sampler(config.sampler, config.seed),
         points_to_evaluate=space.points_to_evaluate or None,
+        study_name=config.name,
+        storage=optuna_storage(config.optuna_storage),
     )
     if config.max_concurrent:
         searcher = ConcurrencyLimiter(searcher, max_concurrent=config.max_concurrent)
@@ -410,6 +434,7 @@ def resume_search(path: str | os.PathLike, *, address: str | None = None) -> Sea
     Raises:
         FileNotFoundError: `path` is not the folder of a sora-tune search.
     """
+    path = str(path) if "://" in str(path) else os.path.abspath(path)  # from the user's folder
     values = read_search_state(path)["config"]
     values["space"] = SearchSpace(**values["space"])
     values["address"] = address or values["address"]

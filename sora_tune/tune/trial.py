@@ -84,11 +84,16 @@ def run_trial(trial_params: dict[str, Any], *, data=None, tracking: dict[str, st
     client.set_tag(run_id, "ray_node_id", ray.get_runtime_context().get_node_id())
     client.set_tag(run_id, "sora_tune.device", device)
 
+    last: list[tuple[dict[str, Any], str]] = []
+
     def report(metrics: dict[str, Any], checkpoint_dir: str) -> None:
-        tune.report(
-            metrics | {BUDGET_KEY: config.epochs},
-            checkpoint=tune.Checkpoint.from_directory(checkpoint_dir),
-        )
+        metrics = metrics | {BUDGET_KEY: config.epochs}
+        if metrics["epoch"] == config.epochs:
+            # Held back until the run is complete: a scheduler may stop a trial at its last
+            # epoch (ASHA at max_t), and Ray stops it inside this call.
+            last.append((metrics, checkpoint_dir))
+            return
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
 
     checkpoint = tune.get_checkpoint()
     # Not in the trial's Ray folder, which Ray copies to the storage path while trials write:
@@ -107,6 +112,8 @@ def run_trial(trial_params: dict[str, Any], *, data=None, tracking: dict[str, st
             resume_from=resume_from,
             device=device,
         )
+        for metrics, checkpoint_dir in last:
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
     if result["status"] != "finished":
         # NaN objectives make Optuna record the trial as failed; the search goes on.
         tune.report(

@@ -1,0 +1,95 @@
+"""What only a GPU machine can show: the device a trial uses, each precision on CUDA, a resume
+across devices, two trials sharing one GPU. Marked `gpu` and skipped without CUDA (see
+tests/conftest.py); `pytest -m gpu` runs them, as scripts/gpu_check.sh does."""
+
+import mlflow
+import pytest
+import torch
+
+from sora_tune.train import latest_checkpoint, resolve_precision, train_trial
+from sora_tune.tune import run_search
+from tests.tune.conftest import search_in, tiny_search_parameters
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def local_gpu_ray():
+    """A local Ray that knows this machine's GPUs (as `ray.init` does by default)."""
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=torch.cuda.device_count(), include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _stop_after(epoch: int):
+    class Stop(Exception):
+        pass
+
+    def report(metrics, checkpoint):
+        if metrics["epoch"] == epoch:
+            raise Stop
+
+    return Stop, report
+
+
+def test_auto_precision_is_bf16_where_the_gpu_supports_it():
+    device = torch.device("cuda:0")
+    expected = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    assert resolve_precision("auto", device) == expected
+
+
+@pytest.mark.parametrize("precision", ["auto", "bf16", "fp16", "fp32"])
+def test_each_precision_trains_on_cuda(tiny_trial, tmp_path, precision):
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    result = train_trial(tiny_trial | {"precision": precision}, output_dir=tmp_path, device="cuda")
+    assert result["status"] == "finished"
+    assert result["precision"] == resolve_precision(precision, torch.device("cuda:0"))
+    state = torch.load(latest_checkpoint(tmp_path) / "trainer_state.pt", weights_only=True)
+    assert bool(state["scaler"]) == (result["precision"] == "fp16")
+
+
+@pytest.mark.parametrize("first, second", [("cuda", "cpu"), ("cpu", "cuda")])
+def test_a_checkpoint_resumes_on_another_device(tiny_trial, tmp_path, first, second):
+    """A trial checkpointed on a GPU node resumes on a CPU node, and back (fp32 on both, so the
+    runs stay comparable)."""
+    trial = tiny_trial | {"precision": "fp32", "epochs": 3}
+    Stop, report = _stop_after(1)
+    with pytest.raises(Stop):
+        train_trial(trial, report=report, output_dir=tmp_path, device=first)
+    resumed = train_trial(trial, output_dir=tmp_path, device=second)
+    assert resumed["status"] == "finished" and [m["epoch"] for m in resumed["history"]] == [1, 2, 3]
+    full = train_trial(trial, output_dir=tmp_path / "full", device=second)
+    assert resumed["retained_params"] == full["retained_params"]
+    assert resumed["val_score"] == pytest.approx(full["val_score"], abs=0.2)
+
+
+def test_trials_use_the_device_ray_assigned(local_gpu_ray, tiny_trial, write_space, tmp_path):
+    """A trial given a GPU trains on it; one given none trains on the CPU, although the node's
+    GPU is visible to it (Ray no longer hides GPUs from 0-GPU actors)."""
+    _, space = write_space(tiny_search_parameters(tiny_trial) | {"epochs": 1})
+    for gpus, device in ((1.0, "cuda:0"), (0.0, "cpu")):
+        config, uri = search_in(tmp_path, space, f"gpus-{gpus:g}", num_samples=1, gpus_per_trial=gpus)
+        assert not run_search(config).results.errors
+        (run,) = mlflow.MlflowClient(uri).search_runs(
+            [mlflow.MlflowClient(uri).get_experiment_by_name(f"gpus-{gpus:g}").experiment_id],
+            "tags.`sora_tune.role` = 'trial'",
+        )
+        assert run.data.tags["sora_tune.device"] == device
+
+
+def test_two_trials_share_one_gpu(local_gpu_ray, tiny_trial, write_space, tmp_path):
+    _, space = write_space(tiny_search_parameters(tiny_trial) | {"epochs": 8})
+    config, uri = search_in(
+        tmp_path, space, "shared", num_samples=2, gpus_per_trial=0.5, cpus_per_trial=1
+    )
+    assert not run_search(config).results.errors
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("shared").experiment_id], "tags.`sora_tune.role` = 'trial'"
+    )
+    assert [r.data.tags["sora_tune.device"] for r in runs] == ["cuda:0", "cuda:0"]
+    first, second = sorted(runs, key=lambda r: r.info.start_time)
+    assert second.info.start_time < first.info.end_time, "the two trials ran at the same time"

@@ -1,0 +1,83 @@
+"""Ctrl-C (SIGINT) or SIGTERM on the driver: the search stops gracefully, the parent run and the
+trials in flight end KILLED ("search interrupted"), and --resume continues them in the same runs.
+The driver is a real `sora-tune search` process with its own Ray, as a user runs it."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+import yaml
+
+from tests.conftest import write_tiny_glue
+from tests.tune.conftest import tiny_search_parameters
+
+COMMAND = [sys.executable, "-m", "sora_tune.cli", "search"]
+
+
+def trial_runs(client: mlflow.MlflowClient, experiment: str):
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return client.search_runs([found.experiment_id], "tags.`sora_tune.role` = 'trial'")
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_search_resumes_into_the_same_runs(stop, tiny_trial, tmp_path):
+    # Epochs of a second or so, so that the signal comes while a trial runs.
+    glue = write_tiny_glue(tmp_path / "long-glue", n_train=400, n_dev=16)
+    parameters = tiny_search_parameters(tiny_trial) | {"epochs": 6, "data_dir": str(glue)}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"parameters": parameters}))
+    search = [*COMMAND, "--config", "space.yaml", "--num-samples", "3", "--max-concurrent", "1"]
+    search += ["--storage-path", "ray", "--name", "stopped", "--experiment-name", "stopped"]
+    env = os.environ | {"RAY_ADDRESS": ""}  # a Ray of its own, as from a terminal
+    driver = subprocess.Popen(
+        search, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert driver.poll() is None, driver.stdout.read()
+        runs = trial_runs(client, "stopped") if (tmp_path / "mlflow.db").exists() else []
+        # At epoch 2, epoch 1's checkpoint is in Ray's experiment state (a trial logs an epoch,
+        # then reports it with its checkpoint, and goes on once Ray has saved it).
+        if any(r.info.status == "RUNNING" and r.data.metrics.get("epoch", 0) >= 2 for r in runs):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("no trial reached its second epoch")
+    driver.send_signal(stop)
+    out, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 130, out
+    assert f"search interrupted ({stop.name})" in out
+    assert "sora-tune search --resume" in out
+
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name("stopped").experiment_id], "tags.`sora_tune.role` = 'search'"
+    )
+    assert parent.info.status == "KILLED"
+    assert parent.data.tags["sora_tune.interrupted_by"] == stop.name
+    before = {r.info.run_id: r for r in trial_runs(client, "stopped")}
+    killed = [r for r in before.values() if r.info.status == "KILLED"]
+    assert killed, "the trial in flight ended KILLED"
+    assert {r.data.tags["failure_reason"] for r in killed} == {"search interrupted"}
+    assert all(r.info.status in ("KILLED", "FINISHED") for r in before.values())
+
+    resumed = subprocess.run(
+        [*COMMAND, "--resume", "ray/stopped"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    after = {r.info.run_id: r for r in trial_runs(client, "stopped")}
+    assert len(after) == 3 and set(before) <= set(after), "the killed runs were continued"
+    assert all(r.info.status == "FINISHED" for r in after.values())
+    for run in killed:  # continued from its checkpoint: its first epoch was logged once
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_score")]
+        assert sorted(set(steps)) == list(range(1, 7)) and steps.count(1) == 1
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
