@@ -40,7 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=os.environ.get("SORA_TUNE_DATA_DIR") or str(REPO.parent / "shared/data/glue"),
         help="GLUE folder (default $SORA_TUNE_DATA_DIR or ../shared/data/glue)",
     )
-    parser.add_argument("--cache-dir", default=None, help="tokenisation cache (default the trials')")
+    parser.add_argument(
+        "--cache-dir", default=None, help="tokenisation cache (default the trials')"
+    )
     parser.add_argument("--output", default="bench_data_sharing.json", help="the JSON written")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # one child's
     return parser.parse_args(argv)
@@ -115,7 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2))
-    print(f"{'variant':<8}{'rows (train)':>14}{'after prepare MiB':>19}{'peak MiB':>10}{'share s':>9}")
+    print(
+        f"{'variant':<8}{'rows (train)':>14}{'after prepare MiB':>19}{'peak MiB':>10}{'share s':>9}"
+    )
     for variant, r in results.items():
         print(
             f"{variant:<8}{r['rows']['train']:>14}{r['after_prepare_mib']:>19.0f}"

@@ -52,8 +52,15 @@ import optuna  # noqa: E402
 import torch  # noqa: E402
 from transformers.utils.logging import disable_progress_bar  # noqa: E402
 
-from sora_tune.config import DATA_FIELDS  # noqa: E402
-from sora_tune.pareto.front import default_reference, hypervolume  # noqa: E402
+from sora_tune.config import (
+    DATA_FIELDS,  # noqa: E402
+    literal_choices,  # noqa: E402
+)
+from sora_tune.front import (  # noqa: E402
+    OBJECTIVES,  # noqa: E402
+    default_reference,
+    hypervolume,
+)
 from sora_tune.train import (  # noqa: E402
     TrialConfig,
     default_model,
@@ -62,10 +69,11 @@ from sora_tune.train import (  # noqa: E402
     train_trial,
 )
 from sora_tune.tune import SearchSpace, load_search_space  # noqa: E402
-from sora_tune.tune.search import OBJECTIVES, SAMPLERS, make_sampler  # noqa: E402
+from sora_tune.tune.config import SearchConfig  # noqa: E402
+from sora_tune.tune.search import make_sampler  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DIRECTIONS = tuple("maximize" if OBJECTIVES[k] == "max" else "minimize" for k in OBJECTIVES)
+DIRECTIONS = tuple(OBJECTIVES.values())
 BASELINE = "random"  # the sampler every other one is compared with
 
 # The cheap proxy (placeholders, to be tuned to ~10 s per trial on 2 cores).
@@ -95,7 +103,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--samplers",
         default="tpe,random",
-        help=f"comma-separated Optuna samplers ({', '.join(SAMPLERS)}); {BASELINE} is the baseline",
+        help=f"comma-separated Optuna samplers ({', '.join(literal_choices(SearchConfig, 'sampler'))}); {BASELINE} is the baseline",
     )
     parser.add_argument(
         "--space",
@@ -138,9 +146,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.seeds = [int(seed) for seed in _list(args.seeds)]
     args.samplers = list(dict.fromkeys(_list(args.samplers)))
-    unknown = [s for s in args.samplers if s not in SAMPLERS]
+    unknown = [s for s in args.samplers if s not in literal_choices(SearchConfig, "sampler")]
     if unknown:
-        parser.error(f"--samplers: unknown {unknown} (known: {', '.join(SAMPLERS)})")
+        parser.error(
+            f"--samplers: unknown {unknown} (known: {', '.join(literal_choices(SearchConfig, 'sampler'))})"
+        )
     if args.num_trials < 1 or not args.seeds or not args.samplers:
         parser.error("need --num-trials >= 1, at least one seed and at least one sampler")
     return args

@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
             storage_path=str(Path(tmp) / "ray_results"),
             mlflow_uri=mlflow_uri,
             experiment_name="bench-search",
-            seed=args.seed,
+            sampler_seed=args.seed,
         )
 
         # One model load, as every trial does it (the search does not share models).

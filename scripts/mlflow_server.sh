@@ -185,7 +185,7 @@ fi
 # workers by that id. The store URI and the credentials go through the environment only.
 env "${server_env[@]}" setsid "$mlflow_cmd" server \
     --host "$host" --port "$port" --workers "$workers" \
-    --artifacts-destination "$artifacts" \
+    --serve-artifacts --artifacts-destination "$artifacts" \
     "${app_args[@]}" >"$log_file" 2>&1 </dev/null &
 pid=$!
 echo "$pid" >"$pid_file"

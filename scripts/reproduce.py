@@ -45,7 +45,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from sora_tune.config import DEFAULT_XI, TrialConfig  # noqa: E402
 from sora_tune.data import get_task  # noqa: E402
 from sora_tune.experiments import GridRun, mean_std, paired_deltas, run_grid  # noqa: E402
-from sora_tune.pareto import hypervolume, is_pareto_front  # noqa: E402
+from sora_tune.front import OBJECTIVES, hypervolume, is_pareto_front  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("table2", "ladder", "sensitivity", "clipping")
@@ -70,6 +70,7 @@ CLIPPING_NORM = 1.0  # against the default, 0.1
 # ------------------------------------------------------------------------------
 
 SCALE = 100  # scores are shown ×100, as in the paper's tables
+DIRECTIONS = tuple(OBJECTIVES.values())  # (score, retained params), as the search's front
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -279,8 +280,8 @@ def analyse_ladder(rows: list[dict], args_ns: dict) -> dict[str, Any]:
         for name, points in (("lora", lora), ("sora", sora), ("both", lora + sora)):
             for key in ("test", "val"):
                 values = _front_points(points, key)
-                volumes[f"{name}_{key}"] = hypervolume(values, ("maximize", "minimize"), reference)
-        front = is_pareto_front(_front_points(lora + sora, "test"), ("maximize", "minimize"))
+                volumes[f"{name}_{key}"] = hypervolume(values, DIRECTIONS, reference)
+        front = is_pareto_front(_front_points(lora + sora, "test"), DIRECTIONS)
         result[task] = {
             "lora": lora,
             "sora": sora,

@@ -151,48 +151,48 @@ class TrialConfig:
         adalora_target_r: AdaLoRA's target average rank; `None`: 2/3 of r_max.
     """
 
-    task: str = "mrpc"
-    data_dir: str | None = None  # GLUE folder; None: $SORA_TUNE_DATA_DIR, else the Hub
-    model: str | None = None  # None: the packaged all-MiniLM-L6-v2
-    method: Method = "sora"
+    task: str = "mrpc"  # cola, sst2, mrpc, qqp, stsb, mnli, mnli-mm, qnli, rte, wnli
+    data_dir: str | None = None  # GLUE folder; none: $SORA_TUNE_DATA_DIR, else the Hub
+    model: str | None = None  # backbone folder or Hub id; none: the packaged all-MiniLM-L6-v2
+    method: Method = "sora"  # sora, or a baseline: lora (gate fixed at 1), adalora (PEFT)
     r_max: int = 8  # rank before pruning; the paper: 8
-    alpha: float = 16.0  # scaling alpha / r_max (the authors' code: 16)
+    alpha: float = 16.0  # scaling alpha / r_max; the authors' code: 16
     dropout: float = 0.0  # adapter input dropout, [0, 1)
-    target_modules: str | list[str] | None = None  # None: every encoder linear
-    modules_to_save: list[str] | None = None  # None: the classification head and pooler
-    gate_init: Literal["normal", "ones"] = "normal"  # the authors' code: normal
-    gate_mode: Literal["official", "paper"] = "official"
-    eta: float | None = None  # gate step size; None: lr (official, as --sparse_lr), 0.1 (paper)
-    lam: float = 0.1  # weight of mean|g|; Table 7's best (their GLUE scripts pass 10)
-    xi: float | None = None  # soft threshold per gate step; None: 1e-4 (Table 6: 1e-5 … 1e-3)
-    xi_total: float | None = None  # ξ × gate steps of a stage, instead of xi; ~0.1 … 2
-    xi_schedule: Literal["constant", "linear", "geometric", "increment"] = "constant"
+    target_modules: str | list[str] | None = None  # names a,b or a regex; none: all encoder linears
+    modules_to_save: list[str] | None = None  # trained in full; none: the classifier and pooler
+    gate_init: Literal["normal", "ones"] = "normal"  # gate's start; the authors' code: normal
+    gate_mode: Literal["official", "paper"] = "official"  # official: authors' code; paper: eq. 10
+    eta: float | None = None  # gate step; none: lr (official, their --sparse_lr), 0.1 (paper)
+    lam: float = 0.1  # weight of mean|g| in the loss; Table 7's best (their scripts: 10)
+    xi: float | None = None  # soft threshold per gate step; none: 1e-4 (Table 6: 1e-5 … 1e-3)
+    xi_total: float | None = None  # ξ × gate steps of a stage, instead of --xi; ~0.1 … 2
+    xi_schedule: Literal["constant", "linear", "geometric", "increment"] = "constant"  # ξ's rise
     xi_max: float | None = None  # last stage's ξ (or xi_total) of a rising schedule
-    xi_stages: int | None = None  # K stages (linear, geometric)
+    xi_stages: int | None = None  # K stages, the first included (linear, geometric)
     xi_delta: float | None = None  # ξ (or xi_total) added per stage (increment)
     xi_every: int = 1  # epochs per ξ stage
-    dense_epochs: int | None = None  # epochs at the first ξ; None: xi_every
+    dense_epochs: int | None = None  # epochs at the first ξ; none: xi_every
     lr: float = 8e-4  # AdamW learning rate of adapter and head; the paper: 8e-4
     weight_decay: float = 0.1  # AdamW decay of adapter and head weights
     warmup_ratio: float = 0.06  # share of a stage's steps with linear warm-up, [0, 1)
-    # Clip norm over all trainable tensors, gates included; 0 disables. The authors' scripts pass
-    # --max_grad_norm 0.1. Measured on STS-B (700 rows, 2 epochs, seeds 0-2): every step's norm
-    # was 3-36, so 0.1 and 1.0 both clip every step, and AdamW, blind to a gradient's scale, gave
-    # the same scores (81.4/81.9/77.4 against 81.4/82.0/77.4): we keep the authors' value.
-    max_grad_norm: float = 0.1
+    # The authors' scripts pass --max_grad_norm 0.1. Measured on STS-B (700 rows, 2 epochs,
+    # seeds 0-2): every step's norm was 3-36, so 0.1 and 1.0 both clip every step, and AdamW,
+    # blind to a gradient's scale, gave the same scores (81.4/81.9/77.4 against 81.4/82.0/77.4):
+    # we keep the authors' value.
+    max_grad_norm: float = 0.1  # clip norm over all trainable tensors, gates included; 0: off
     precision: Precision = "auto"  # autocast dtype; auto: bf16 on a capable GPU, else fp32
     batch_size: int = 8  # training sequences per step; the authors ran GLUE at 8
     eval_batch_size: int = 64  # sequences per evaluation batch
     epochs: int = 3  # passes over the training split
     max_length: int = 128  # tokens per sequence after truncation
-    max_train_samples: int | None = None  # seeded subsample of train; None: all
-    max_eval_samples: int | None = None  # seeded cap on val and test; None: all
+    max_train_samples: int | None = None  # seeded subsample of train; none: all
+    max_eval_samples: int | None = None  # seeded cap on val and test; none: all
     val_size: float = 0.1  # hold-out of the training file: a fraction, or whole rows
     train_eval_samples: int = 512  # fixed train subset scored for memorization
-    group_by_length: bool = False  # length-grouped batches (less padding)
+    group_by_length: bool = False  # batch similar lengths together (less padding)
     seed: int = 0  # data order, subsamples, initialisation, dropout
-    cache_dir: str | None = None  # tokenisation cache; None: $SORA_TUNE_CACHE or ~/.cache
-    adalora_target_r: int | None = None  # AdaLoRA's target average rank; None: 2/3 r_max
+    cache_dir: str | None = None  # tokenisation cache; none: $SORA_TUNE_CACHE or ~/.cache
+    adalora_target_r: int | None = None  # AdaLoRA's target average rank; none: 2/3 r_max
 
     def __post_init__(self) -> None:
         get_task(self.task)  # raises ValueError naming an unknown task
@@ -201,7 +201,7 @@ class TrialConfig:
         if self.model is not None:
             check_model(self.model)  # a missing folder fails here, not deep inside transformers
         for name in ("method", "gate_mode", "precision"):
-            choices = _choices(name)
+            choices = literal_choices(TrialConfig, name)
             if getattr(self, name) not in choices:
                 raise ValueError(
                     f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
@@ -325,8 +325,8 @@ class TrialConfig:
         return dataclasses.replace(unbounded, epochs=length)
 
 
-def _choices(name: str) -> tuple[str, ...]:
-    """The values a `Literal` field of `TrialConfig` takes."""
+def literal_choices(cls: type, name: str) -> tuple[Any, ...]:
+    """The values the `Literal` field `name` of the dataclass `cls` takes."""
     from typing import get_args, get_type_hints
 
-    return get_args(get_type_hints(TrialConfig)[name])
+    return get_args(get_type_hints(cls)[name])

@@ -98,7 +98,10 @@ def add_dataclass_flags(
                 help=text,
             )
         else:
-            shown = "none" if default is None else default
+            if default is None and text.startswith("none:"):  # the comment says what none does
+                suffix = ""
+            else:
+                suffix = f" (default: {'none' if default is None else default})"
             group.add_argument(
                 flag(renamed.get(name, name) if renamed else name),
                 dest=name,
@@ -106,7 +109,7 @@ def add_dataclass_flags(
                 choices=choices,
                 default=argparse.SUPPRESS,
                 metavar=None if choices else name.upper(),
-                help=f"{text} (default: {shown})" if text else f"(default: {shown})",
+                help=f"{text}{suffix}".strip(),
             )
         added.append(name)
     return added

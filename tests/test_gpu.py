@@ -71,7 +71,9 @@ def test_trials_use_the_device_ray_assigned(local_gpu_ray, tiny_trial, write_spa
     GPU is visible to it (Ray no longer hides GPUs from 0-GPU actors)."""
     _, space = write_space(tiny_search_parameters(tiny_trial) | {"epochs": 1})
     for gpus, device in ((1.0, "cuda:0"), (0.0, "cpu")):
-        config, uri = search_in(tmp_path, space, f"gpus-{gpus:g}", num_samples=1, gpus_per_trial=gpus)
+        config, uri = search_in(
+            tmp_path, space, f"gpus-{gpus:g}", num_samples=1, gpus_per_trial=gpus
+        )
         assert not run_search(config).results.errors
         (run,) = mlflow.MlflowClient(uri).search_runs(
             [mlflow.MlflowClient(uri).get_experiment_by_name(f"gpus-{gpus:g}").experiment_id],
@@ -93,3 +95,14 @@ def test_two_trials_share_one_gpu(local_gpu_ray, tiny_trial, write_space, tmp_pa
     assert [r.data.tags["sora_tune.device"] for r in runs] == ["cuda:0", "cuda:0"]
     first, second = sorted(runs, key=lambda r: r.info.start_time)
     assert second.info.start_time < first.info.end_time, "the two trials ran at the same time"
+
+
+def test_the_step_benchmark_runs_on_cuda(tmp_path):
+    from tests.test_bench_scripts import load_script
+
+    result = load_script("bench_step").main(
+        ["--device", "cuda", "--rounds", "1", "--steps", "1", "--batch-size", "2", "--length", "16",
+         "--output", str(tmp_path / "step.json")]
+    )  # fmt: skip
+    assert result["machine"]["device"] == torch.cuda.get_device_name("cuda")
+    assert set(result["median_ms"]) == {"sora", "lora", "adalora"}

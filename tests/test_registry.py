@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -151,6 +152,26 @@ def test_stsb_predicts_a_score(store, tiny_glue, tiny_model_dir, tmp_path):
     assert predicted["score"].to_numpy() == pytest.approx(expected, abs=1e-5)
 
 
+def test_a_bf16_trial_predicts_in_bf16(store, tiny_glue, tiny_model_dir, tmp_path):
+    """The registered model predicts in the precision its trial scored in, so the run's
+    test_score is what a user gets from the model."""
+    settings = tiny_settings(
+        tiny_glue, tiny_model_dir, tmp_path / "cache", task="stsb", precision="bf16"
+    )
+    run_id = tracked(settings, store["uri"], tmp_path / "run", experiment="bf16")
+    run = mlflow.MlflowClient(store["uri"]).get_run(run_id)
+    assert run.data.tags["sora_tune.precision"] == "bf16"
+    info = log_trial_model(run_id, tracking_uri=store["uri"])
+    assert info.metadata["precision"] == "bf16"
+    mlflow.set_tracking_uri(store["uri"])
+    rows = dev_rows(settings)
+    predicted = mlflow.pyfunc.load_model(info.model_uri).predict(rows[["sentence1", "sentence2"]])
+    pearson = np.corrcoef(predicted["score"], rows["label"])[0, 1]
+    assert pearson == pytest.approx(run.data.metrics["test_score"], abs=1e-4)
+    fp32 = peft_logits(settings, tmp_path / "run" / "adapter")[:, 0].numpy()
+    assert not np.allclose(predicted["score"], fp32, atol=1e-5), "bf16 differs from fp32"
+
+
 def test_bad_input_is_refused_with_a_clear_error(model):
     frame = pd.DataFrame({"sentence1": ["red blue", "old"], "sentence2": ["red blue", "new"]})
     with pytest.raises(MlflowException, match="declares 2 inputs"):
@@ -188,6 +209,7 @@ def test_the_model_holds_no_pickle_and_only_safetensors_weights(store, tmp_path)
         "label_names": MRPC_LABELS,
         "max_length": 32,
         "base_model": store["settings"]["model"],
+        "precision": "fp32",
     }
     requirements = (local / "requirements.txt").read_text().split()
     assert {r.split("==")[0] for r in requirements} == {

@@ -24,12 +24,14 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
+from ..front import OBJECTIVES as SEARCH_OBJECTIVES
+from ..front import default_reference, hypervolume, is_pareto_front, select
 from ..tracking import FAILURE_TAG, ROLE_TAG, STOPPED_TAG
 from ..uris import existing_store
-from .front import default_reference, hypervolume, is_pareto_front, select
 
 FRONT_METHOD = "sora"
-OBJECTIVES = {"val_score": "maximize", "retained_params": "minimize", "train_time_s": "minimize"}
+# The search's objectives, and training time as an optional third.
+OBJECTIVES = SEARCH_OBJECTIVES | {"train_time_s": "minimize"}
 REQUIRED_METRICS = ("val_score", "retained_params")
 METRICS = ("val_score", "retained_params", "test_score", "nonzero_rank", "train_time_s")
 BASELINE_MARKERS = {"lora": "s", "adalora": "^"}  # other methods: "D"

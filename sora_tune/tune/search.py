@@ -15,11 +15,10 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import mlflow
 from datasets import Dataset, DatasetDict
@@ -27,119 +26,24 @@ from datasets import Dataset, DatasetDict
 from .. import __version__
 from ..config import DATA_FIELDS, TrialConfig
 from ..data import load_glue
+from ..front import OBJECTIVES
 from ..tracking import ROLE_TAG, experiment_id_of
 from ..train import load_tokenizer, prepare_data
 from ..uris import (
     check_no_password,
     check_tracking_uri,
-    default_tracking_uri,
-    local_store_path,
     redact_uri,
-    resolve_tracking_uri,
 )
 from .cluster import (
-    check_client_storage,
     check_paths_on_nodes,
     check_storage,
     check_tracking_for_cluster,
 )
+from .config import Sampler, SearchConfig
 from .outcome import StoppedAsPrunedOptunaSearch, TrialRecorder, close_open_runs
 from .space import SearchSpace
 from .state import read_search_state, write_search_state
 from .trial import run_trial, trial_dirname
-
-Sampler = Literal["tpe", "nsga2", "gp", "random"]
-SAMPLERS = ("tpe", "nsga2", "gp", "random")
-OBJECTIVES = {"val_score": "max", "retained_params": "min"}
-
-
-@dataclass
-class SearchConfig:
-    """How to search.
-
-    Args:
-        space: The validated search space (`load_search_space`), CLI overrides already fixed.
-        num_samples: Number of trials.
-        sampler: Optuna sampler: `tpe`, `nsga2`, `gp` or `random`.
-        objective: `multi` (maximise val_score, minimise retained_params) or `val_score` alone.
-        asha: Stop poor trials early with ASHA (single objective only).
-        max_concurrent: At most this many trials at once; `None`: as many as resources allow.
-        cpus_per_trial, gpus_per_trial: Resources of one trial. A trial is one process on one
-            device: at most 1 GPU, and fractions let several small trials share one.
-        address: `None` starts a local Ray; `auto` or `ray://host:port` joins a cluster.
-        storage_path: Where Ray keeps the experiment state; shared storage (NFS, s3://, gs://)
-            for several nodes, a URI with `ray://`.
-        name: The Ray experiment name (a folder under `storage_path`).
-        mlflow_uri: MLflow tracking URI; by default `MLFLOW_TRACKING_URI`, else a local sqlite
-            file. A relative local store
-            (`sqlite:///mlflow.db`, `file:mlruns`) is taken from the current folder. A cluster
-            needs a server that serves artifacts.
-        experiment_name: MLflow experiment.
-        seed: Seeds the sampler.
-        max_failures: Retries of a trial that crashed (a node lost, an exception).
-        optuna_storage: Where Optuna keeps the study, named after the search (`name`), so
-            `optuna-dashboard` and `optuna.load_study` read it: an RDB URL. `None`: a sqlite
-            file `optuna.db` beside a local MLflow store, else in memory (Ray still saves the
-            sampler's state for `--resume`).
-    """
-
-    space: SearchSpace
-    num_samples: int = 8  # trials
-    sampler: Sampler = "tpe"
-    objective: Literal["multi", "val_score"] = "multi"
-    asha: bool = False  # early stopping, single objective only
-    max_concurrent: int | None = None  # None: as many as fit
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0  # at most 1; fractions share a GPU
-    address: str | None = None  # None: local Ray
-    storage_path: str | None = None  # None: ./ray_results
-    name: str | None = None  # None: "<experiment_name>-<timestamp>"
-    mlflow_uri: str = dataclasses.field(default_factory=default_tracking_uri)
-    experiment_name: str = "sora-tune"
-    seed: int = 0
-    max_failures: int = 1  # retries of a crashed trial
-    optuna_storage: str | None = None  # None: ./optuna.db beside a local MLflow store
-
-    def __post_init__(self) -> None:
-        if self.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
-        if self.objective not in ("multi", "val_score"):
-            raise ValueError(f"objective must be multi or val_score, got {self.objective!r}")
-        if self.asha and self.objective == "multi":
-            raise ValueError(
-                "asha early stopping needs a single objective: use objective val_score"
-            )
-        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
-            raise ValueError("cpus_per_trial must be > 0 and gpus_per_trial >= 0")
-        if self.gpus_per_trial > 1:
-            raise ValueError(
-                f"gpus_per_trial must be at most 1, got {self.gpus_per_trial:g}: a trial is one "
-                "process on one device (fractions such as 0.5 let trials share a GPU); run more "
-                "trials at once instead"
-            )
-        if self.max_concurrent is not None and self.max_concurrent < 1:
-            raise ValueError(f"max_concurrent must be >= 1, got {self.max_concurrent}")
-        check_client_storage(self.address, self.storage_path)
-        # Paths are taken from the user's folder here, on the driver: Ray starts every trial in
-        # a folder of its own.
-        if self.storage_path is None or "://" not in self.storage_path:
-            self.storage_path = os.path.abspath(self.storage_path or "ray_results")
-        self.mlflow_uri = resolve_tracking_uri(self.mlflow_uri)
-        check_tracking_for_cluster(self.mlflow_uri, nodes=1, address=self.address)
-        store = local_store_path(self.mlflow_uri)
-        if self.optuna_storage is None and store is not None:
-            self.optuna_storage = f"sqlite:///{store.parent / 'optuna.db'}"
-        elif self.optuna_storage is not None:
-            self.optuna_storage = resolve_tracking_uri(self.optuna_storage)
-        self.space = self.space.with_resolved_paths()
-        self.name = self.name or f"{self.experiment_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-    @property
-    def path(self) -> str:
-        """The search's Ray folder: what `--resume` takes."""
-        return f"{self.storage_path}/{self.name}"
 
 
 @dataclass
@@ -161,6 +65,9 @@ class SearchResult:
     parent_run_id: str
     interrupted: str | None = None
     interrupted_trials: list[str] = dataclasses.field(default_factory=list)
+
+
+RAY_MODES = {"maximize": "max", "minimize": "min"}  # Ray Tune's spelling of a direction
 
 
 def make_sampler(name: Sampler, seed: int):
@@ -299,11 +206,12 @@ def _make_tuner(config: SearchConfig, tracking: dict[str, str], data, resume):
             str(resume), trainable=trainable, resume_errored=False, restart_errored=False
         )
     space = config.space
-    metrics = list(OBJECTIVES) if config.objective == "multi" else ["val_score"]
+    metrics = list(config.directions)
+    modes = [RAY_MODES[d] for d in config.directions.values()]
     searcher = StoppedAsPrunedOptunaSearch(
         metric=metrics if len(metrics) > 1 else metrics[0],
-        mode=[OBJECTIVES[m] for m in metrics] if len(metrics) > 1 else "max",
-        sampler=make_sampler(config.sampler, config.seed),
+        mode=modes if len(modes) > 1 else modes[0],
+        sampler=make_sampler(config.sampler, config.sampler_seed),
         points_to_evaluate=space.points_to_evaluate or None,
         study_name=config.name,
         storage=optuna_storage(config.optuna_storage),
@@ -314,10 +222,11 @@ def _make_tuner(config: SearchConfig, tracking: dict[str, str], data, resume):
     if config.asha:
         scheduler = tune.schedulers.ASHAScheduler(
             metric="val_score",
-            mode="max",
+            mode=RAY_MODES[OBJECTIVES["val_score"]],
             time_attr="training_iteration",
             max_t=TrialConfig.from_dict(space.fixed).epochs,
-            grace_period=1,
+            grace_period=config.grace_period,
+            reduction_factor=config.reduction_factor or 4,  # Ray's default
         )
     tuner = tune.Tuner(
         trainable,

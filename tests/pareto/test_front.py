@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from sora_tune.pareto import default_reference, hypervolume, is_pareto_front, select
+from sora_tune.front import default_reference, hypervolume, is_pareto_front, select
 
 SCORE_PARAMS = ("maximize", "minimize")
 

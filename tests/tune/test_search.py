@@ -8,9 +8,10 @@ import time
 import mlflow
 import pytest
 
-from sora_tune.tune import check_tracking_uri, resume_search, run_search
+from sora_tune.tune import resume_search, run_search
 from sora_tune.tune.search import make_sampler
 from sora_tune.tune.state import SEARCH_STATE_FILE, read_search_state, write_search_state
+from sora_tune.uris import check_tracking_uri
 from tests.tune.conftest import search_in, tiny_search_parameters
 
 

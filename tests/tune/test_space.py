@@ -8,10 +8,22 @@ from sora_tune.tune.space import load_search_space
 SPACES = Path(__file__).parents[2] / "search_spaces"
 
 
-@pytest.mark.parametrize("name", ["sora_glue.yaml", "quickstart.yaml"])
-def test_shipped_spaces_are_valid(name):
-    space = load_search_space(SPACES / name)
-    assert {"xi", "eta", "r_max", "lr"} <= set(space.distributions)
+def test_the_glue_space_searches_what_tables_6_and_7_vary():
+    space = load_search_space(SPACES / "sora_glue.yaml")
+    assert set(space.distributions) == {"xi", "lam", "r_max", "lr"}
+    xi, lam = space.distributions["xi"], space.distributions["lam"]
+    assert (xi["type"], xi["low"], xi["high"]) == ("loguniform", 1e-5, 1e-3)  # Table 6
+    assert (lam["type"], lam["low"], lam["high"]) == ("loguniform", 1e-3, 10.0)  # Table 7's η_t
+    assert "eta" not in space.fixed, "the gates learn at the trial's lr, as the authors ran them"
+    assert space.points_to_evaluate == [{"xi": 1e-4, "lam": 0.1, "r_max": 8, "lr": 8e-4}]
+
+
+def test_the_quickstart_space_gives_xi_as_total_shrinkage():
+    space = load_search_space(SPACES / "quickstart.yaml")
+    assert {"xi_total", "r_max", "lr"} <= set(space.distributions)
+    total = space.distributions["xi_total"]
+    # From a light touch to most ranks gone, at any budget: ξ × gate steps of the trial.
+    assert total["low"] <= 0.2 and total["high"] >= 1.0
     assert space.points_to_evaluate
 
 

@@ -1,5 +1,9 @@
 """Pareto fronts, hypervolume and the choice of one run, as pure numpy on arrays of objectives.
 
+The objectives of a search and their directions (`OBJECTIVES`) are defined here, once: the
+search tells them to Optuna and to its early-stopping scheduler, selection builds its front on
+them. This module knows nothing of runs, Ray or MLflow, so both can use it.
+
 Objectives come as an `(n, k)` array with one direction per column, `"maximize"` or `"minimize"`.
 Inside, every column is turned into a loss (maximised columns are negated), so dominance is
 "no worse everywhere, strictly better somewhere" on losses.
@@ -17,8 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 
 DIRECTIONS = ("maximize", "minimize")
-# Selection reads only these two (never test_score): (val_score, retained_params).
-_SELECTION_DIRECTIONS = ("maximize", "minimize")
+# The objectives of a multi-objective search, in order, and their directions. Selection reads
+# only these two (never test_score).
+OBJECTIVES = {"val_score": "maximize", "retained_params": "minimize"}
+_SELECTION_DIRECTIONS = tuple(OBJECTIVES.values())
 
 
 def _signs(directions: Sequence[str]) -> np.ndarray:
@@ -73,6 +79,59 @@ def is_pareto_front(values: np.ndarray, directions: Sequence[str]) -> np.ndarray
     on_front = np.zeros(len(loss), dtype=bool)
     on_front[finite] = [not _is_dominated(point, candidates) for point in candidates]
     return on_front
+
+
+def nondominated_ranks(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
+    """Non-dominated sorting: 0 for the rows on the Pareto front, 1 for the front of what
+    remains without them, and so on; `inf` for rows with NaN.
+
+    Raises:
+        ValueError: as `is_pareto_front`.
+    """
+    values = np.asarray(values, dtype=float)
+    ranks = np.full(len(values), np.inf)
+    if values.size == 0:
+        _signs(directions)
+        return ranks
+    remaining = np.flatnonzero(~np.isnan(_to_loss(values, directions)).any(axis=1))
+    rank = 0
+    while len(remaining):
+        on_front = is_pareto_front(values[remaining], directions)
+        ranks[remaining[on_front]] = rank
+        remaining, rank = remaining[~on_front], rank + 1
+    return ranks
+
+
+def crowding_distance(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
+    """NSGA-II's crowding distance of each row among `values` (one front): per objective, the
+    gap between its two neighbours, scaled by the objective's range, summed; the extremes of
+    every objective get `inf`. Larger means a sparser stretch of the front."""
+    loss = _to_loss(np.asarray(values, dtype=float), directions)
+    distance = np.zeros(len(loss))
+    if len(loss) <= 2:
+        return np.full(len(loss), np.inf)
+    for column in loss.T:
+        order = np.argsort(column, kind="stable")
+        spread = column[order[-1]] - column[order[0]]
+        distance[order[[0, -1]]] = np.inf
+        if spread > 0:
+            distance[order[1:-1]] += (column[order[2:]] - column[order[:-2]]) / spread
+    return distance
+
+
+def hypervolume_contributions(
+    values: np.ndarray, directions: Sequence[str], reference: Sequence[float]
+) -> np.ndarray:
+    """How much hypervolume each row alone adds: the volume of all rows minus that of all rows
+    but it (0 for a dominated row or a duplicate)."""
+    values = np.asarray(values, dtype=float)
+    total = hypervolume(values, directions, reference)
+    return np.array(
+        [
+            total - hypervolume(np.delete(values, i, axis=0), directions, reference)
+            for i in range(len(values))
+        ]
+    )
 
 
 def default_reference(values: np.ndarray, directions: Sequence[str]) -> tuple[float, ...]:

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# What a single-GPU machine can show in under 8 minutes, offline (the packaged MiniLM and the
+# GLUE TSVs in ../shared/data/glue or $SORA_TUNE_DATA_DIR):
+#   1. pytest -m gpu: device choice, every precision, a resume across devices, two trials on one
+#      GPU at 0.5 each, bench_step on CUDA;
+#   2. scripts/bench_step.py on CUDA: ms per step of SoRA, PEFT LoRA and PEFT AdaLoRA (batch 32,
+#      length 128; the paper claims SoRA ~30% faster than AdaLoRA);
+#   3. a 4-trial search with --gpus-per-trial 0.5 on full MRPC, 2 epochs, from a fresh folder.
+# Writes JSON for each part and summary.json + summary.md to OUT_DIR.
+#
+# Usage: scripts/gpu_check.sh [--dry-run] [OUT_DIR]      (OUT_DIR default: ./gpu_check)
+#   --dry-run  the same plumbing on the CPU at toy sizes (no CUDA needed): the gpu tests skip,
+#              the step benchmark and the search run tiny, and the summary says "dry run".
+set -euo pipefail
+
+dry_run=false
+if [[ ${1:-} == --dry-run ]]; then
+    dry_run=true
+    shift
+fi
+[[ ${1:-} == -h || ${1:-} == --help ]] && { sed -n '2,14p' "$0"; exit 0; }
+repo=$(cd "$(dirname "$0")/.." && pwd)
+out=$(mkdir -p "${1:-gpu_check}" && cd "${1:-gpu_check}" && pwd)
+data=${SORA_TUNE_DATA_DIR:-$repo/../shared/data/glue}
+python=${PYTHON:-python}
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+export MLFLOW_DISABLE_TELEMETRY=true RAY_USAGE_STATS_ENABLED=0
+
+die() {
+    echo "gpu_check.sh: error: $*" >&2
+    exit 2
+}
+[[ -d $data/MRPC ]] || die "no GLUE data at $data (set SORA_TUNE_DATA_DIR)"
+if [[ $dry_run == false ]]; then
+    "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' ||
+        die "torch sees no CUDA device (use --dry-run to check the plumbing on a CPU)"
+fi
+
+if [[ $dry_run == true ]]; then
+    device=cpu step_args=(--rounds 1 --steps 1 --batch-size 4 --length 32)
+    search_args=(--max-train-samples 64 --max-eval-samples 32 --train-eval-samples 16 --epochs 1
+        --max-length 64 --gpus-per-trial 0)
+else
+    device=cuda step_args=(--rounds 5 --steps 5 --batch-size 32 --length 128)
+    search_args=(--epochs 2 --gpus-per-trial 0.5)
+fi
+
+echo "== 1/3 pytest -m gpu"
+start=$SECONDS
+set +e
+(cd "$repo" && "$python" -m pytest -m gpu -q -p no:cacheprovider --junitxml "$out/gpu_tests.xml") |
+    tee "$out/gpu_tests.log"
+tests_status=${PIPESTATUS[0]}
+set -e
+tests_s=$((SECONDS - start))
+
+echo "== 2/3 bench_step.py on $device"
+start=$SECONDS
+"$python" "$repo/scripts/bench_step.py" --device "$device" "${step_args[@]}" --output "$out/step.json"
+step_s=$((SECONDS - start))
+
+echo "== 3/3 a 4-trial search on MRPC, from a fresh folder"
+start=$SECONDS
+mkdir -p "$out/search"
+(cd "$out/search" && "$python" -m sora_tune.cli search --config "$repo/search_spaces/sora_glue.yaml" \
+    --task mrpc --data-dir "$data" --num-samples 4 --cpus-per-trial 1 --name gpu-check \
+    "${search_args[@]}") | tee "$out/search.log"
+search_s=$((SECONDS - start))
+
+"$python" - "$out" "$dry_run" "$tests_status" "$tests_s" "$step_s" "$search_s" <<'EOF'
+"""summary.json and summary.md from the three parts' outputs."""
+import json
+import sys
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import mlflow
+
+out, dry_run = Path(sys.argv[1]), sys.argv[2] == "true"
+tests_status, tests_s, step_s, search_s = map(int, sys.argv[3:7])
+suite = ElementTree.parse(out / "gpu_tests.xml").getroot().find("testsuite")
+tests = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+step = json.loads((out / "step.json").read_text())
+client = mlflow.MlflowClient(f"sqlite:///{out / 'search' / 'mlflow.db'}")
+experiment = client.get_experiment_by_name("sora-mrpc")
+runs = client.search_runs([experiment.experiment_id], "tags.`sora_tune.role` = 'trial'")
+trials = sorted(
+    (
+        {
+            "status": r.info.status,
+            "device": r.data.tags.get("sora_tune.device"),
+            "precision": r.data.tags.get("sora_tune.precision"),
+            "val_score": r.data.metrics.get("val_score"),
+            "test_score": r.data.metrics.get("test_score"),
+            "retained_params": r.data.metrics.get("retained_params"),
+            "train_time_s": r.data.metrics.get("train_time_s"),
+            "start": r.info.start_time / 1000,
+            "end": (r.info.end_time or r.info.start_time) / 1000,
+        }
+        for r in runs
+    ),
+    key=lambda t: t["start"],
+)
+overlap = any(b["start"] < a["end"] for a, b in zip(trials, trials[1:]))
+summary = {
+    "dry_run": dry_run,
+    "seconds": {"tests": tests_s, "step": step_s, "search": search_s},
+    "gpu_tests": tests | {"exit_code": tests_status},
+    "step": {"device": step["machine"]["device"], "precision": step["config"]["precision"]}
+    | {"median_ms": step["median_ms"], "ratios": step["ratios"]},
+    "search": {"trials": trials, "trials_overlapped": overlap},
+}
+(out / "summary.json").write_text(json.dumps(summary, indent=2))
+ms = step["median_ms"]
+lines = [
+    f"# GPU check{' (dry run on the CPU: toy sizes, gpu tests skipped)' if dry_run else ''}",
+    "",
+    f"Total {tests_s + step_s + search_s} s: tests {tests_s} s, step benchmark {step_s} s, "
+    f"search {search_s} s.",
+    "",
+    f"- `pytest -m gpu`: {tests['tests']} tests, {tests['failures']} failed, {tests['errors']} "
+    f"errors, {tests['skipped']} skipped (exit code {tests_status}).",
+    f"- Step on {summary['step']['device']} ({summary['step']['precision']}): SoRA "
+    f"{ms['sora']:.1f} ms, LoRA {ms['lora']:.1f} ms, AdaLoRA {ms['adalora']:.1f} ms; SoRA/LoRA "
+    f"{step['ratios']['sora_over_lora']:.3f}, SoRA/AdaLoRA {step['ratios']['sora_over_adalora']:.3f} "
+    "(the paper: ~0.7).",
+    f"- Search: {len(trials)} trials, {sum(t['status'] == 'FINISHED' for t in trials)} finished, "
+    f"devices {sorted({t['device'] for t in trials})}, precision "
+    f"{sorted({t['precision'] for t in trials if t['precision']})}; trials ran side by side: "
+    f"{'yes' if overlap else 'no'}.",
+    "",
+    "| trial | status | device | val | test | retained params | train s |",
+    "|---|---|---|---|---|---|---|",
+]
+for index, t in enumerate(trials):
+    cells = [
+        str(index),
+        t["status"],
+        str(t["device"]),
+        *(f"{t[k]:.4f}" if t[k] is not None else "–" for k in ("val_score", "test_score")),
+        f"{t['retained_params']:,.0f}" if t["retained_params"] is not None else "–",
+        f"{t['train_time_s']:.0f}" if t["train_time_s"] is not None else "–",
+    ]
+    lines.append("| " + " | ".join(cells) + " |")
+(out / "summary.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+EOF
+echo "wrote $out/summary.json and $out/summary.md"
+[[ $tests_status == 0 || $tests_status == 5 ]] || exit 1 # 5: no test ran (a dry run skips them)

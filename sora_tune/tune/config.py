@@ -1,0 +1,162 @@
+"""How to search (`SearchConfig`): the settings of a search besides its space. No Ray, MLflow or
+torch here, so the CLI can build its flags from these fields and check them up front."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from ..config import literal_choices
+from ..front import OBJECTIVES
+from ..uris import default_tracking_uri, local_store_path, resolve_tracking_uri
+from .cluster import check_client_storage, check_tracking_for_cluster
+from .space import SearchSpace
+
+Sampler = Literal["tpe", "nsga2", "gp", "random"]
+
+
+@dataclass
+class SearchConfig:
+    """How to search.
+
+    Args:
+        space: The validated search space (`load_search_space`), CLI overrides already fixed.
+        num_samples: Number of trials.
+        sampler: Optuna sampler: `tpe`, `nsga2`, `gp` or `random`.
+        objective: `multi` (`OBJECTIVES`: maximise val_score, minimise retained_params) or
+            `val_score` alone.
+        asha: Stop poor trials early with ASHA (single objective only).
+        early_stop: `pareto`: multi-objective asynchronous successive halving (MO-ASHA) on the
+            objectives; `none`: every trial runs to the end.
+        grace_period: Epochs before the first rung of `asha` or `early_stop`.
+        reduction_factor: Rungs at `grace_period · reduction_factor^k` epochs; at each, the worst
+            `1 − 1/reduction_factor` share stops. `None`: 4 for ASHA (Ray's default), 3 for
+            `pareto` (syne-tune's).
+        sampler_seed: Seeds the sampler.
+        max_failures: Retries of a trial that crashed (a node lost, an exception).
+        name: The Ray experiment name (a folder under `storage_path`) and the Optuna study's.
+        cpus_per_trial, gpus_per_trial: Resources of one trial. A trial is one process on one
+            device: at most 1 GPU, and fractions let several small trials share one.
+        max_concurrent: At most this many trials at once; `None`: as many as resources allow.
+        address: `None` starts a local Ray; `auto` or `ray://host:port` joins a cluster.
+        storage_path: Where Ray keeps the experiment state; shared storage (NFS, s3://, gs://)
+            for several nodes, a URI with `ray://`.
+        mlflow_uri: MLflow tracking URI; by default `MLFLOW_TRACKING_URI`, else `./mlflow.db`.
+            A relative local store is taken from the current folder. A cluster needs a server
+            that serves artifacts.
+        experiment_name: MLflow experiment; `None`: `sora-<task>`, one per task.
+        optuna_storage: Where Optuna keeps the study, so `optuna-dashboard` and
+            `optuna.load_study` read it: an RDB URL. `None`: `optuna.db` beside a local MLflow
+            store, else in memory (Ray still saves the sampler's state for `--resume`).
+    """
+
+    space: SearchSpace
+    # search
+    num_samples: int = 8  # trials
+    sampler: Sampler = "tpe"  # Optuna sampler
+    objective: Literal["multi", "val_score"] = "multi"  # multi: max val_score, min retained_params
+    asha: bool = False  # ASHA early stopping (single objective only)
+    early_stop: Literal["none", "pareto"] = "none"  # pareto: multi-objective successive halving
+    grace_period: int = 1  # epochs before the first rung of --asha or --early-stop
+    reduction_factor: float | None = None  # rung spacing; worst 1-1/rf stop; none: 4 asha, 3 pareto
+    sampler_seed: int = 0  # seeds the sampler
+    max_failures: int = 1  # retries of a trial that crashed (a lost node, an exception)
+    name: str | None = None  # Ray experiment and Optuna study; none: <experiment-name>-<time>
+    # resources
+    cpus_per_trial: float = 1.0  # CPUs of one trial
+    gpus_per_trial: float = 0.0  # at most 1 (a trial is one process); 0.5 lets two share a GPU
+    max_concurrent: int | None = None  # trials at once; none: as many as resources allow
+    address: str | None = None  # Ray cluster: auto or ray://host:port; none: a local Ray
+    storage_path: str | None = None  # Ray experiment storage; shared (NFS, s3://) on a cluster
+    # tracking
+    mlflow_uri: str | None = None  # none: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment_name: str | None = None  # MLflow experiment; none: sora-<task>, one per task
+    optuna_storage: str | None = None  # Optuna RDB URL; none: optuna.db beside a local store
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        for name in ("sampler", "objective", "early_stop"):
+            choices = literal_choices(SearchConfig, name)
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
+                )
+        if self.asha and self.objective == "multi":
+            raise ValueError(
+                "asha early stopping needs a single objective: use objective val_score "
+                "(or early_stop pareto, which takes both)"
+            )
+        if self.asha and self.early_stop != "none":
+            raise ValueError("choose one of asha and early_stop")
+        if self.grace_period < 1:
+            raise ValueError(f"grace_period must be >= 1 epoch, got {self.grace_period}")
+        if self.reduction_factor is not None and not self.reduction_factor > 1:
+            raise ValueError(f"reduction_factor must be > 1, got {self.reduction_factor}")
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
+            raise ValueError("cpus_per_trial must be > 0 and gpus_per_trial >= 0")
+        if self.gpus_per_trial > 1:
+            raise ValueError(
+                f"gpus_per_trial must be at most 1, got {self.gpus_per_trial:g}: a trial is one "
+                "process on one device (fractions such as 0.5 let trials share a GPU); run more "
+                "trials at once instead"
+            )
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be >= 1, got {self.max_concurrent}")
+        check_client_storage(self.address, self.storage_path)
+        # Paths are taken from the user's folder here, on the driver: Ray starts every trial in
+        # a folder of its own.
+        if self.storage_path is None or "://" not in self.storage_path:
+            self.storage_path = os.path.abspath(self.storage_path or "ray_results")
+        self.mlflow_uri = resolve_tracking_uri(self.mlflow_uri or default_tracking_uri())
+        check_tracking_for_cluster(self.mlflow_uri, nodes=1, address=self.address)
+        store = local_store_path(self.mlflow_uri)
+        if self.optuna_storage is None and store is not None:
+            self.optuna_storage = f"sqlite:///{store.parent / 'optuna.db'}"
+        elif self.optuna_storage is not None:
+            self.optuna_storage = resolve_tracking_uri(self.optuna_storage)
+        self.space = self.space.with_resolved_paths()
+        self.experiment_name = self.experiment_name or default_experiment(self.space)
+        self.name = self.name or f"{self.experiment_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    @property
+    def path(self) -> str:
+        """The search's Ray folder: what `--resume` takes."""
+        return f"{self.storage_path}/{self.name}"
+
+    @property
+    def directions(self) -> dict[str, str]:
+        """The objectives Optuna and the scheduler are given, with their directions
+        (`"maximize"`, `"minimize"`)."""
+        if self.objective == "multi":
+            return dict(OBJECTIVES)
+        return {"val_score": OBJECTIVES["val_score"]}
+
+
+def default_experiment(space: SearchSpace) -> str:
+    """One MLflow experiment per task: `sora-<task>` (`sora-<task>-<task>…` when the task is
+    searched), so that selecting from an experiment never mixes tasks."""
+    from ..data.tasks import get_task
+
+    return "sora-" + "-".join(get_task(task).name for task in space.values("task"))
+
+
+# The command line's groups of SearchConfig's fields (`space` comes from --config).
+SEARCH_GROUPS = {
+    "search": (
+        "num_samples",
+        "sampler",
+        "objective",
+        "asha",
+        "early_stop",
+        "grace_period",
+        "reduction_factor",
+        "sampler_seed",
+        "max_failures",
+        "name",
+    ),
+    "resources": ("cpus_per_trial", "gpus_per_trial", "max_concurrent", "address", "storage_path"),
+    "tracking": ("mlflow_uri", "experiment_name", "optuna_storage"),
+}
