@@ -314,7 +314,7 @@ def pareto_command(args: argparse.Namespace) -> int:
 
     result = choose_trial(**selection_values(args))
     print(format_table(result))
-    print(f"wrote {result.csv_path} and {result.png_path}")
+    print(f"wrote {result.csv_path}, {result.png_path} and {result.history_path}")
     return 0
 
 

@@ -284,6 +284,24 @@ class TrialConfig:
             dense_epochs=self.dense_epochs,
         )
 
+    @property
+    def traces_front(self) -> bool:
+        """A SoRA trial with a rising ξ schedule: one point of the score-vs-parameters front at
+        the end of every stage, not one per trial (the paper's Algorithm 1, in a search)."""
+        return self.method == "sora" and self.xi_schedule != "constant"
+
+    def stage_end_epochs(self) -> dict[int, int]:
+        """`{epoch: stage}` for the epochs (1-based) that end a stage of a front-tracing trial;
+        empty for other trials."""
+        if not self.traces_front:
+            return {}
+        schedule = self.xi_plan()
+        return {
+            epoch: schedule.stage_at(epoch - 1)
+            for epoch in range(1, self.epochs + 1)
+            if epoch == self.epochs or schedule.stage_at(epoch) != schedule.stage_at(epoch - 1)
+        }
+
     def stage_xis(self, steps_per_epoch: int) -> list[float]:
         """ξ per gate step in every stage of the schedule, for `steps_per_epoch` gate steps an
         epoch: `xi_total` is spread over the gate steps of its stage (the last stage lasts until

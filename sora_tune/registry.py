@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -38,7 +39,7 @@ from .config import default_model
 from .data import GlueTask, get_task
 from .pareto import ParetoResult, load_trial_runs, pareto_report
 from .serving import PYFUNC_FILE
-from .tracking import PRECISION_TAG
+from .tracking import PRECISION_TAG, stage_artifact
 from .uris import existing_store
 
 CHAMPION = "champion"  # the alias `register` moves to every new version
@@ -81,6 +82,7 @@ class RegisteredAdapter:
         model_uri: `models:/<name>/<version>`.
         val_score, test_score, retained_params: The trial's final values.
         rank_pattern: Rank of every adapted module.
+        stage: The stage of a front-tracing trial whose adapter it is; `None`: the trial's own.
     """
 
     name: str
@@ -91,6 +93,7 @@ class RegisteredAdapter:
     test_score: float
     retained_params: int
     rank_pattern: dict[str, int]
+    stage: int | None = None
 
 
 @contextlib.contextmanager
@@ -155,7 +158,11 @@ def choose_trial(
 
 
 def log_trial_model(
-    run_id: str, *, tracking_uri: str | None = None, allow_pickle: bool = False
+    run_id: str,
+    *,
+    tracking_uri: str | None = None,
+    allow_pickle: bool = False,
+    stage: int | None = None,
 ) -> ModelInfo:
     """Log the adapter of a finished trial run as an MLflow pyfunc model (models-from-code).
 
@@ -172,6 +179,8 @@ def log_trial_model(
         allow_pickle: Accept an adapter whose weights are only a pickled `adapter_model.bin`
             (loading a pickle can run code: for adapters from a trusted source only). The model
             then records `allow_pickle` and loads it.
+        stage: A stage of a front-tracing trial: its adapter (`adapters/stage-<k>/`) instead
+            of the trial's final one (`adapter/`).
 
     Returns:
         MLflow's `ModelInfo`; `model_uri` is `models:/<model id>`.
@@ -184,21 +193,22 @@ def log_trial_model(
     tracking_uri = existing_store(tracking_uri or mlflow.get_tracking_uri())
     client = MlflowClient(tracking_uri)
     run = client.get_run(run_id)
-    found = {Path(artifact.path).name for artifact in client.list_artifacts(run_id, "adapter")}
+    folder = "adapter" if stage is None else stage_artifact(stage)
+    found = {Path(artifact.path).name for artifact in client.list_artifacts(run_id, folder)}
     if not found:
         raise ValueError(
-            f"run {run_id} has no adapter/ artifact (every rank was pruned); "
+            f"run {run_id} has no {folder}/ artifact (every rank was pruned); "
             "choose another run with max_params, min_score or knee"
         )
     if ADAPTER_CONFIG not in found:
-        raise ValueError(f"the adapter/ artifact of run {run_id} lacks {ADAPTER_CONFIG}")
+        raise ValueError(f"the {folder}/ artifact of run {run_id} lacks {ADAPTER_CONFIG}")
     weights = ADAPTER_WEIGHTS
     if ADAPTER_WEIGHTS not in found:
         if PICKLED_ADAPTER_WEIGHTS not in found:
-            raise ValueError(f"the adapter/ artifact of run {run_id} lacks {ADAPTER_WEIGHTS}")
+            raise ValueError(f"the {folder}/ artifact of run {run_id} lacks {ADAPTER_WEIGHTS}")
         if not allow_pickle:
             raise ValueError(
-                f"the adapter/ artifact of run {run_id} lacks {ADAPTER_WEIGHTS}; its "
+                f"the {folder}/ artifact of run {run_id} lacks {ADAPTER_WEIGHTS}; its "
                 f"{PICKLED_ADAPTER_WEIGHTS} is a pickle, which can run code when loaded: convert "
                 "it to safetensors, or pass --allow-pickle (allow_pickle=True) if you trust it"
             )
@@ -222,7 +232,7 @@ def log_trial_model(
         staging = Path(staging)
         (staging / "adapter").mkdir()
         for name in (ADAPTER_CONFIG, weights):  # and nothing else
-            client.download_artifacts(run_id, f"adapter/{name}", str(staging / "adapter"))
+            client.download_artifacts(run_id, f"{folder}/{name}", str(staging / "adapter"))
         AutoTokenizer.from_pretrained(model or default_model()).save_pretrained(
             staging / "tokenizer"
         )
@@ -270,7 +280,8 @@ def register(
     model as a new version of `name`, with the alias `champion` moved to it.
 
     Version tags: `task`, `val_score`, `test_score`, `retained_params`, `rank_pattern` (JSON,
-    cut at 5000 characters), `source_run_id` and `selection_rule`.
+    cut at 5000 characters), `source_run_id`, `stage` (of a front-tracing trial, or `final`) and
+    `selection_rule`.
 
     Args:
         experiment_name: The MLflow experiment of the search.
@@ -294,13 +305,12 @@ def register(
         knee=knee,
         output_dir=output_dir,
     )
-    run_id = result.selected_run_id
-    info = log_trial_model(run_id, tracking_uri=tracking_uri, allow_pickle=allow_pickle)
+    run_id, stage = result.selected_run_id, result.selected_stage
+    info = log_trial_model(
+        run_id, tracking_uri=tracking_uri, allow_pickle=allow_pickle, stage=stage
+    )
     client = MlflowClient(tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="sora-ranks-") as download:
-        ranks = json.loads(
-            Path(client.download_artifacts(run_id, "rank_pattern.json", download)).read_text()
-        )
+    ranks = _rank_pattern(client, run_id, stage)
     chosen = result.selected
     tags = {
         "task": info.metadata["task"],
@@ -309,6 +319,7 @@ def register(
         "retained_params": str(int(chosen["retained_params"])),
         "rank_pattern": json.dumps(ranks, separators=(",", ":"))[:MAX_RANK_TAG_CHARS],
         "source_run_id": run_id,
+        "stage": "final" if stage is None else str(stage),
         "selection_rule": result.rule,
     }
     with _tracking_uri(tracking_uri):
@@ -323,7 +334,22 @@ def register(
         test_score=float(chosen["test_score"]),
         retained_params=int(chosen["retained_params"]),
         rank_pattern=ranks,
+        stage=stage,
     )
+
+
+def _rank_pattern(client: MlflowClient, run_id: str, stage: int | None) -> dict[str, int]:
+    """The rank of every module of the chosen adapter: the trial's `rank_pattern.json`, or for a
+    stage, the `rank_pattern` of its PEFT config (keys there are escaped regular expressions)."""
+    with tempfile.TemporaryDirectory(prefix="sora-ranks-") as download:
+        if stage is None:
+            path = client.download_artifacts(run_id, "rank_pattern.json", download)
+            return json.loads(Path(path).read_text())
+        path = client.download_artifacts(
+            run_id, f"{stage_artifact(stage)}/{ADAPTER_CONFIG}", download
+        )
+        pattern = json.loads(Path(path).read_text())["rank_pattern"]
+        return {re.sub(r"\\(.)", r"\1", key): rank for key, rank in pattern.items()}
 
 
 def predict_file(

@@ -24,6 +24,24 @@ ROLE_TAG = "sora_tune.role"  # "search" on a search's parent run, "trial" on its
 FAILURE_TAG = "failure_reason"  # why a run did not finish
 PRECISION_TAG = "sora_tune.precision"  # the autocast dtype the trial trained and scored in
 STOPPED_TAG = "sora_tune.stopped_at_epoch"  # a scheduler stopped the trial after this epoch
+# A front-tracing trial logs each stage's point as `stage_<key>` at step = the stage, and the
+# stage's pruned adapter under `adapters/stage-<k>/`.
+STAGE_PREFIX = "stage_"
+STAGE_KEYS = (
+    "epoch",
+    "val_score",
+    "test_score",
+    "train_score",
+    "retained_params",
+    "nonzero_rank",
+    "train_time_s",
+    "xi",
+    "xi_total",
+)
+
+
+def stage_artifact(stage: int) -> str:
+    return f"adapters/stage-{stage}"
 
 
 def numeric(metrics: dict[str, Any]) -> dict[str, float]:
@@ -76,26 +94,35 @@ def tracked_trial(
 ) -> dict[str, Any]:
     """Run `train_trial` in the MLflow run `run_id` (new, or reopened by a resumed trial) and
     record it: params, every epoch's metrics at `step=epoch`, then the pruned adapter, its rank
-    pattern and the precision used.
+    pattern and the precision used. A front-tracing trial (`TrialConfig.traces_front`) also logs
+    the end of every stage: `stage_<key>` metrics at `step=stage` and the stage's pruned adapter
+    under `adapters/stage-<k>/`, as soon as the stage ends.
 
     A trial that raises or diverges ends its run FAILED with the reason in `failure_reason`; one
     interrupted by Ctrl-C ends KILLED. A trial that Ray stops between epochs (`SystemExit` from
     its report) leaves the run open: the search, which knows why it stopped the trial (a
     scheduler, an interrupted search), ends it.
     """
-    from .train import train_trial  # torch, only where a trial runs
+    from .train import stage_adapter_dir, train_trial  # torch, only where a trial runs
 
     client = MlflowClient(tracking_uri)
     client.update_run(run_id, status="RUNNING")
     client.log_batch(run_id, params=[Param(k, v) for k, v in trial_params(config).items()])
     user_report = train_kwargs.pop("report", None)
+    stage_ends = config.stage_end_epochs()
 
     def report(metrics: dict[str, Any], checkpoint: str) -> None:
         now = int(time.time() * 1000)
-        client.log_batch(
-            run_id,
-            metrics=[Metric(k, v, now, metrics["epoch"]) for k, v in numeric(metrics).items()],
-        )
+        logged = [Metric(k, v, now, metrics["epoch"]) for k, v in numeric(metrics).items()]
+        if metrics["epoch"] in stage_ends:  # a point of the front the trial traces
+            stage = stage_ends[metrics["epoch"]]
+            logged += [
+                Metric(f"{STAGE_PREFIX}{k}", float(metrics[k]), now, stage) for k in STAGE_KEYS
+            ]
+            adapter = stage_adapter_dir(output_dir, stage)
+            if adapter.exists():
+                client.log_artifacts(run_id, str(adapter), artifact_path=stage_artifact(stage))
+        client.log_batch(run_id, metrics=logged)
         if user_report is not None:
             user_report(metrics, checkpoint)
 

@@ -59,6 +59,7 @@ REPORT_KEYS = (
     "test_score",
     "nonzero_rank",
     "retained_params",
+    "stage",
     "xi",
     "xi_total",
     "epoch_time_s",
@@ -380,6 +381,11 @@ def score_epoch(
 CHECKPOINT_PREFIX = "checkpoint-epoch"
 
 
+def stage_adapter_dir(output_dir: str | os.PathLike, stage: int) -> Path:
+    """Where a front-tracing trial exports the pruned adapter of the end of `stage`."""
+    return Path(output_dir) / "stages" / f"stage-{stage}"
+
+
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint in `output_dir` (written atomically, so complete if present)."""
     found = sorted(
@@ -513,6 +519,7 @@ def train_trial(
         model, config, steps_per_epoch=steps_per_epoch, device=device, precision=precision
     )
     schedule, stage_xis = config.xi_plan(), config.stage_xis(steps_per_epoch)
+    stage_ends = config.stage_end_epochs()
     gates = optimization.gate_optimizer
 
     history: list[dict[str, Any]] = []
@@ -549,6 +556,7 @@ def train_trial(
             **scores,
             "nonzero_rank": sum(rank_pattern(model).values()),
             "retained_params": retained_params(model),
+            "stage": stage,
             "xi": xi,
             # what ξ can take off a gate over its stage: the pressure that transfers across sizes
             "xi_total": xi * steps_per_epoch * schedule.stage_epochs(config.epochs)[stage],
@@ -558,6 +566,9 @@ def train_trial(
             "padding_ratio": stats.padding_ratio,
         }
         history.append(metrics)
+        if epoch + 1 in stage_ends and metrics["nonzero_rank"] > 0:
+            # A point of the front this trial traces: its pruned adapter, servable on its own.
+            export_peft(model, stage_adapter_dir(output_dir, stage))
         checkpoint = save_checkpoint(output_dir, epoch + 1, config, model, optimization, history)
         if report is not None:
             report(metrics, str(checkpoint))

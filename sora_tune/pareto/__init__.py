@@ -2,7 +2,15 @@
 trials recorded in MLflow, its hypervolume, and one run picked by a stated rule. No Ray here."""
 
 from ..front import Selection, default_reference, hypervolume, is_pareto_front, select
-from .runs import LeftOut, ParetoResult, TrialRuns, format_table, load_trial_runs, pareto_report
+from .runs import (
+    LeftOut,
+    ParetoResult,
+    TrialRuns,
+    format_table,
+    hypervolume_history,
+    load_trial_runs,
+    pareto_report,
+)
 
 __all__ = [
     "LeftOut",
@@ -11,6 +19,7 @@ __all__ = [
     "TrialRuns",
     "default_reference",
     "format_table",
+    "hypervolume_history",
     "hypervolume",
     "is_pareto_front",
     "load_trial_runs",

@@ -26,7 +26,7 @@ from mlflow.exceptions import MlflowException
 
 from ..front import OBJECTIVES as SEARCH_OBJECTIVES
 from ..front import default_reference, hypervolume, is_pareto_front, select
-from ..tracking import FAILURE_TAG, ROLE_TAG, STOPPED_TAG
+from ..tracking import FAILURE_TAG, ROLE_TAG, STAGE_PREFIX, STOPPED_TAG
 from ..uris import existing_store
 
 FRONT_METHOD = "sora"
@@ -34,6 +34,7 @@ FRONT_METHOD = "sora"
 OBJECTIVES = SEARCH_OBJECTIVES | {"train_time_s": "minimize"}
 REQUIRED_METRICS = ("val_score", "retained_params")
 METRICS = ("val_score", "retained_params", "test_score", "nonzero_rank", "train_time_s")
+COLUMNS = ("run_id", "run_name", "method", "r_max", "stage", *METRICS)
 BASELINE_MARKERS = {"lora": "s", "adalora": "^"}  # other methods: "D"
 
 
@@ -51,14 +52,18 @@ class TrialRuns:
     """The finished trials of one search or experiment.
 
     Attributes:
-        table: One row per finished run with a method and finite val_score and retained_params:
-            `run_id`, `run_name`, `method`, `r_max` and the `METRICS` (NaN when not logged),
-            sorted by retained_params, then run id.
+        table: One row per candidate: every finished run with a method and finite val_score and
+            retained_params, and for a front-tracing run one row per stage (`stage` 0, 1, …; NA
+            for a run's own final point): `COLUMNS`, the `METRICS` NaN when not logged, sorted
+            by retained_params, then run id and stage.
         left_out: The other trial runs, each with its reason.
         experiment_name: The MLflow experiment.
         parent_run_id: The search's parent run: the one asked for, or the only search run of the
             experiment; `None` when the experiment holds several searches or none.
         tracking_uri: Where the runs were read from (and where tags are written back).
+        timeline: Every trial run, candidate or not, in the order it ended: `run_id`, `end_time`
+            (seconds since the epoch) and `train_time_s` (its compute, NaN if none was logged),
+            for the hypervolume against compute (`hypervolume_history`).
     """
 
     table: pd.DataFrame
@@ -66,6 +71,7 @@ class TrialRuns:
     experiment_name: str
     parent_run_id: str | None
     tracking_uri: str
+    timeline: pd.DataFrame
 
 
 @dataclass
@@ -76,6 +82,7 @@ class ParetoResult:
         table: Every finished run (SoRA and baselines) with the columns of `TrialRuns.table` plus
             `on_front` and `selected`, sorted by retained_params. Also written as `pareto.csv`.
         selected_run_id: The chosen SoRA run.
+        selected_stage: The chosen stage of a front-tracing run; `None` for a run's final point.
         rule: The rule that chose it, in words.
         hypervolume: Of the SoRA runs in `objectives`, bounded by `reference`.
         reference: The reference point, one value per objective.
@@ -83,10 +90,13 @@ class ParetoResult:
         left_out: Runs that are not in `table`, with reasons.
         csv_path: `pareto.csv`.
         png_path: `pareto.png`.
+        history: `hypervolume_history` of the runs, with the same reference.
+        history_path: `pareto_history.png`, the hypervolume against the compute spent.
     """
 
     table: pd.DataFrame
     selected_run_id: str
+    selected_stage: int | None
     rule: str
     hypervolume: float
     reference: tuple[float, ...]
@@ -94,6 +104,8 @@ class ParetoResult:
     left_out: list[LeftOut]
     csv_path: Path
     png_path: Path
+    history: pd.DataFrame
+    history_path: Path
 
     @property
     def front(self) -> pd.DataFrame:
@@ -153,24 +165,35 @@ def load_trial_runs(
         searches = [r.info.run_id for r in runs if r.data.tags.get(ROLE_TAG) == "search"]
         parent_run_id = searches[0] if len(searches) == 1 else None
 
-    rows, left_out = [], []
+    rows, left_out, timeline = [], [], []
     for run in runs:
         if run.data.tags.get(ROLE_TAG) == "search":
             continue
+        timeline.append(
+            {
+                "run_id": run.info.run_id,
+                "end_time": (run.info.end_time or run.info.start_time or 0) / 1000,
+                "train_time_s": run.data.metrics.get("train_time_s", math.nan),
+            }
+        )
         reason = _left_out_reason(run)
         if reason is None:
-            rows.append(_row(run))
+            rows += _stage_rows(client, run) if _traces_front(run) else [_row(run)]
         else:
             left_out.append(LeftOut(run.info.run_id, reason))
-    table = pd.DataFrame(rows, columns=["run_id", "run_name", "method", "r_max", *METRICS])
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
     table["r_max"] = pd.to_numeric(table["r_max"], errors="coerce").astype("Int64")
-    table = table.sort_values(["retained_params", "run_id"], ignore_index=True)
+    table["stage"] = pd.to_numeric(table["stage"], errors="coerce").astype("Int64")
+    table = table.sort_values(["retained_params", "run_id", "stage"], ignore_index=True)
     return TrialRuns(
         table=table,
         left_out=left_out,
         experiment_name=experiment.name,
         parent_run_id=parent_run_id,
         tracking_uri=client.tracking_uri,
+        timeline=pd.DataFrame(timeline, columns=["run_id", "end_time", "train_time_s"]).sort_values(
+            "end_time", ignore_index=True
+        ),
     )
 
 
@@ -212,10 +235,29 @@ def _row(run: Run) -> dict:
         "run_name": run.info.run_name,
         "method": run.data.params["method"],
         "r_max": run.data.params.get("r_max"),
+        "stage": None,
         # `data.metrics` holds each metric's value at its highest step: the last epoch, which is
         # also what the trial logs as final.
         **{name: run.data.metrics.get(name, math.nan) for name in METRICS},
     }
+
+
+def _traces_front(run: Run) -> bool:
+    """A front-tracing trial (`TrialConfig.traces_front`): it logged a point per stage."""
+    return f"{STAGE_PREFIX}val_score" in run.data.metrics
+
+
+def _stage_rows(client: MlflowClient, run: Run) -> list[dict]:
+    """One row per stage of a front-tracing run, from its `stage_<key>` metric histories."""
+    by_stage: dict[int, dict[str, float]] = {}
+    for name in METRICS:
+        for metric in client.get_metric_history(run.info.run_id, f"{STAGE_PREFIX}{name}"):
+            by_stage.setdefault(metric.step, {})[name] = metric.value
+    base = _row(run)
+    return [
+        base | {"stage": stage} | {name: values.get(name, math.nan) for name in METRICS}
+        for stage, values in sorted(by_stage.items())
+    ]
 
 
 def pareto_report(
@@ -287,18 +329,21 @@ def pareto_report(
         min_score=min_score,
         knee=knee,
     )
-    selected_run_id = front["run_id"].iloc[selection.index]
-    table["selected"] = table["run_id"] == selected_run_id
+    chosen = front.index[selection.index]
+    selected_run_id, selected_stage = table.at[chosen, "run_id"], table.at[chosen, "stage"]
+    table["selected"] = table.index == chosen
     reference = tuple(reference) if reference is not None else default_reference(values, directions)
     volume = hypervolume(values, directions, reference)
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = output_dir / "pareto.csv", output_dir / "pareto.png"
+    history_path = output_dir / "pareto_history.png"
     table.to_csv(csv_path, index=False)
     result = ParetoResult(
         table=table,
         selected_run_id=selected_run_id,
+        selected_stage=None if pd.isna(selected_stage) else int(selected_stage),
         rule=selection.rule,
         hypervolume=volume,
         reference=reference,
@@ -306,17 +351,58 @@ def pareto_report(
         left_out=left_out,
         csv_path=csv_path,
         png_path=png_path,
+        history=hypervolume_history(runs, reference, objectives),
+        history_path=history_path,
     )
     _plot(result, png_path, title=runs.experiment_name)
+    _plot_history(result, history_path, title=runs.experiment_name)
 
     client = MlflowClient(runs.tracking_uri)
-    for run_id, on_front in zip(table["run_id"], table["on_front"], strict=True):
+    for run_id, on_front in table.groupby("run_id")["on_front"].any().items():
         client.set_tag(run_id, "pareto", "true" if on_front else "false")
     if log_to_parent and runs.parent_run_id is not None:
-        client.log_artifact(runs.parent_run_id, str(csv_path))
-        client.log_artifact(runs.parent_run_id, str(png_path))
+        for path in (csv_path, png_path, history_path):
+            client.log_artifact(runs.parent_run_id, str(path))
         client.set_tag(runs.parent_run_id, "pareto_selected_run_id", selected_run_id)
     return result
+
+
+def hypervolume_history(
+    runs: TrialRuns,
+    reference: Sequence[float],
+    objectives: Sequence[str] = REQUIRED_METRICS,
+) -> pd.DataFrame:
+    """The hypervolume of the SoRA candidates known after each trial run ended, against the
+    compute spent by then: the summed `train_time_s` of every trial run that had ended, whether
+    it became a candidate or not (a stopped or failed trial's compute counts too).
+
+    Returns:
+        One row per trial run, in the order they ended: `run_id`, `compute_s`, `hypervolume`.
+    """
+    directions = [OBJECTIVES[name] for name in objectives]
+    sora = runs.table[runs.table["method"] == FRONT_METHOD]
+    ended: set[str] = set()
+    rows, compute = [], 0.0
+    for run in runs.timeline.itertuples():
+        compute += 0.0 if pd.isna(run.train_time_s) else run.train_time_s
+        ended.add(run.run_id)
+        known = sora[sora["run_id"].isin(ended)][list(objectives)].to_numpy(dtype=float)
+        volume = hypervolume(known, directions, reference) if len(known) else 0.0
+        rows.append({"run_id": run.run_id, "compute_s": compute, "hypervolume": volume})
+    return pd.DataFrame(rows, columns=["run_id", "compute_s", "hypervolume"])
+
+
+def _plot_history(result: ParetoResult, path: Path, title: str) -> None:
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    history = result.history
+    ax.step(history["compute_s"] / 60, history["hypervolume"], where="post", color="C0")
+    ax.scatter(history["compute_s"] / 60, history["hypervolume"], color="C0", s=12)
+    ax.set_xlabel("compute spent: summed trial training time (min)")
+    ax.set_ylabel(f"hypervolume ({', '.join(result.objectives)})")
+    ax.set_title(f"{title}: the front as the search went on")
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=120)
 
 
 def _plot(result: ParetoResult, path: Path, title: str) -> None:
@@ -348,7 +434,7 @@ def _plot(result: ParetoResult, path: Path, title: str) -> None:
         label=f"Pareto front ({len(front)}, {', '.join(result.objectives)})",
     )
     for row in front.itertuples():
-        label = f"r={row.r_max}"
+        label = f"r={row.r_max}" + ("" if pd.isna(row.stage) else f" s{row.stage}")
         if not math.isnan(row.nonzero_rank):
             label += f", {row.nonzero_rank:.0f}"
         ax.annotate(
@@ -380,7 +466,7 @@ def _plot(result: ParetoResult, path: Path, title: str) -> None:
     )
     # Runs pruned to zero params have no place on a log axis.
     ax.set_xscale("log" if (table["retained_params"] > 0).all() else "symlog")
-    ax.set_xlabel("retained adapter parameters (labels: r=r_max, total rank kept)")
+    ax.set_xlabel("retained adapter parameters (labels: r=r_max [s=stage], total rank kept)")
     ax.set_ylabel("val_score")
     ax.set_title(f"{title}: hypervolume {result.hypervolume:.4g}")
     ax.grid(alpha=0.3)
@@ -392,14 +478,14 @@ def format_table(result: ParetoResult) -> str:
     """A terminal table of every run (`*` marks the chosen one), then the hypervolume, the choice
     and the left-out runs with their reasons."""
     header = (
-        f"  {'run':8}  {'method':7}  {'r_max':>5}  {'val_score':>9}  {'retained_params':>15}  "
-        f"{'test_score':>10}  front"
+        f"  {'run':8}  {'method':7}  {'r_max':>5}  {'stage':>5}  {'val_score':>9}  "
+        f"{'retained_params':>15}  {'test_score':>10}  front"
     )
     lines = [header]
     for row in result.table.itertuples():
         lines.append(
             f"{'*' if row.selected else ' '} {row.run_id[:8]:8}  {row.method:7}  "
-            f"{_cell(row.r_max, 'd'):>5}  {_cell(row.val_score, '.4f'):>9}  "
+            f"{_cell(row.r_max, 'd'):>5}  {_cell(row.stage, 'd'):>5}  {_cell(row.val_score, '.4f'):>9}  "
             f"{_cell(row.retained_params, '.0f'):>15}  {_cell(row.test_score, '.4f'):>10}  "
             f"{'yes' if row.on_front else ''}"
         )
@@ -411,13 +497,18 @@ def format_table(result: ParetoResult) -> str:
     lines += [
         "",
         f"hypervolume {result.hypervolume:.6g} (reference {reference})",
-        f"selected {chosen['run_id']} by {result.rule}: val_score {chosen['val_score']:.4f}, "
+        f"selected {chosen['run_id']}{_stage_name(result.selected_stage)} by {result.rule}: "
+        f"val_score {chosen['val_score']:.4f}, "
         f"retained_params {chosen['retained_params']:.0f}, test_score {chosen['test_score']:.4f}",
     ]
     if result.left_out:
         lines += ["", f"left out ({len(result.left_out)}):"]
         lines += [f"  {run.run_id[:8]}  {run.reason}" for run in result.left_out]
     return "\n".join(lines)
+
+
+def _stage_name(stage: int | None) -> str:
+    return "" if stage is None else f" stage {stage}"
 
 
 def _cell(value: float, spec: str) -> str:

@@ -16,12 +16,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from mlflow import MlflowClient
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
+from ..front import default_reference, hypervolume_contributions
 from ..tracking import STOPPED_TAG, end_run
-from .trial import BUDGET_KEY, find_trial_run
+from .trial import BUDGET_KEY, STAGE_POINTS_KEY, find_trial_run
 
 INTERRUPTED = "search interrupted"
 
@@ -42,16 +44,45 @@ def outcome(result: dict[str, Any] | None, error: bool) -> str:
     return (result or {}).get("status", "finished")
 
 
+def traced_point(result: dict[str, Any], directions: dict[str, str]) -> dict[str, Any]:
+    """What Optuna is told of a trial: its last values; for a front-tracing trial, which ends
+    with several points of the front, the stage point that adds the most hypervolume to the
+    front of the trial's own stage points (reference: `default_reference` of those points), the
+    one of them the sampler learns the most from. Ties go to the later stage."""
+    points = result.get(STAGE_POINTS_KEY) or []
+    if len(points) < 2:
+        return result
+    values = np.array([[p[key] for key in directions] for p in points], dtype=float)
+    finite = ~np.isnan(values).any(axis=1)
+    if not finite.any():
+        return result
+    reference = default_reference(values[finite], list(directions.values()))
+    gains = np.full(len(points), -np.inf)
+    gains[finite] = hypervolume_contributions(values[finite], list(directions.values()), reference)
+    best = len(gains) - 1 - int(np.argmax(gains[::-1]))
+    return result | {key: points[best][key] for key in directions}
+
+
 class StoppedAsPrunedOptunaSearch(OptunaSearch):
-    """Ray's `OptunaSearch`, except that a trial a scheduler stopped early is told to Optuna as
-    PRUNED. Ray's tells it COMPLETE with its last, partial-budget values, which would put an
-    under-trained adapter on Optuna's front and steer the sampler with it."""
+    """Ray's `OptunaSearch`, told what sora-tune's trials mean: a trial a scheduler stopped
+    early is PRUNED (Ray tells it COMPLETE with its last, partial-budget values, which would put
+    an under-trained adapter on Optuna's front and steer the sampler with it), and a
+    front-tracing trial is told its `traced_point`."""
 
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
     ) -> None:
-        # With no result and no error, Ray's OptunaSearch tells the trial as PRUNED.
-        super().on_trial_complete(trial_id, None if stopped_early(result) else result, error)
+        if stopped_early(result):
+            result = None  # with no result and no error, Ray's OptunaSearch tells PRUNED
+        elif result is not None and not error:
+            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+            modes = self.mode if isinstance(self.mode, list) else [self.mode]
+            directions = {
+                m: "maximize" if mode == "max" else "minimize"
+                for m, mode in zip(metrics, modes, strict=True)
+            }
+            result = traced_point(result, directions)
+        super().on_trial_complete(trial_id, result, error)
 
 
 class TrialRecorder(tune.Callback):

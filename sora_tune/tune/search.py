@@ -41,6 +41,7 @@ from .cluster import (
 )
 from .config import Sampler, SearchConfig
 from .outcome import StoppedAsPrunedOptunaSearch, TrialRecorder, close_open_runs
+from .schedulers import ParetoSuccessiveHalving
 from .space import SearchSpace
 from .state import read_search_state, write_search_state
 from .trial import run_trial, trial_dirname
@@ -166,7 +167,13 @@ def _check_inputs(config: SearchConfig) -> DatasetDict | None:
     if config.optuna_storage is not None:
         check_no_password("--optuna-storage", config.optuna_storage)
     space = config.space
-    fixed_trial = TrialConfig.from_dict(space.fixed)  # validates the fixed part once more
+    if not space.distributions:
+        raise ValueError(
+            "the search space searches nothing (every parameter is fixed): give at least one a "
+            "distribution, or train the one trial with sora-tune train"
+        )
+    # One trial of the space: the data it prepares are every trial's (no data setting is searched)
+    fixed_trial = TrialConfig.from_dict(space.representative())
     if not set(DATA_FIELDS) & set(space.distributions):
         return in_memory(prepare_data(fixed_trial, load_tokenizer(fixed_trial)))
     for task in space.values("task"):  # read every task's files once, to check them
@@ -219,12 +226,21 @@ def _make_tuner(config: SearchConfig, tracking: dict[str, str], data, resume):
     if config.max_concurrent:
         searcher = ConcurrencyLimiter(searcher, max_concurrent=config.max_concurrent)
     scheduler = None
-    if config.asha:
+    max_epochs = max(space.values("epochs"))
+    if config.early_stop == "pareto":
+        scheduler = ParetoSuccessiveHalving(
+            config.directions,
+            max_epochs=max_epochs,
+            grace_period=config.grace_period,
+            reduction_factor=config.reduction_factor or 3,  # syne-tune's MO-ASHA default
+            state_folder=config.path,
+        )
+    elif config.asha:
         scheduler = tune.schedulers.ASHAScheduler(
             metric="val_score",
             mode=RAY_MODES[OBJECTIVES["val_score"]],
             time_attr="training_iteration",
-            max_t=TrialConfig.from_dict(space.fixed).epochs,
+            max_t=max_epochs,
             grace_period=config.grace_period,
             reduction_factor=config.reduction_factor or 4,  # Ray's default
         )

@@ -59,6 +59,13 @@ class SearchSpace:
             return list(self.distributions[name].get("values", []))
         return [self.fixed.get(name, getattr(TrialConfig, name))]
 
+    def representative(self) -> dict[str, Any]:
+        """The fixed values, with every searched parameter at its first candidate (its first
+        choice, or its low bound): the settings of one trial of this space."""
+        return self.fixed | {
+            name: _candidates(spec)[0] for name, spec in self.distributions.items()
+        }
+
     def with_resolved_paths(self) -> SearchSpace:
         """The space with every path setting absolute (see `train.resolve_paths`), fixed, chosen
         from or a starting point, so trials read the files the user named from their folder."""
@@ -108,13 +115,21 @@ class SearchSpace:
         for name, spec in self.distributions.items():
             _check_distribution(source, name, spec)
         # The fixed values first, so a bad one is reported as itself, not under a searched key.
-        _check_trial(source, "parameters", self.fixed)
+        # Some are valid only with a searched one (a rising schedule's searched xi_max): then
+        # every searched parameter takes its first candidate beside them.
+        context = dict(self.fixed)
+        try:
+            TrialConfig.from_dict(context)
+        except ValueError:
+            context = self.representative()
+            try:
+                TrialConfig.from_dict(context)
+            except ValueError:
+                _check_trial(source, "parameters", self.fixed)  # raises, naming the fixed value
         # Every bound and choice must make a valid trial: TrialConfig names the field it refuses.
         for name, spec in self.distributions.items():
-            for value in (
-                spec["values"] if spec["type"] == "choice" else (spec["low"], spec["high"])
-            ):
-                _check_trial(source, f"parameters.{name}", self.fixed | {name: value})
+            for value in _candidates(spec):
+                _check_trial(source, f"parameters.{name}", context | {name: value})
         for index, point in enumerate(self.points_to_evaluate):
             where = f"points_to_evaluate[{index}]"
             if not isinstance(point, dict):
@@ -150,6 +165,11 @@ def _check_distribution(source: str, name: str, spec: Any) -> None:
         raise ValueError(f"{where}: low ({low}) must be < high ({high})")
     if (kind == "loguniform" or spec.get("log")) and low <= 0:
         raise ValueError(f"{where}: a log scale needs low > 0, got {low}")
+
+
+def _candidates(spec: dict[str, Any]) -> list[Any]:
+    """The values of a distribution that are checked: every choice, or both bounds."""
+    return list(spec["values"]) if spec["type"] == "choice" else [spec["low"], spec["high"]]
 
 
 def _check_trial(source: str, where: str, values: dict[str, Any]) -> None:

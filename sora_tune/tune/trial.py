@@ -11,11 +11,23 @@ from typing import Any
 from mlflow import MlflowClient
 
 from ..config import TrialConfig
+from ..front import OBJECTIVES
 from ..tracking import ROLE_TAG, tracked_trial
 
 # Reported with every epoch, so that whoever reads a trial's last result (the searcher, a
 # scheduler, the end-of-search table) can tell a trial stopped early from one that finished.
 BUDGET_KEY = "budget_epochs"
+# In a front-tracing trial's last result: the objectives at the end of every stage.
+STAGE_POINTS_KEY = "stage_points"
+
+
+def stage_points(history: list[dict[str, Any]], stage_ends: dict[int, int]) -> list[dict]:
+    """The objectives at the end of every stage of a front-tracing trial, from its history."""
+    return [
+        {"stage": stage_ends[h["epoch"]]} | {key: h[key] for key in OBJECTIVES}
+        for h in history
+        if h["epoch"] in stage_ends
+    ]
 
 
 def trial_dirname(trial) -> str:
@@ -113,7 +125,11 @@ def run_trial(trial_params: dict[str, Any], *, data=None, tracking: dict[str, st
             device=device,
         )
         for metrics, checkpoint_dir in last:
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+            points = stage_points(result["history"], config.stage_end_epochs())
+            tune.report(
+                metrics | ({STAGE_POINTS_KEY: points} if points else {}),
+                checkpoint=tune.Checkpoint.from_directory(checkpoint_dir),
+            )
     if result["status"] != "finished":
         # NaN objectives make Optuna record the trial as failed; the search goes on.
         tune.report(

@@ -1,0 +1,148 @@
+"""Pareto-aware early stopping (MO-ASHA): rungs, the ranking at a rung, what survives a resume,
+and a real search whose scheduler stops exactly the trials a known dominance says it should."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import mlflow
+import numpy as np
+import optuna
+import yaml
+
+from sora_tune.tune import run_search
+from sora_tune.tune.schedulers import (
+    RUNGS_FILE,
+    ParetoSuccessiveHalving,
+    keeps,
+    promotion_order,
+    rung_epochs,
+)
+from tests.tune.conftest import search_in
+
+DIRECTIONS = {"val_score": "maximize", "retained_params": "minimize"}
+
+
+def test_rungs_sit_at_grace_times_reduction_powers_below_the_budget():
+    assert rung_epochs(1, 3, 20) == [1, 3, 9]
+    assert rung_epochs(2, 2, 20) == [2, 4, 8, 16]
+    assert rung_epochs(1, 3, 3) == [1]
+    assert rung_epochs(1, 3, 1) == []
+
+
+def test_a_rung_ranks_by_front_then_crowding():
+    values = np.array(
+        [
+            [0.80, 400.0],  # 0: on the front, an end
+            [0.70, 100.0],  # 1: on the front, the other end
+            [0.75, 300.0],  # 2: on the front, between them
+            [0.70, 500.0],  # 3: dominated by 0 and 1
+            [np.nan, 50.0],  # 4: diverged
+        ]
+    )
+    order = promotion_order(values, list(DIRECTIONS.values()))
+    assert set(order[:2]) == {0, 1} and order[2] == 2 and list(order[3:]) == [3, 4]
+    # The best ceil(n / rf) go on: the worst 1 - 1/rf share stops.
+    assert [keeps(p, 5, 3) for p in range(5)] == [True, True, False, False, False]
+    assert keeps(0, 1, 3) and not keeps(1, 2, 3)
+
+
+def test_the_rungs_survive_a_new_scheduler_of_the_same_search(tmp_path):
+    """A resumed search gets a fresh scheduler from Ray: it reads the rungs back."""
+
+    def scheduler():
+        return ParetoSuccessiveHalving(
+            DIRECTIONS, max_epochs=4, grace_period=1, reduction_factor=2, state_folder=str(tmp_path)
+        )
+
+    def result(score, params):
+        return {"epoch": 1, "val_score": score, "retained_params": params}
+
+    first = scheduler()
+    assert (
+        first.on_trial_result(None, SimpleNamespace(trial_id="a"), result(0.8, 100)) == "CONTINUE"
+    )
+    assert (tmp_path / RUNGS_FILE).exists()
+    resumed = scheduler()  # what Tuner.restore hands back: the constructor's state only
+    assert resumed.on_trial_result(None, SimpleNamespace(trial_id="b"), result(0.7, 200)) == "STOP"
+    assert resumed.stopped == {"b": 1}
+    fresh = ParetoSuccessiveHalving(DIRECTIONS, max_epochs=4, reduction_factor=2)
+    assert (
+        fresh.on_trial_result(None, SimpleNamespace(trial_id="b"), result(0.7, 200)) == "CONTINUE"
+    )
+
+
+def dominance_space(tiny_trial: dict) -> tuple[dict, list[dict]]:
+    """Trials that learn nothing (lr 0): the same val_score, whatever their rank, and retained
+    parameters that grow with r_max, so r_max 2 dominates 4, which dominates 8."""
+    parameters = tiny_trial | {
+        "epochs": 3,
+        "lr": 0.0,
+        "r_max": {"type": "choice", "values": [2, 4, 8]},
+    }
+    return parameters, [{"r_max": 2}, {"r_max": 4}, {"r_max": 8}]
+
+
+def stopped_trials(uri: str, experiment: str) -> dict[str, str]:
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs(
+        [client.get_experiment_by_name(experiment).experiment_id], "tags.`sora_tune.role` = 'trial'"
+    )
+    return {
+        r.data.params["r_max"]: r.data.tags.get("sora_tune.stopped_at_epoch", "finished")
+        for r in runs
+    }
+
+
+def test_the_scheduler_stops_the_dominated_trials(local_ray, tiny_trial, write_space, tmp_path):
+    # One trial at a time, in the order given: r_max 2 reaches rung 1 (epoch 1) alone and goes
+    # on; r_max 4 meets it there, is dominated, ranks last of 2 and stops; so does r_max 8.
+    parameters, points = dominance_space(tiny_trial)
+    _, space = write_space(parameters, points=points)
+    config, uri = search_in(
+        tmp_path,
+        space,
+        "mo-asha",
+        num_samples=3,
+        max_concurrent=1,
+        early_stop="pareto",
+        reduction_factor=3,
+    )
+    search = run_search(config)
+    assert not search.results.errors
+    assert stopped_trials(uri, "mo-asha") == {"2": "finished", "4": "1", "8": "1"}
+    study = optuna.load_study(study_name="mo-asha", storage=config.optuna_storage)
+    by_r_max = {t.params["r_max"]: t.state.name for t in study.trials}
+    assert by_r_max == {2: "COMPLETE", 4: "PRUNED", 8: "PRUNED"}
+
+
+def test_the_rungs_survive_resume(tiny_trial, tmp_path):
+    """Interrupt after r_max 2 passed rung 1, resume: r_max 4 is still measured against it."""
+    parameters, points = dominance_space(tiny_trial)
+    parameters["epochs"] = 6  # time to interrupt r_max 2 after its rung
+    (tmp_path / "space.yaml").write_text(
+        yaml.safe_dump({"parameters": parameters, "points_to_evaluate": points})
+    )
+    command = [sys.executable, "-m", "sora_tune.cli", "search"]
+    search = [*command, "--config", "space.yaml", "--num-samples", "3", "--max-concurrent", "1"]
+    search += ["--early-stop", "pareto", "--storage-path", "ray", "--name", "rungs"]
+    search += ["--experiment-name", "rungs"]
+    env = os.environ | {"RAY_ADDRESS": ""}
+    driver = subprocess.Popen(search, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    rungs = tmp_path / "ray" / "rungs" / RUNGS_FILE
+    deadline = time.monotonic() + 300
+    while not rungs.exists():
+        assert driver.poll() is None and time.monotonic() < deadline, "no rung was recorded"
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGINT)
+    driver.communicate(timeout=300)
+    assert driver.returncode == 130
+    resumed = subprocess.run(
+        [*command, "--resume", "ray/rungs"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    stopped = stopped_trials(f"sqlite:///{tmp_path / 'mlflow.db'}", "rungs")
+    assert stopped == {"2": "finished", "4": "1", "8": "1"}
