@@ -1,482 +1,334 @@
-"""Search efficiency: the hypervolume of the (val_score, retained_params) front after n trials.
+"""Search efficiency through the product's own path: hypervolume against compute.
 
-Optuna's multi-objective TPE against random search, on a cheap real proxy (issue #6). The question:
-does the smart search reach, in N trials, the front that random search reaches in 2N?
+Each arm is a real `sora_tune.tune.run_search` (Ray, `OptunaSearch`, MLflow) on a cheap STS-B
+proxy, for several sampler seeds:
 
-For every seed and sampler, one Optuna study (maximise val_score, minimise retained_params) runs 2N
-trials through Optuna's ask/tell API, with the sampler the search uses (`make_sampler`) and the
-search space's distributions as the search hands them to Optuna (`SearchSpace.to_tune`, then Ray's
-`OptunaSearch.convert_search_space`). The space's `points_to_evaluate` are left out, so each sampler
-is measured from its first proposal. Every trial is a real `train_trial` with the space's fixed
-settings and this script's proxy settings (MiniLM, a GLUE subset, short training), on data
-tokenised once.
+- `random`: random search, one point per trial;
+- `tpe-optuna`: TPE with Optuna's default 10 random start-up trials;
+- `tpe`: TPE as sora-tune runs it (start-up sized to the budget, multivariate, constant liar);
+- `tpe+pareto`: TPE and Pareto early stopping (MO-ASHA, `--early-stop pareto`);
+- `tpe+trace`: TPE with front-tracing trials (a rising ξ schedule: a point per stage);
+- `tpe+both`: both.
 
-Ray is not used: this measures how good the proposals are per trial, not how fast trials run, and a
-plain loop proposes what the search proposes when its trials run one at a time, without Ray's start
-and scheduling costs (`bench_search.py` measures those).
+Compute is the summed training time of the trials (`train_time_s`, stopped and failed trials
+included), and every arm is compared at the same compute: the random arm's total, per seed. The
+hypervolume of the (val_score, retained_params) candidates known after each trial ended
+(`sora_tune.pareto.hypervolume_history`) uses one reference point for the whole run: val_score 0
+and 1.1 × the largest retained_params of any candidate. Reported: the hypervolume at the budget,
+the compute an arm needs to reach random search's final hypervolume, and candidate points per
+trial-hour. Writes JSON and a PNG of the mean curves; prints a table. Resumable: a finished
+(arm, seed) is read back from the JSON.
 
-Every trial trains with the same seed on the same data, so a trial is a deterministic function of
-its parameters and the seeds vary only the samplers. A trial whose parameters equal an earlier
-one's (in any study of the run) reuses that result, marked `reused`. That matters: TPE's first
-`n_startup_trials` (10) proposals are random draws identical to `RandomSampler`'s with the same
-seed, so HV_TPE(n) = HV_random(n) for n <= 10, and N must exceed 10 for the question to test TPE.
-
-Hypervolume uses one reference point for the whole run, `default_reference` over every finished
-trial of every study: (val_score 0, 1.1 × the largest retained_params), so all curves share units.
-A trial that diverged or raised is recorded with its status, told to Optuna as failed, and adds no
-volume. Prints a table, writes JSON and a PNG of the mean curves beside it.
-
-    python scripts/bench_hypervolume.py --num-trials 16 --seeds 0,1,2 --output docs/bench/hypervolume.json
+    python scripts/bench_hypervolume.py --seeds 0,1,2 --output docs/bench/hypervolume.json
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
 import os
 import platform
 import shlex
+import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import numpy as np  # noqa: E402
-import optuna  # noqa: E402
-import torch  # noqa: E402
-from transformers.utils.logging import disable_progress_bar  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
-from sora_tune.config import (
-    DATA_FIELDS,  # noqa: E402
-    literal_choices,  # noqa: E402
-)
-from sora_tune.front import (  # noqa: E402
-    OBJECTIVES,  # noqa: E402
-    default_reference,
-    hypervolume,
-)
-from sora_tune.train import (  # noqa: E402
-    TrialConfig,
-    default_model,
-    load_tokenizer,
-    prepare_data,
-    train_trial,
-)
-from sora_tune.tune import SearchSpace, load_search_space  # noqa: E402
-from sora_tune.tune.config import SearchConfig  # noqa: E402
-from sora_tune.tune.search import make_sampler  # noqa: E402
+from sora_tune.front import OBJECTIVES, hypervolume  # noqa: E402
+from sora_tune.pareto import load_trial_runs  # noqa: E402
+from sora_tune.tune import SearchConfig, SearchSpace, run_search  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DIRECTIONS = tuple(OBJECTIVES.values())
-BASELINE = "random"  # the sampler every other one is compared with
+BASELINE = "random"
 
-# The cheap proxy (placeholders, to be tuned to ~10 s per trial on 2 cores).
-# STS-B: its correlation moves at this tiny budget, where MRPC's accuracy stays at the majority class.
-TASK = "stsb"
-NUM_TRIALS = 16  # N: each study runs 2N; TPE's first 10 are random, so N > 10
-TRAIN_ROWS = 200  # training rows (max_train_samples)
-EVAL_ROWS = 100  # rows of val and test each (max_eval_samples)
-TRAIN_EVAL_ROWS = 32  # training rows scored per epoch (train_eval_samples); not an objective
-EPOCHS = 1  # passes over the training rows
-MAX_LENGTH = 64  # tokens per sequence
-BATCH_SIZE = 8  # training rows per step (the trial default)
-
-
-def _list(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+# ---- The proxy and the arms: about 90 minutes for 3 seeds on 2 cores. ----
+PROXY = {
+    "task": "stsb",
+    "max_train_samples": 200,
+    "max_eval_samples": 100,
+    "train_eval_samples": 32,
+    "max_length": 64,
+    "batch_size": 8,
+}
+SEARCHED = {
+    "r_max": {"type": "choice", "values": [2, 4, 8]},
+    "lr": {"type": "loguniform", "low": 5e-4, "high": 5e-3},
+}
+CONSTANT = {"epochs": 2, "xi_total": {"type": "loguniform", "low": 0.05, "high": 2.0}}
+# A front-tracing trial: 1 dense epoch, then 5 stages of 1 epoch with xi_total rising linearly
+# from 0 to xi_max: 6 points in 6 epochs.
+TRACE = {
+    "epochs": 6,
+    "xi_schedule": "linear",
+    "xi_total": 0.0,
+    "xi_stages": 6,
+    "dense_epochs": 1,
+    "xi_max": {"type": "loguniform", "low": 0.5, "high": 3.0},
+}
+ARMS: dict[str, dict[str, Any]] = {
+    "random": {"sampler": "random", "num_samples": 16},
+    "tpe-optuna": {"sampler": "tpe", "num_samples": 16, "tpe_startup_trials": 10},
+    "tpe": {"sampler": "tpe", "num_samples": 16},
+    "tpe+pareto": {"sampler": "tpe", "num_samples": 32, "early_stop": "pareto"},
+    "tpe+trace": {"sampler": "tpe", "num_samples": 7, "trace": True},
+    "tpe+both": {"sampler": "tpe", "num_samples": 14, "trace": True, "early_stop": "pareto"},
+}
+# -----------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--num-trials", type=int, default=NUM_TRIALS, help="N: every study runs 2N trials"
-    )
-    parser.add_argument(
-        "--seeds", default="0,1,2", help="comma-separated sampler seeds, one study per sampler each"
-    )
-    parser.add_argument(
-        "--samplers",
-        default="tpe,random",
-        help=f"comma-separated Optuna samplers ({', '.join(literal_choices(SearchConfig, 'sampler'))}); {BASELINE} is the baseline",
-    )
-    parser.add_argument(
-        "--space",
-        default=str(REPO / "search_spaces" / "quickstart.yaml"),
-        help="search-space YAML: its distributions are searched, its fixed values kept",
-    )
-    parser.add_argument("--task", default=TASK, help="GLUE task")
+    parser.add_argument("--arms", default=",".join(ARMS), help="arms to run, comma-separated")
+    parser.add_argument("--seeds", default="0,1,2", help="sampler seeds, comma-separated")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every num_samples")
     parser.add_argument(
         "--data-dir",
-        default=str(REPO.parent / "shared" / "data" / "glue"),
-        help="folder in the official GLUE layout (<dir>/<TASK>/train.tsv)",
+        default=os.environ.get("SORA_TUNE_DATA_DIR") or str(REPO.parent / "shared/data/glue"),
+        help="GLUE folder (default $SORA_TUNE_DATA_DIR or ../shared/data/glue)",
     )
-    parser.add_argument("--model", default=default_model(), help="backbone name or folder")
-    parser.add_argument("--max-train-samples", type=int, default=TRAIN_ROWS, help="training rows")
-    parser.add_argument(
-        "--max-eval-samples", type=int, default=EVAL_ROWS, help="rows of val and test each"
-    )
-    parser.add_argument(
-        "--train-eval-samples",
-        type=int,
-        default=TRAIN_EVAL_ROWS,
-        help="training rows scored per epoch",
-    )
-    parser.add_argument("--epochs", type=int, default=EPOCHS, help="epochs per trial")
-    parser.add_argument("--max-length", type=int, default=MAX_LENGTH, help="tokens per sequence")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="training rows per step")
-    parser.add_argument(
-        "--runs-dir",
-        default=None,
-        help="where trial folders go (a new subfolder); default a temporary folder, removed after",
-    )
-    parser.add_argument(
-        "--threads", type=int, default=os.cpu_count() or 1, help="torch threads for training"
-    )
-    parser.add_argument(
-        "--output",
-        default=str(REPO / "docs" / "bench" / "hypervolume.json"),
-        help="where to write the JSON (and the PNG of the curves beside it)",
-    )
-    args = parser.parse_args(argv)
-    args.seeds = [int(seed) for seed in _list(args.seeds)]
-    args.samplers = list(dict.fromkeys(_list(args.samplers)))
-    unknown = [s for s in args.samplers if s not in literal_choices(SearchConfig, "sampler")]
-    if unknown:
-        parser.error(
-            f"--samplers: unknown {unknown} (known: {', '.join(literal_choices(SearchConfig, 'sampler'))})"
-        )
-    if args.num_trials < 1 or not args.seeds or not args.samplers:
-        parser.error("need --num-trials >= 1, at least one seed and at least one sampler")
-    return args
+    parser.add_argument("--model", default=None, help="backbone (default the packaged MiniLM)")
+    parser.add_argument("--proxy", default="{}", help="JSON overriding the proxy's settings")
+    parser.add_argument("--work-dir", default=str(REPO / "runs/bench_hypervolume"))
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1, help="Ray's CPUs")
+    parser.add_argument("--output", default="bench_hypervolume.json", help="the JSON written")
+    parser.add_argument("--render-only", action="store_true", help="analysis from --output")
+    return parser.parse_args(argv)
 
 
-def proxy_space(args: argparse.Namespace, cache_dir: str) -> SearchSpace:
-    """The space of `--space` with the proxy's settings fixed (they win over the YAML).
+def arm_space(arm: dict[str, Any], proxy: dict[str, Any], args) -> SearchSpace:
+    budget = TRACE if arm.get("trace") else CONSTANT
+    parameters = proxy | {"data_dir": args.data_dir} | SEARCHED | budget
+    if args.model:
+        parameters["model"] = args.model
+    return SearchSpace(
+        distributions={k: v for k, v in parameters.items() if isinstance(v, dict)},
+        fixed={k: v for k, v in parameters.items() if not isinstance(v, dict)},
+    )
 
-    Raises:
-        ValueError: the space searches a setting that changes the data (it is prepared once).
-    """
-    space = load_search_space(args.space)
-    overrides = {
-        "task": args.task,
-        "data_dir": args.data_dir,
-        "model": args.model,
-        "max_train_samples": args.max_train_samples,
-        "max_eval_samples": args.max_eval_samples,
-        "train_eval_samples": args.train_eval_samples,
-        "epochs": args.epochs,
-        "max_length": args.max_length,
-        "batch_size": args.batch_size,
+
+def run_arm(name: str, seed: int, args, proxy: dict[str, Any]) -> dict[str, Any]:
+    """One search; its candidates (stage points included) and the runs' timeline."""
+    arm = ARMS[name]
+    work = Path(args.work_dir)
+    experiment = f"{name}-seed{seed}"
+    shutil.rmtree(work / "ray" / experiment, ignore_errors=True)  # an interrupted earlier try
+    config = SearchConfig(
+        space=arm_space(arm, proxy, args),
+        num_samples=max(1, round(arm["num_samples"] * args.scale)),
+        sampler=arm["sampler"],
+        early_stop=arm.get("early_stop", "none"),
+        tpe_startup_trials=arm.get("tpe_startup_trials"),
+        sampler_seed=seed,
+        max_concurrent=args.num_cpus,
+        cpus_per_trial=1,
+        storage_path=str(work / "ray"),
+        name=experiment,
+        mlflow_uri=f"sqlite:///{work / 'mlflow.db'}",
+        experiment_name=experiment,
+        optuna_storage=f"sqlite:///{work / 'optuna.db'}",
+    )
+    started = time.perf_counter()
+    search = run_search(config)
+    wall = time.perf_counter() - started
+    runs = load_trial_runs(parent_run_id=search.parent_run_id, tracking_uri=config.mlflow_uri)
+    table = runs.table[runs.table["method"] == "sora"]
+    return {
+        "arm": name,
+        "seed": seed,
+        "num_samples": config.num_samples,
+        "wall_s": wall,
+        "candidates": [
+            {"run_id": r.run_id, "stage": None if pd.isna(r.stage) else int(r.stage)}
+            | {k: float(getattr(r, k)) for k in OBJECTIVES}
+            for r in table.itertuples()
+        ],
+        "timeline": runs.timeline.assign(
+            train_time_s=runs.timeline["train_time_s"].fillna(0.0)
+        ).to_dict("records"),
+        "left_out": [left.reason for left in runs.left_out],
     }
-    if "cache_dir" not in space.fixed:
-        overrides["cache_dir"] = cache_dir
-    space = space.with_fixed(overrides)
-    searched = sorted(set(DATA_FIELDS) & set(space.distributions))
-    if searched:
-        raise ValueError(f"{args.space} searches {searched}; the data is prepared once here")
-    return space
 
 
-def optuna_distributions(space: SearchSpace) -> dict:
-    """Optuna distributions of the searched parameters, converted as the search converts them."""
-    from ray.tune.search.optuna import OptunaSearch  # the conversion only; Ray is not started
-
-    return OptunaSearch.convert_search_space(space.to_tune())
-
-
-def run_trial(config: dict, data, output_dir: Path) -> dict:
-    """One training run: its objectives, status and seconds. A trial that raises is a result
-    here (the search retries or records it), not the end of the benchmark."""
-    start = time.perf_counter()
-    try:
-        result = train_trial(config, output_dir=output_dir, data=data)
-    except Exception as err:
-        return {
-            "status": "error",
-            "error": f"{type(err).__name__}: {err}",
-            "seconds": time.perf_counter() - start,
-        }
-    row = {
-        "status": result.get("status", "error"),
-        "val_score": result.get("val_score"),
-        "retained_params": result.get("retained_params"),
-        "seconds": time.perf_counter() - start,
-    }
-    values = (row["val_score"], row["retained_params"])
-    if row["status"] == "finished" and not all(
-        isinstance(v, int | float) and math.isfinite(v) for v in values
-    ):
-        row["status"] = "non-finite objectives"
-    if row["status"] != "finished":
-        row["val_score"] = row["retained_params"] = None
-    return row
+def history(entry: dict[str, Any], reference: tuple[float, float]) -> list[tuple[float, float]]:
+    """(compute so far, hypervolume of the candidates known) after each trial run ended."""
+    points, compute, curve, ended = entry["candidates"], 0.0, [], set()
+    for run in entry["timeline"]:
+        compute += run["train_time_s"]
+        ended.add(run["run_id"])
+        known = np.array([[p[k] for k in OBJECTIVES] for p in points if p["run_id"] in ended])
+        curve.append((compute, hypervolume(known, DIRECTIONS, reference) if len(known) else 0.0))
+    return curve
 
 
-def run_study(
-    sampler: str,
-    seed: int,
-    *,
-    num_trials: int,
-    space: SearchSpace,
-    distributions: dict,
-    data,
-    runs_dir: Path,
-    done: dict[str, dict],
-) -> list[dict]:
-    """`num_trials` ask/tell rounds of one study; `done` maps parameters (as JSON) to results
-    already trained in this run, and is updated."""
-    study = optuna.create_study(directions=list(DIRECTIONS), sampler=make_sampler(sampler, seed))
-    trials = []
-    for number in range(num_trials):
-        trial = study.ask(fixed_distributions=distributions)
-        key = json.dumps(trial.params, sort_keys=True)
-        reused = key in done
-        if not reused:
-            folder = runs_dir / f"{sampler}-seed{seed}" / f"trial-{number:03d}"
-            done[key] = run_trial(space.fixed | trial.params, data, folder)
-        row = {"number": number, "params": trial.params, **done[key], "reused": reused}
-        if row["status"] == "finished":
-            study.tell(trial, [row["val_score"], row["retained_params"]])
-        else:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        trials.append(row)
-        outcome = (
-            f"val_score {row['val_score']:.4f}, retained_params {row['retained_params']:.0f}"
-            if row["status"] == "finished"
-            else row["status"]
-        )
-        print(
-            f"{sampler} seed {seed} trial {number + 1}/{num_trials}: {outcome}, "
-            f"{row['seconds']:.1f} s{' (reused)' if reused else ''}",
-            flush=True,
-        )
-    return trials
+def at(curve: list[tuple[float, float]], compute: float) -> float:
+    """The hypervolume once `compute` had been spent (0 before the first trial ended)."""
+    return max([hv for spent, hv in curve if spent <= compute * (1 + 1e-9)], default=0.0)
 
 
-def _objectives(trials: list[dict]) -> np.ndarray:
-    """(n, 2) objectives; NaN rows for trials that did not finish (they add no volume)."""
-    rows = [
-        [t["val_score"], t["retained_params"]] if t["status"] == "finished" else [math.nan] * 2
-        for t in trials
-    ]
-    return np.array(rows, dtype=float).reshape(-1, 2)
-
-
-def hypervolume_curve(trials: list[dict], reference: tuple[float, ...] | None) -> list[float]:
-    """The hypervolume of the first n trials' front, for n = 1 .. len(trials)."""
-    if reference is None:
-        return [0.0] * len(trials)
-    values = _objectives(trials)
-    return [hypervolume(values[:n], DIRECTIONS, reference) for n in range(1, len(trials) + 1)]
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-
-
-def summarize(studies: dict[str, dict[str, dict]], budget: int) -> dict:
-    """Mean ± std curves per sampler over seeds, and every other sampler at N against the
-    baseline at 2N (and both at N and 2N), per seed and on average."""
-    curves = {}
-    for sampler, by_seed in studies.items():
-        stacked = np.array([study["hypervolume"] for study in by_seed.values()])
-        curves[sampler] = {
-            "mean": stacked.mean(axis=0).tolist(),
-            "std": (stacked.std(axis=0, ddof=1) if len(stacked) > 1 else 0 * stacked[0]).tolist(),
-        }
-    comparisons = {}
-    baseline = studies.get(BASELINE)
-    for sampler, by_seed in studies.items():
-        if baseline is None or sampler == BASELINE:
-            continue
-        per_seed = {}
-        for seed, study in by_seed.items():
-            hv, base = study["hypervolume"], baseline[seed]["hypervolume"]
-            per_seed[seed] = {
-                "hv_at_n": hv[budget - 1],
-                "hv_at_2n": hv[2 * budget - 1],
-                "baseline_at_n": base[budget - 1],
-                "baseline_at_2n": base[2 * budget - 1],
-                "ratio": hv[budget - 1] / base[2 * budget - 1] if base[2 * budget - 1] else None,
-                "reached": hv[budget - 1] >= base[2 * budget - 1],
-            }
-        mean = {
-            key: _mean_std([entry[key] for entry in per_seed.values()])[0]
-            for key in ("hv_at_n", "hv_at_2n", "baseline_at_n", "baseline_at_2n")
-        }
-        comparisons[sampler] = {
-            "per_seed": per_seed,
-            "mean": mean,
-            "ratio_of_means": mean["hv_at_n"] / mean["baseline_at_2n"]
-            if mean["baseline_at_2n"]
-            else None,
-            "seeds_reached": sum(entry["reached"] for entry in per_seed.values()),
-            "seeds": len(per_seed),
-        }
-    return {"budget": budget, "baseline": BASELINE, "curves": curves, "comparisons": comparisons}
-
-
-def write_plot(summary: dict, scale: float, path: Path) -> None:
-    """Mean ± std hypervolume curves, as a share of `scale` (the front of all trials)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for sampler, curve in summary["curves"].items():
-        mean, std = np.array(curve["mean"]) / scale, np.array(curve["std"]) / scale
-        n = np.arange(1, len(mean) + 1)
-        ax.plot(n, mean, marker=".", label=sampler)
-        ax.fill_between(n, mean - std, mean + std, alpha=0.2)
-    budget = summary["budget"]
-    ax.axvline(budget, color="grey", linestyle="--", linewidth=1, label=f"N = {budget}")
-    if BASELINE in summary["curves"]:
-        level = summary["curves"][BASELINE]["mean"][2 * budget - 1] / scale
-        ax.axhline(level, color="grey", linestyle=":", linewidth=1, label=f"{BASELINE} at 2N")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("trials")
-    ax.set_ylabel("hypervolume ÷ that of all trials")
-    ax.set_title("Mean ± std over seeds")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def print_table(result: dict) -> None:
-    summary, budget = result["summary"], result["summary"]["budget"]
-    scale = result["hv_all_trials"] or 1.0
-    print(f"\nhypervolume as a share of the front of all trials; reference {result['reference']}")
-    print(
-        f"{'sampler':<10}{'seed':>6}{'HV(N)':>9}{'HV(2N)':>9}{'finished':>10}{'trained':>9}{'s':>8}"
-    )
-    for sampler, by_seed in result["studies"].items():
-        for seed, study in by_seed.items():
-            trials = study["trials"]
-            finished = sum(t["status"] == "finished" for t in trials)
-            trained = [t for t in trials if not t["reused"]]
-            print(
-                f"{sampler:<10}{seed:>6}{study['hypervolume'][budget - 1] / scale:>9.1%}"
-                f"{study['hypervolume'][-1] / scale:>9.1%}{finished:>6}/{len(trials):<3}"
-                f"{len(trained):>9}{sum(t['seconds'] for t in trained):>8.0f}"
-            )
-    for sampler, comparison in summary["comparisons"].items():
-        print(f"\n{sampler} after N={budget} vs {BASELINE} after 2N={2 * budget}:")
-        for seed, entry in comparison["per_seed"].items():
-            print(
-                f"  seed {seed}: {entry['hv_at_n'] / scale:.1%} vs "
-                f"{entry['baseline_at_2n'] / scale:.1%} ({'reached' if entry['reached'] else 'not reached'})"
-            )
-        mean = comparison["mean"]
-        print(
-            f"  mean: {mean['hv_at_n'] / scale:.1%} vs {mean['baseline_at_2n'] / scale:.1%}; "
-            f"reached in {comparison['seeds_reached']} of {comparison['seeds']} seeds"
-        )
-
-
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    disable_progress_bar()  # transformers' weight-loading bar, once per trial
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    output = Path(args.output)
-    wall_start = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        if args.runs_dir is None:
-            runs_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-hv-")))
-        else:
-            Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
-            runs_dir = Path(tempfile.mkdtemp(prefix="bench-hv-", dir=args.runs_dir))
-        space = proxy_space(args, cache_dir=str(runs_dir / "cache"))
-        distributions = optuna_distributions(space)
-        fixed = TrialConfig.from_dict(space.fixed)
-        data = prepare_data(fixed, load_tokenizer(fixed))  # tokenised once for every trial
-
-        startup = {s: getattr(make_sampler(s, 0), "_n_startup_trials", None) for s in args.samplers}
-        for sampler, count in startup.items():
-            if count is not None and args.num_trials <= count:
-                print(
-                    f"warning: {sampler}'s first {count} trials are random draws; with N = "
-                    f"{args.num_trials} its HV(N) only measures random search",
-                    flush=True,
-                )
-
-        done: dict[str, dict] = {}
-        studies: dict[str, dict[str, dict]] = {s: {} for s in args.samplers}
-        for seed in args.seeds:
-            for sampler in args.samplers:
-                studies[sampler][str(seed)] = {
-                    "trials": run_study(
-                        sampler,
-                        seed,
-                        num_trials=2 * args.num_trials,
-                        space=space,
-                        distributions=distributions,
-                        data=data,
-                        runs_dir=runs_dir,
-                        done=done,
-                    )
+def analyse(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    params = [p["retained_params"] for e in entries for p in e["candidates"]]
+    reference = (0.0, 1.1 * max(params)) if params else (0.0, 1.0)
+    curves = {(e["arm"], e["seed"]): history(e, reference) for e in entries}
+    seeds = sorted({e["seed"] for e in entries if e["arm"] == BASELINE})
+    per_arm: dict[str, dict[str, Any]] = {}
+    for arm in dict.fromkeys(e["arm"] for e in entries):
+        rows = []
+        for seed in seeds:
+            entry = next((e for e in entries if (e["arm"], e["seed"]) == (arm, seed)), None)
+            if entry is None:
+                continue
+            curve, baseline = curves[(arm, seed)], curves[(BASELINE, seed)]
+            budget = baseline[-1][0]
+            target = baseline[-1][1]
+            reached = next((spent for spent, hv in curve if hv >= target), None)
+            hours = curve[-1][0] / 3600
+            trials = len(entry["timeline"])
+            rows.append(
+                {
+                    "seed": seed,
+                    "budget_s": budget,
+                    "compute_s": curve[-1][0],
+                    "hv_at_budget": at(curve, budget),
+                    "hv_final": curve[-1][1],
+                    "baseline_hv": target,
+                    "compute_to_baseline_s": reached,
+                    "share_of_budget": None if reached is None else reached / budget,
+                    "trials": trials,
+                    "stopped": sum("stopped early" in reason for reason in entry["left_out"]),
+                    "points": len(entry["candidates"]),
+                    "points_per_trial_hour": len(entry["candidates"]) / hours if hours else None,
                 }
-
-    every = [t for by_seed in studies.values() for s in by_seed.values() for t in s["trials"]]
-    values = _objectives(every)
-    finished = values[~np.isnan(values).any(axis=1)]
-    reference = default_reference(finished, DIRECTIONS) if len(finished) else None
-    if reference is None:
-        print("warning: no trial finished; every hypervolume is 0", flush=True)
-    for by_seed in studies.values():
-        for study in by_seed.values():
-            study["hypervolume"] = hypervolume_curve(study["trials"], reference)
-    hv_all = hypervolume(finished, DIRECTIONS, reference) if reference is not None else 0.0
-    summary = summarize(studies, args.num_trials)
-
-    result = {
-        "benchmark": "hypervolume",
-        "command": "python scripts/bench_hypervolume.py "
-        + shlex.join(sys.argv[1:] if argv is None else argv),
-        "config": {
-            **vars(args),
-            "argv": sys.argv if argv is None else ["scripts/bench_hypervolume.py", *argv],
-            "trial": {k: v for k, v in space.fixed.items() if k != "cache_dir"},
-            "distributions": space.distributions,
-            "sampler_startup_trials": startup,
-        },
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": args.threads,
-            "note": "another job may share the CPU",
-        },
-        "objectives": dict(zip(OBJECTIVES, DIRECTIONS, strict=True)),
-        "reference": list(reference) if reference is not None else None,
-        "hv_all_trials": hv_all,
-        "trials_trained": sum(not t["reused"] for t in every),
-        "trials_failed": sum(t["status"] != "finished" for t in every),
-        "wall_s": time.perf_counter() - wall_start,
-        "summary": summary,
-        "studies": studies,
+            )
+        per_arm[arm] = {"seeds": rows} | {
+            key: _mean([r[key] for r in rows])
+            for key in ("hv_at_budget", "share_of_budget", "points_per_trial_hour", "compute_s")
+        }
+    return {
+        "reference": reference,
+        "arms": per_arm,
+        "curves": {f"{a}|{s}": c for (a, s), c in curves.items()},
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if hv_all > 0:
-        plot = output.with_suffix(".png")
-        write_plot(summary, hv_all, plot)
-        result["plot"] = plot.name
-    with open(output, "w") as handle:
-        json.dump(result, handle, indent=2)
 
+
+def _mean(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def goals(arms: dict[str, Any]) -> dict[str, Any]:
+    """The issue's two goals, as measured."""
+    both, trace, tpe = arms.get("tpe+both"), arms.get("tpe+trace"), arms.get("tpe")
+    result = {}
+    if both:
+        shares = [r["share_of_budget"] for r in both["seeds"]]
+        result["both_reaches_random_with_a_third"] = {
+            "shares": shares,
+            "met": all(s is not None and s <= 1 / 3 for s in shares),
+        }
+    if trace and tpe and tpe["points_per_trial_hour"]:
+        ratio = trace["points_per_trial_hour"] / tpe["points_per_trial_hour"]
+        result["trace_points_per_hour_ratio"] = {
+            "ratio": ratio,
+            "hv_trace": trace["hv_at_budget"],
+            "hv_tpe": tpe["hv_at_budget"],
+            "met": ratio >= 5 and trace["hv_at_budget"] >= tpe["hv_at_budget"],
+        }
+    return result
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    arms: dict[str, list] = {}
+    for key, curve in result["analysis"]["curves"].items():
+        arms.setdefault(key.split("|")[0], []).append(curve)
+    budget = np.mean([r["budget_s"] for r in result["analysis"]["arms"][BASELINE]["seeds"]])
+    grid = np.linspace(0, 1.5 * budget, 200)
+    for color, (arm, curves) in enumerate(arms.items()):
+        values = np.array([[at(curve, x) for x in grid] for curve in curves])
+        ax.plot(
+            grid / 60, values.mean(axis=0), color=f"C{color}", label=f"{arm} ({len(curves)} seeds)"
+        )
+    ax.axvline(budget / 60, color="0.5", linestyle=":", label="random's compute")
+    ax.set_xlabel("compute: summed trial training time (min)")
+    ax.set_ylabel("hypervolume (val_score ↑, retained_params ↓)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"{'arm':<12}{'HV at budget':>14}{'to random HV':>14}{'points/trial-h':>16}{'trials':>8}")
+    for arm, entry in result["analysis"]["arms"].items():
+        share = entry["share_of_budget"]
+        rate = entry["points_per_trial_hour"]
+        trials = sum(r["trials"] for r in entry["seeds"])
+        print(
+            f"{arm:<12}{entry['hv_at_budget']:>14.4g}"
+            f"{'never' if share is None else f'{share:.0%}':>14}"
+            f"{'-' if rate is None else f'{rate:.0f}':>16}{trials:>8}"
+        )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    output = Path(args.output)
+    result = json.loads(output.read_text()) if output.exists() else {"entries": []}
+    if not args.render_only:
+        import ray
+
+        proxy = PROXY | json.loads(args.proxy)
+        Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+        done = {(e["arm"], e["seed"]) for e in result["entries"]}
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        try:
+            for seed in (int(s) for s in args.seeds.split(",")):
+                for arm in args.arms.split(","):
+                    if (arm, seed) in done:
+                        continue
+                    entry = run_arm(arm, seed, args, proxy)
+                    result["entries"].append(entry)
+                    print(
+                        f"{arm} seed {seed}: {len(entry['candidates'])} points, "
+                        f"{entry['wall_s'] / 60:.1f} min wall",
+                        flush=True,
+                    )
+                    output.parent.mkdir(parents=True, exist_ok=True)
+                    output.write_text(json.dumps(result, indent=1))  # resumable after each
+        finally:
+            ray.shutdown()
+        result |= {
+            "benchmark": "hypervolume",
+            "command": shlex.join(["python", "scripts/bench_hypervolume.py", *argv]),
+            "config": {
+                "proxy": proxy,
+                "arms": ARMS,
+                "constant": CONSTANT,
+                "trace": TRACE,
+                "searched": SEARCHED,
+            },
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        }
+    result["analysis"] = analyse(result["entries"])
+    result["goals"] = goals(result["analysis"]["arms"])
+    result["plot"] = output.with_suffix(".png").name
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=1))
+    plot(result, output.with_suffix(".png"))
     print_table(result)
-    print(
-        f"\n{result['trials_trained']} trials trained in {result['wall_s']:.0f} s; wrote {output}"
-    )
     return result
 
 

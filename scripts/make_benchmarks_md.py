@@ -106,79 +106,91 @@ def _search(data: dict) -> list[str]:
 
 
 def _hypervolume(data: dict) -> list[str]:
-    config, summary = data["config"], data["summary"]
-    n, scale = summary["budget"], data["hv_all_trials"] or 1.0
-    studies = data["studies"]
-    seeds = len(next(iter(studies.values())))
+    analysis, config = data["analysis"], data["config"]
+    arms, proxy = analysis["arms"], config["proxy"]
+    seeds = len(arms.get("random", {}).get("seeds", []))
 
-    def share(hv: float) -> str:
-        return f"{hv / scale:.1%}"
+    def share(value: float | None) -> str:
+        return "never" if value is None else f"{value:.0%}"
 
     lines = [
-        f"Hypervolume of the (val_score ↑, retained_params ↓) front after n trials, as a share of "
-        f"that of all {sum(len(s['trials']) for b in studies.values() for s in b.values())} "
-        f"trials of the run (reference point {tuple(data['reference'] or ())}). Each study is "
-        f"Optuna ask/tell with the search's sampler over `{Path(config['space']).name}` for 2N = "
-        f"{2 * n} trials, {seeds} seed(s) per sampler; trials: {config['task']}, "
-        f"{config['max_train_samples']} training rows, {config['epochs']} epoch(s), length "
-        f"{config['max_length']}, {config['max_eval_samples']} val rows. "
-        f"{data['trials_failed']} trial(s) failed; {data['trials_trained']} were trained, the "
-        "others repeated the parameters of an earlier trial and reused its result.",
-    ]
-    startup = config["sampler_startup_trials"].get("tpe")
-    if startup:
-        lines[0] += (
-            f" TPE's first {startup} trials are random draws, the same as random search's with "
-            "the same seed."
-        )
-    for sampler, comparison in summary["comparisons"].items():
-        base = summary["baseline"]
-        rows = [
+        "Every arm is a real `run_search` (Ray, `OptunaSearch`, MLflow) on a "
+        f"{proxy['task']} proxy ({proxy['max_train_samples']} training rows, length "
+        f"{proxy['max_length']}, {proxy['max_eval_samples']} val rows), {seeds} sampler seed(s). "
+        "Compute is the summed training time of the trials, stopped ones included; every arm is "
+        "read at random search's total compute (its budget) on the same seed. Hypervolume of "
+        "the (val_score ↑, retained_params ↓) candidates, reference "
+        f"{tuple(round(x, 4) for x in analysis['reference'])} for all. Constant-ξ trials run "
+        f"{config['constant']['epochs']} epochs; front-tracing trials "
+        f"{config['trace']['epochs']} ({config['trace']['dense_epochs']} dense, then a stage per "
+        "epoch, a point per stage).",
+        "",
+        *_table(
             [
-                seed,
-                share(e["hv_at_n"]),
-                share(e["baseline_at_n"]),
-                share(e["baseline_at_2n"]),
-                share(e["hv_at_2n"]),
-                "yes" if e["reached"] else "no",
-            ]
-            for seed, e in comparison["per_seed"].items()
-        ]
-        mean = comparison["mean"]
-        rows.append(
+                "arm",
+                "trials",
+                "stopped early",
+                "hypervolume at the budget",
+                "compute to random's final hypervolume",
+                "candidate points per trial-hour",
+            ],
             [
-                "**mean**",
-                *(share(mean[k]) for k in ("hv_at_n", "baseline_at_n", "baseline_at_2n")),
-                share(mean["hv_at_2n"]),
-                f"{comparison['seeds_reached']} of {comparison['seeds']}",
-            ]
-        )
-        lines += [
-            "",
-            f"Does {sampler} after N = {n} reach {base} after 2N = {2 * n}?",
-            "",
-            *_table(
                 [
-                    "seed",
-                    f"{sampler} N",
-                    f"{base} N",
-                    f"{base} 2N",
-                    f"{sampler} 2N",
-                    f"{sampler} N ≥ {base} 2N",
-                ],
-                rows,
-            ),
-        ]
-    rows = [
-        [sampler]
-        + [f"{share(curve['mean'][i])} ± {share(curve['std'][i])}" for i in (n - 1, 2 * n - 1)]
-        for sampler, curve in summary["curves"].items()
+                    arm,
+                    str(sum(r["trials"] for r in entry["seeds"])),
+                    str(sum(r["stopped"] for r in entry["seeds"])),
+                    f"{entry['hv_at_budget']:.4g}",
+                    ", ".join(share(r["share_of_budget"]) for r in entry["seeds"]),
+                    "–"
+                    if entry["points_per_trial_hour"] is None
+                    else f"{entry['points_per_trial_hour']:.0f}",
+                ]
+                for arm, entry in arms.items()
+            ],
+        ),
+        "",
+        "Compute to random's final hypervolume is per seed, as a share of random's compute.",
     ]
-    header = ["sampler", f"N = {n}, mean ± std", f"2N = {2 * n}, mean ± std"]
-    lines += ["", *_table(header, rows)]
+    goals = data.get("goals", {})
+    if "both_reaches_random_with_a_third" in goals:
+        goal = goals["both_reaches_random_with_a_third"]
+        lines.append(
+            f"- Goal: TPE + both reaches random search's final hypervolume with at most a third of "
+            f"its compute: {'met' if goal['met'] else 'not met'} "
+            f"({', '.join(share(s) for s in goal['shares'])})."
+        )
+    if "trace_points_per_hour_ratio" in goals:
+        goal = goals["trace_points_per_hour_ratio"]
+        lines.append(
+            f"- Goal: front-tracing trials give at least 5× the candidate points per trial-hour of "
+            f"constant-ξ trials at equal or better hypervolume: {'met' if goal['met'] else 'not met'} "
+            f"({goal['ratio']:.1f}×; hypervolume at the budget {goal['hv_trace']:.4g} against "
+            f"{goal['hv_tpe']:.4g})."
+        )
     if data.get("plot"):
-        lines += ["", f"![Mean hypervolume curves](bench/{data['plot']})"]
+        lines += ["", f"![Mean hypervolume against compute](bench/{data['plot']})"]
     return lines
+
+
+def _data_sharing(data: dict) -> list[str]:
+    results = data["results"]
+    rows = [
+        [
+            variant,
+            str(r["rows"]["train"]),
+            f"{r['after_prepare_mib']:.0f}",
+            f"{r['peak_mib']:.0f}",
+            f"{r['share_s']:.1f}",
+        ]
+        for variant, r in results.items()
+    ]
+    return [
+        f"Peak resident memory of the search's driver (ru_maxrss) sharing the whole "
+        f"{data['config']['task']} task with the trials: `arrow` keeps the rows in Arrow (what "
+        "the search does), `python` turns them into Python lists and back (what it did before).",
+        "",
+        *_table(["variant", "train rows", "after tokenising, MiB", "peak, MiB", "share s"], rows),
+    ]
 
 
 def _generic(data: dict) -> list[str]:
@@ -193,6 +205,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
     "inference": ("Inference latency", _inference),
     "search": ("Search overhead", _search),
     "hypervolume": ("Search efficiency", _hypervolume),
+    "data_sharing": ("Data shared with the trials", _data_sharing),
 }
 
 

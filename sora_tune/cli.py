@@ -228,7 +228,7 @@ def search_command(args: argparse.Namespace) -> int:
         from .tune import run_search
 
         search = run_search(config)
-    print(_trials_table(search))
+    print(search_summary(search))
     if search.interrupted:
         print(
             f"search interrupted ({search.interrupted}); finish it with: "
@@ -238,22 +238,64 @@ def search_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _trials_table(search) -> str:
-    from .tune.outcome import outcome
+def search_summary(search) -> str:
+    """What a search found, at its end: where it is recorded, the front with the point the
+    default rule chooses, the trials that stopped or failed and why, and the next commands."""
+    import pandas as pd
 
+    from .registry import choose_trial
+    from .uris import default_tracking_uri
+
+    config = search.config
+    local = "://" not in config.storage_path
     lines = [
-        f"{'trial':<16}{'status':<12}{'val_score':>10}{'test_score':>11}{'retained':>10}{'r_max':>6}{'train s':>9}"
+        f"search {config.name}: MLflow experiment {config.experiment_name!r}, parent run "
+        f"{search.parent_run_id}",
     ]
-    for result in search.results:
-        metrics = result.metrics or {}
-        status = outcome(metrics, error=result.error is not None)
-        if metrics.get("trial_id") in search.interrupted_trials:
-            status = "interrupted"
-        lines.append(
-            f"{metrics.get('trial_id', '?'):<16}{status:<12}{metrics.get('val_score', float('nan')):>10.4f}"
-            f"{metrics.get('test_score', float('nan')):>11.4f}{metrics.get('retained_params', float('nan')):>10.0f}"
-            f"{result.config.get('r_max', '?')!s:>6}{metrics.get('train_time_s', float('nan')):>9.1f}"
+    flags = f"--experiment {config.experiment_name} --parent-run-id {search.parent_run_id}"
+    if config.mlflow_uri != resolve_tracking_uri(default_tracking_uri()):
+        flags += f" --mlflow-uri {config.mlflow_uri}"
+    try:
+        report = choose_trial(
+            experiment_name=config.experiment_name,
+            parent_run_id=search.parent_run_id,
+            tracking_uri=config.mlflow_uri,
+            output_dir=config.path if local else f"pareto-{config.name}",
         )
+    except ValueError as err:  # no finished SoRA trial: no front to show
+        return "\n".join([*lines, f"no front: {err}"])
+    front = report.front.sort_values("retained_params")
+    lines += ["", "front (val_score up, retained_params down; * the default rule's choice):"]
+    lines.append(f"  {'trial':<22}{'stage':>6}{'val_score':>11}{'retained':>11}{'rank':>6}")
+    for row in front.itertuples():
+        stage = "-" if pd.isna(row.stage) else str(row.stage)
+        lines.append(
+            f"{'*' if row.selected else ' '} {row.run_name:<22}{stage:>6}{row.val_score:>11.4f}"
+            f"{row.retained_params:>11,.0f}{row.nonzero_rank:>6.0f}"
+        )
+    reference = ", ".join(
+        f"{name} {value:.4g}"
+        for name, value in zip(report.objectives, report.reference, strict=True)
+    )
+    lines += ["", f"hypervolume {report.hypervolume:.6g} (reference {reference})"]
+    if report.left_out:
+        lines += ["", "not on the front:"]
+        for left in report.left_out:
+            log = ""
+            error_file = Path(config.path) / f"trial_{left.trial_id}" / "error.txt"
+            if local and left.trial_id and error_file.exists():
+                log = f"  (log: {error_file})"
+            lines.append(f"  {left.run_name or left.run_id:<22}{left.reason}{log}")
+    lines += [
+        "",
+        f"wrote {report.png_path} (and {report.csv_path.name}, {report.history_path.name})",
+        "",
+        "next:",
+        f"  sora-tune pareto {flags} [--max-params N | --min-score S | --knee]",
+        f"  sora-tune register {flags} --name {config.experiment_name}",
+        f"  sora-tune predict --model models:/{config.experiment_name}@champion --input rows.csv"
+        + (f" --mlflow-uri {config.mlflow_uri}" if "--mlflow-uri" in flags else ""),
+    ]
     return "\n".join(lines)
 
 
@@ -308,11 +350,19 @@ def pareto_command_parser(subparsers) -> None:
     parser.set_defaults(command=pareto_command)
 
 
+def _print_note(note: str | None) -> None:
+    """Which search was read, on stderr: a warning when the experiment holds several."""
+    if note:
+        kind = "warning" if "searches" in note else "note"
+        print(f"sora-tune: {kind}: {note}", file=sys.stderr)
+
+
 def pareto_command(args: argparse.Namespace) -> int:
     from .pareto import format_table
     from .registry import choose_trial
 
     result = choose_trial(**selection_values(args))
+    _print_note(result.note)
     print(format_table(result))
     print(f"wrote {result.csv_path}, {result.png_path} and {result.history_path}")
     return 0
@@ -339,6 +389,7 @@ def register_command(args: argparse.Namespace) -> int:
     from .registry import CHAMPION, register
 
     registered = register(name=args.name, allow_pickle=args.allow_pickle, **selection_values(args))
+    _print_note(registered.note)
     print(
         f"registered {registered.name} version {registered.version} from run {registered.run_id}: "
         f"val_score {registered.val_score:.4f}, retained_params {registered.retained_params}, "

@@ -83,6 +83,7 @@ class RegisteredAdapter:
         val_score, test_score, retained_params: The trial's final values.
         rank_pattern: Rank of every adapted module.
         stage: The stage of a front-tracing trial whose adapter it is; `None`: the trial's own.
+        note: Which search was read when none was named (see `TrialRuns.note`).
     """
 
     name: str
@@ -94,6 +95,7 @@ class RegisteredAdapter:
     retained_params: int
     rank_pattern: dict[str, int]
     stage: int | None = None
+    note: str | None = None
 
 
 @contextlib.contextmanager
@@ -295,6 +297,7 @@ def register(
         ValueError: as `choose_trial`, or the chosen run has no adapter (see `log_trial_model`).
     """
     tracking_uri = existing_store(tracking_uri or mlflow.get_tracking_uri())
+    _check_model_name(MlflowClient(tracking_uri), name)
     result = choose_trial(
         experiment_name=experiment_name,
         parent_run_id=parent_run_id,
@@ -335,7 +338,21 @@ def register(
         retained_params=int(chosen["retained_params"]),
         rank_pattern=ranks,
         stage=stage,
+        note=result.note,
     )
+
+
+def _check_model_name(client: MlflowClient, name: str) -> None:
+    """Refuse a name the registry would refuse, before anything is chosen or logged.
+
+    Raises:
+        MlflowException: an invalid name (with MLflow's reason).
+    """
+    try:
+        client.get_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":  # not there yet: `register` creates it
+            raise
 
 
 def _rank_pattern(client: MlflowClient, run_id: str, stage: int | None) -> dict[str, int]:

@@ -112,8 +112,9 @@ def load_tokenizer(config: TrialConfig):
     """
     try:
         return AutoTokenizer.from_pretrained(config.model or default_model())
-    except OSError as err:
-        raise ValueError(f"model {config.model!r} cannot be loaded: {err}") from None
+    except (OSError, ValueError) as err:  # transformers says ValueError for a folder of no model
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"model {config.model!r} cannot be loaded: {reason}") from None
 
 
 def prepare_data(config: TrialConfig, tokenizer=None) -> DatasetDict:

@@ -8,7 +8,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -117,60 +116,44 @@ def test_bench_search(tiny_glue, tiny_model_dir, tmp_path):
     assert data["train_time_s"] > 0 and 0 < data["overhead"] < 1
 
 
-def test_bench_hypervolume(tiny_glue, tiny_model_dir, tmp_path, monkeypatch):
-    """Two samplers × one seed × 2N = 4 tiny trials each, one of them made to diverge; the JSON
-    has the curves the docs use, and make_benchmarks_md renders them."""
+def test_bench_hypervolume(tiny_trial, tmp_path):
+    """Two arms (random, TPE with both features) × one seed of tiny real searches: the JSON
+    holds every arm's candidates and timeline, the analysis compares them at random's compute,
+    and make_benchmarks_md renders it."""
     module = load_script("bench_hypervolume")
-    train_trial, calls = module.train_trial, []
-
-    def diverge_second(config, **kwargs):
-        calls.append(config)
-        if len(calls) == 2:
-            return {"status": "diverged"}
-        return train_trial(config, **kwargs)
-
-    monkeypatch.setattr(module, "train_trial", diverge_second)
     output = tmp_path / "bench" / "hypervolume.json"
-    module.main(
-        [
-            "--num-trials=2",
-            "--seeds=0",
-            "--samplers=tpe,random",
-            f"--data-dir={tiny_glue}",
-            f"--model={tiny_model_dir}",
-            "--max-train-samples=16",
-            "--max-eval-samples=8",
-            "--train-eval-samples=8",
-            "--max-length=32",
-            "--threads=1",
-            f"--runs-dir={tmp_path / 'runs'}",
-            f"--output={output}",
-        ]
-    )
+    proxy = {"max_train_samples": 16, "max_eval_samples": 8, "train_eval_samples": 8}
+    args = [
+        "--arms=random,tpe+both",
+        "--seeds=0",
+        "--scale=0.15",
+        f"--data-dir={tiny_trial['data_dir']}",
+        f"--model={tiny_trial['model']}",
+        f"--proxy={json.dumps(proxy | {'max_length': 32})}",
+        "--work-dir=work",
+        "--num-cpus=2",
+        f"--output={output}",
+    ]
+    result = module.main(args)
     data = json.loads(output.read_text())
-    assert {"benchmark", "command", "config", "machine", "reference", "summary", "studies"} <= set(
+    assert {"benchmark", "command", "config", "machine", "entries", "analysis", "goals"} <= set(
         data
     )
-    assert {"argv", "num_trials", "seeds", "samplers"} <= set(data["config"])
-    assert set(data["studies"]) == {"tpe", "random"}
-    statuses = []
-    for by_seed in data["studies"].values():
-        assert set(by_seed) == {"0"}
-        study = by_seed["0"]
-        assert len(study["trials"]) == len(study["hypervolume"]) == 4
-        assert np.all(np.diff(study["hypervolume"]) >= 0)
-        assert {"params", "status", "val_score", "retained_params", "seconds"} <= set(
-            study["trials"][0]
-        )
-        statuses += [t["status"] for t in study["trials"]]
-    assert "diverged" in statuses and "finished" in statuses
-    failed = [
-        t for s in data["studies"].values() for t in s["0"]["trials"] if t["status"] != "finished"
-    ]
-    assert all(t["val_score"] is None for t in failed)
-    comparison = data["summary"]["comparisons"]["tpe"]["per_seed"]["0"]
-    assert {"hv_at_n", "baseline_at_2n", "reached"} <= set(comparison)
-    assert len(data["summary"]["curves"]["random"]["mean"]) == 4
+    by_arm = {e["arm"]: e for e in data["entries"]}
+    assert set(by_arm) == {"random", "tpe+both"}
+    assert all(p["stage"] is None for p in by_arm["random"]["candidates"])
+    traced = [p for p in by_arm["tpe+both"]["candidates"] if p["stage"] is not None]
+    assert traced, "front-tracing trials left stage points"
+    arms = data["analysis"]["arms"]
+    (baseline,) = arms["random"]["seeds"]
+    assert baseline["hv_at_budget"] == baseline["hv_final"] == baseline["baseline_hv"]
+    assert 0 < baseline["share_of_budget"] <= 1  # random reaches its own final volume
+    assert arms["tpe+both"]["seeds"][0]["points"] == len(by_arm["tpe+both"]["candidates"])
+    assert set(data["goals"]) == {"both_reaches_random_with_a_third"}
+    assert (output.parent / "hypervolume.png").stat().st_size > 0
+    # A second call reads the finished searches back.
+    again = module.main(args)
+    assert [e["wall_s"] for e in again["entries"]] == [e["wall_s"] for e in result["entries"]]
 
     text = load_script("make_benchmarks_md").main(
         [f"--bench-dir={output.parent}", f"--output={tmp_path / 'benchmarks.md'}"]

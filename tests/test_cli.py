@@ -1,5 +1,6 @@
 import csv
 import json
+import os
 
 import mlflow
 import pytest
@@ -102,3 +103,30 @@ def test_train_with_an_unreachable_mlflow_server_stops_before_training(
     assert main(["train", *trial_flags(tiny_trial), "--output-dir", str(out), *flags]) == 2
     assert "unreachable" in capsys.readouterr().err
     assert not list(out.glob("checkpoint-epoch*"))
+
+
+def test_a_ray_that_is_not_there_ends_in_one_line(mlflow_server, tiny_trial, tmp_path):
+    """--address auto with no Ray running: Ray's start-up error, in one line, exit code 2 (and
+    the traceback with --debug)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    (tmp_path / "space.yaml").write_text(
+        yaml.safe_dump({"parameters": tiny_trial | {"lr": {"type": "choice", "values": [1e-3]}}})
+    )
+    ray_tmp = tmp_path / "ray-tmp"  # no ray_current_cluster file here: nothing to join
+    (ray_tmp / "ray").mkdir(parents=True)
+    command = [sys.executable, "-m", "sora_tune.cli", "search", "--config", "space.yaml"]
+    command += ["--address", "auto", "--mlflow-uri", mlflow_server.uri]
+    env = os.environ | {"RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": ""}
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("sora-tune: error:")]
+    assert len(errors) == 1 and "Ray" in errors[0]
+    assert "Traceback" not in run.stderr
+    debug = subprocess.run(
+        [*command, "--debug"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert debug.returncode != 0 and "Traceback" in debug.stderr

@@ -55,6 +55,7 @@ def inputs(tiny_trial, tmp_path):
     for split in ("train", "dev"):
         (wrong_columns / f"{split}.tsv").write_text("label\tsentence\n1\tA sentence.\n")
     (tmp_path / "empty-folder").mkdir()
+
     mlflow.MlflowClient(f"sqlite:///{tmp_path / 'other.db'}").create_experiment("sora-sst2")
     malformed = tmp_path / "malformed.yaml"
     malformed.write_text("parameters:\n  xi: {type: loguniform, low: 1.0e-5\n  r_max: 8\n")
@@ -132,6 +133,16 @@ def commands(inputs: dict, tmp_path: Path) -> dict[str, list[str]]:
             "pareto",
             "--experiment",
             "sora-mrpc",
+            "--mlflow-uri",
+            "sqlite:///other.db",
+        ],
+        "model-cannot-load": [*search, "--model", inputs["empty_folder"]],
+        "registered-model-name": [
+            "register",
+            "--experiment",
+            "sora-mrpc",
+            "--name",
+            "sora/mrpc",
             "--mlflow-uri",
             "sqlite:///other.db",
         ],

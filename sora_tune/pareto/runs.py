@@ -41,10 +41,13 @@ BASELINE_MARKERS = {"lora": "s", "adalora": "^"}  # other methods: "D"
 @dataclass(frozen=True)
 class LeftOut:
     """A run that is not a candidate, and why (`failed: <failure_reason>`, `unfinished
-    (RUNNING)`, `missing metric val_score`, ...)."""
+    (RUNNING)`, `stopped early at epoch 1`, `missing metric val_score`, ...), with the run's name
+    and its Ray trial id, if any."""
 
     run_id: str
     reason: str
+    run_name: str = ""
+    trial_id: str | None = None
 
 
 @dataclass
@@ -61,6 +64,8 @@ class TrialRuns:
         parent_run_id: The search's parent run: the one asked for, or the only search run of the
             experiment; `None` when the experiment holds several searches or none.
         tracking_uri: Where the runs were read from (and where tags are written back).
+        note: Which search of the experiment was read when none was named (the newest), and how
+            many it holds when more than one.
         timeline: Every trial run, candidate or not, in the order it ended: `run_id`, `end_time`
             (seconds since the epoch) and `train_time_s` (its compute, NaN if none was logged),
             for the hypervolume against compute (`hypervolume_history`).
@@ -72,6 +77,7 @@ class TrialRuns:
     parent_run_id: str | None
     tracking_uri: str
     timeline: pd.DataFrame
+    note: str | None = None
 
 
 @dataclass
@@ -92,6 +98,7 @@ class ParetoResult:
         png_path: `pareto.png`.
         history: `hypervolume_history` of the runs, with the same reference.
         history_path: `pareto_history.png`, the hypervolume against the compute spent.
+        note: `TrialRuns.note`: which search was read when none was named.
     """
 
     table: pd.DataFrame
@@ -106,6 +113,7 @@ class ParetoResult:
     png_path: Path
     history: pd.DataFrame
     history_path: Path
+    note: str | None = None
 
     @property
     def front(self) -> pd.DataFrame:
@@ -124,14 +132,16 @@ def load_trial_runs(
     parent_run_id: str | None = None,
     tracking_uri: str | None = None,
 ) -> TrialRuns:
-    """Read the trial runs of a search (`parent_run_id`) or of a whole experiment.
+    """Read the trial runs of a search (`parent_run_id`) or of an experiment.
 
     A search's parent run (tag `sora_tune.role` = `search`) is never a trial. A trial is a
     candidate when it FINISHED, has a `method` param and finite `val_score` and
     `retained_params`; every other trial is left out with its reason.
 
     Args:
-        experiment_name: Every run of this experiment.
+        experiment_name: The trials of this experiment's newest search (`TrialRuns.note` says
+            which, and how many searches there are); of all its runs when it holds no search
+            (trials of `sora-tune train --mlflow-uri`).
         parent_run_id: The runs nested under this search run.
         tracking_uri: The MLflow tracking URI; `None`: MLflow's current one. The global MLflow
             setting is not changed.
@@ -143,6 +153,7 @@ def load_trial_runs(
     """
     if (experiment_name is None) == (parent_run_id is None):
         raise ValueError("give exactly one of experiment_name and parent_run_id")
+    note = None
     client = MlflowClient(existing_store(tracking_uri or mlflow.get_tracking_uri()))
     if parent_run_id is not None:
         try:
@@ -162,8 +173,23 @@ def load_trial_runs(
                 f"it has {', '.join(map(repr, names)) or 'no experiment'}"
             )
         runs = _search_runs(client, experiment.experiment_id)
-        searches = [r.info.run_id for r in runs if r.data.tags.get(ROLE_TAG) == "search"]
-        parent_run_id = searches[0] if len(searches) == 1 else None
+        searches = sorted(
+            (r for r in runs if r.data.tags.get(ROLE_TAG) == "search"),
+            key=lambda r: r.info.start_time or 0,
+        )
+        if searches:  # the newest search's trials, never a mix of searches
+            newest = searches[-1]
+            parent_run_id = newest.info.run_id
+            runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_run_id]
+            note = (
+                f"using the newest search of {experiment_name!r}: {newest.info.run_name} "
+                f"({parent_run_id})"
+            )
+            if len(searches) > 1:
+                note += (
+                    f"; the experiment holds {len(searches)} searches, pass --parent-run-id "
+                    "(parent_run_id) to choose another"
+                )
 
     rows, left_out, timeline = [], [], []
     for run in runs:
@@ -180,7 +206,14 @@ def load_trial_runs(
         if reason is None:
             rows += _stage_rows(client, run) if _traces_front(run) else [_row(run)]
         else:
-            left_out.append(LeftOut(run.info.run_id, reason))
+            left_out.append(
+                LeftOut(
+                    run.info.run_id,
+                    reason,
+                    run_name=run.info.run_name or "",
+                    trial_id=run.data.tags.get("ray_trial_id"),
+                )
+            )
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     table["r_max"] = pd.to_numeric(table["r_max"], errors="coerce").astype("Int64")
     table["stage"] = pd.to_numeric(table["stage"], errors="coerce").astype("Int64")
@@ -194,6 +227,7 @@ def load_trial_runs(
         timeline=pd.DataFrame(timeline, columns=["run_id", "end_time", "train_time_s"]).sort_values(
             "end_time", ignore_index=True
         ),
+        note=note,
     )
 
 
@@ -353,6 +387,7 @@ def pareto_report(
         png_path=png_path,
         history=hypervolume_history(runs, reference, objectives),
         history_path=history_path,
+        note=runs.note,
     )
     _plot(result, png_path, title=runs.experiment_name)
     _plot_history(result, history_path, title=runs.experiment_name)

@@ -35,6 +35,8 @@ class SearchConfig:
             `1 − 1/reduction_factor` share stops. `None`: 4 for ASHA (Ray's default), 3 for
             `pareto` (syne-tune's).
         sampler_seed: Seeds the sampler.
+        tpe_startup_trials: TPE's random trials before it models; `None`: a fifth of
+            `num_samples`, 4 to 10 (`tpe_startup_trials`).
         max_failures: Retries of a trial that crashed (a node lost, an exception).
         name: The Ray experiment name (a folder under `storage_path`) and the Optuna study's.
         cpus_per_trial, gpus_per_trial: Resources of one trial. A trial is one process on one
@@ -62,6 +64,7 @@ class SearchConfig:
     grace_period: int = 1  # epochs before the first rung of --asha or --early-stop
     reduction_factor: float | None = None  # rung spacing; worst 1-1/rf stop; none: 4 asha, 3 pareto
     sampler_seed: int = 0  # seeds the sampler
+    tpe_startup_trials: int | None = None  # TPE's random first trials; none: num_samples/5, 4-10
     max_failures: int = 1  # retries of a trial that crashed (a lost node, an exception)
     name: str | None = None  # Ray experiment and Optuna study; none: <experiment-name>-<time>
     # resources
@@ -154,6 +157,7 @@ SEARCH_GROUPS = {
         "grace_period",
         "reduction_factor",
         "sampler_seed",
+        "tpe_startup_trials",
         "max_failures",
         "name",
     ),

@@ -137,6 +137,11 @@ class SearchSpace:
             outside = sorted(set(point) - set(self.distributions))
             if outside:
                 raise ValueError(f"{source}: {where} sets {outside}, which are not searched")
+            left = sorted(set(self.distributions) - set(point))
+            if left:  # Optuna takes a starting point only whole
+                raise ValueError(
+                    f"{source}: {where} leaves out {left}: give every searched parameter a value"
+                )
             _check_trial(source, where, self.fixed | point)
 
 

@@ -19,6 +19,8 @@ from ..tracking import ROLE_TAG, tracked_trial
 BUDGET_KEY = "budget_epochs"
 # In a front-tracing trial's last result: the objectives at the end of every stage.
 STAGE_POINTS_KEY = "stage_points"
+# Reported first: Ray's live table shows a result's first four metrics.
+LIVE_TABLE_KEYS = ("epoch", "val_score", "retained_params", "test_score")
 
 
 def stage_points(history: list[dict[str, Any]], stage_ends: dict[int, int]) -> list[dict]:
@@ -99,7 +101,7 @@ def run_trial(trial_params: dict[str, Any], *, data=None, tracking: dict[str, st
     last: list[tuple[dict[str, Any], str]] = []
 
     def report(metrics: dict[str, Any], checkpoint_dir: str) -> None:
-        metrics = metrics | {BUDGET_KEY: config.epochs}
+        metrics = {k: metrics[k] for k in LIVE_TABLE_KEYS} | metrics | {BUDGET_KEY: config.epochs}
         if metrics["epoch"] == config.epochs:
             # Held back until the run is complete: a scheduler may stop a trial at its last
             # epoch (ASHA at max_t), and Ray stops it inside this call.

@@ -233,3 +233,29 @@ def test_format_table(store, trials, tmp_path):
     assert "left out (4):" in text
     assert "failed: RuntimeError: trial diverged" in text
     assert "hypervolume 16980 (reference val_score=0, retained_params=2.2e+04)" in text
+
+
+def test_an_experiment_of_several_searches_is_read_as_its_newest(store, capsys):
+    """Without a parent run id, the newest search's trials are read, never a mix, and the note
+    says which and how many searches there are."""
+    client = store["client"]
+    experiment = client.create_experiment("two-searches")
+    older = client.create_run(experiment, tags={ROLE: "search"}, run_name="older").info.run_id
+    add_trial(
+        client, experiment, older, "old", "sora", 4, {"val_score": 0.9, "retained_params": 1.0}
+    )
+    time.sleep(0.01)
+    newer = client.create_run(experiment, tags={ROLE: "search"}, run_name="newer").info.run_id
+    new = add_trial(
+        client, experiment, newer, "new", "sora", 4, {"val_score": 0.5, "retained_params": 9.0}
+    )
+    for run_id in (older, newer, *[r.info.run_id for r in client.search_runs([experiment])]):
+        client.set_terminated(run_id)
+    runs = load_trial_runs(experiment_name="two-searches", tracking_uri=store["uri"])
+    assert list(runs.table["run_id"]) == [new] and runs.parent_run_id == newer
+    assert runs.note == (
+        f"using the newest search of 'two-searches': newer ({newer}); the experiment holds 2 "
+        "searches, pass --parent-run-id (parent_run_id) to choose another"
+    )
+    single = load_trial_runs(parent_run_id=older, tracking_uri=store["uri"])
+    assert single.note is None and len(single.table) == 1
