@@ -184,7 +184,10 @@ def search_command_parser(subparsers) -> None:
     )
     add_common_flags(parser)
     search = parser.add_argument_group("search")
-    search.add_argument("--config", help="search-space YAML (see search_spaces/)")
+    search.add_argument(
+        "--config",
+        help="search-space YAML: a path, or a shipped space's name (quickstart, sora_glue, trace)",
+    )
     search.add_argument(
         "--resume",
         metavar="PATH",

@@ -18,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -184,13 +186,45 @@ def _check_trial(source: str, where: str, values: dict[str, Any]) -> None:
         raise ValueError(f"{source}: {where}: {err}") from None
 
 
-def load_search_space(path: str | os.PathLike) -> SearchSpace:
-    """Read and validate a search-space YAML file.
+def shipped_spaces() -> dict[str, Path]:
+    """The search spaces that come with sora-tune, by name: `search_spaces/` of a source
+    checkout (an editable install), or where a wheel installs them (`share/sora-tune/`)."""
+    folders = (
+        Path(__file__).resolve().parents[2] / "search_spaces",
+        Path(sys.prefix) / "share" / "sora-tune" / "search_spaces",
+    )
+    return {
+        p.stem: p for folder in reversed(folders) if folder.is_dir() for p in folder.glob("*.yaml")
+    }
+
+
+def find_search_space(name: str | os.PathLike) -> Path:
+    """A search space by path, or by the name of a shipped one (`quickstart`, `sora_glue`).
 
     Raises:
-        FileNotFoundError: no such file.
+        FileNotFoundError: neither a file nor a shipped space, naming the shipped ones.
+    """
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    shipped = shipped_spaces()
+    if path.stem in shipped and path.parent == Path("."):
+        return shipped[path.stem]
+    raise FileNotFoundError(
+        f"no search space {str(name)!r}: not a file, nor one of the shipped spaces "
+        f"({', '.join(sorted(shipped)) or 'none found'})"
+    )
+
+
+def load_search_space(path: str | os.PathLike) -> SearchSpace:
+    """Read and validate a search-space YAML file, given by path or by a shipped space's name
+    (`find_search_space`).
+
+    Raises:
+        FileNotFoundError: no such file or shipped space.
         ValueError: malformed YAML (with its line) or an invalid space (naming the key).
     """
+    path = find_search_space(path)
     with open(path) as handle:
         text = handle.read()
     try:

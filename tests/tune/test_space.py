@@ -99,3 +99,13 @@ def test_bad_spaces_name_the_problem(tmp_path, text, message):
 def test_missing_file():
     with pytest.raises(FileNotFoundError):
         load_search_space("does-not-exist.yaml")
+
+
+def test_a_shipped_space_is_found_by_name_from_any_folder(tmp_path):
+    # The tests run in tmp_path: no search_spaces/ here.
+    assert (
+        load_search_space("quickstart").distributions
+        == load_search_space(SPACES / "quickstart.yaml").distributions
+    )
+    with pytest.raises(FileNotFoundError, match=r"shipped spaces \(quickstart, sora_glue, trace\)"):
+        load_search_space("no-such-space")
