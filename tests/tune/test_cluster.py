@@ -52,9 +52,10 @@ def test_trials_on_both_nodes_log_adapters_to_the_server(
     assert {r.data.tags["ray_node_id"] for r in runs} == {
         node["NodeID"] for node in ray.nodes() if node["Alive"]
     }
-    # Every adapter went through the server into its artifact root.
-    stored = {p.parent.name for p in mlflow_server.artifacts.rglob("adapter_model.safetensors")}
-    assert stored == {"adapter"} and len(list(mlflow_server.artifacts.rglob("adapter"))) == 4
+    # Every adapter went through the server into its artifact root (the experiment's folder).
+    experiment_id = mlflow.MlflowClient(uri).get_experiment_by_name("cluster").experiment_id
+    stored = list((mlflow_server.artifacts / experiment_id).rglob("adapter_model.safetensors"))
+    assert len(stored) == 4 and {p.parent.name for p in stored} == {"adapter"}
 
     # From another folder, with nothing of the search's on disk: register, then predict.
     elsewhere = tmp_path / "elsewhere"
