@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from sora_tune.front import OBJECTIVES, hypervolume  # noqa: E402
+from sora_tune.front import OBJECTIVES, hypervolume_over_time  # noqa: E402
 from sora_tune.pareto import load_trial_runs  # noqa: E402
 from sora_tune.tune import SearchConfig, SearchSpace, run_search  # noqa: E402
 
@@ -163,13 +163,15 @@ def run_arm(name: str, seed: int, args, proxy: dict[str, Any]) -> dict[str, Any]
 
 def history(entry: dict[str, Any], reference: tuple[float, float]) -> list[tuple[float, float]]:
     """(compute so far, hypervolume of the candidates known) after each trial run ended."""
-    points, compute, curve, ended = entry["candidates"], 0.0, [], set()
-    for run in entry["timeline"]:
-        compute += run["train_time_s"]
-        ended.add(run["run_id"])
-        known = np.array([[p[k] for k in OBJECTIVES] for p in points if p["run_id"] in ended])
-        curve.append((compute, hypervolume(known, DIRECTIONS, reference) if len(known) else 0.0))
-    return curve
+    points = entry["candidates"]
+    curve = hypervolume_over_time(
+        [p["run_id"] for p in points],
+        np.array([[p[k] for k in OBJECTIVES] for p in points], dtype=float).reshape(-1, 2),
+        [(run["run_id"], run["train_time_s"]) for run in entry["timeline"]],
+        DIRECTIONS,
+        reference,
+    )
+    return [tuple(row) for row in curve.tolist()]
 
 
 def at(curve: list[tuple[float, float]], compute: float) -> float:

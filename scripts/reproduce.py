@@ -220,23 +220,19 @@ def analyse_table2(rows: list[dict], tasks: list[str], r_max: int) -> dict[str, 
                 {"task": task, "method": method}
                 | _summary(_select(rows, task=task, method=method, r_max=r_max))
             )
-        pair = {"task": task, "r_max": r_max}
-        test = paired_deltas(
-            _select(rows, task=task, r_max=r_max),
-            pair_by="seed",
-            a={"method": "sora"},
-            b={"method": "lora"},
-            key="test_score",
-        )
-        val = paired_deltas(
-            _select(rows, task=task, r_max=r_max),
-            pair_by="seed",
-            a={"method": "sora"},
-            b={"method": "lora"},
-            key="val_score",
-        )
+        differences = {
+            split: paired_deltas(
+                _select(rows, task=task, r_max=r_max),
+                pair_by="seed",
+                a={"method": "sora"},
+                b={"method": "lora"},
+                key=f"{split}_score",
+            )
+            for split in ("test", "val")
+        }
         deltas.append(
-            {"task": task, "pairs": len(test), "test": mean_std(test), "val": mean_std(val)} | pair
+            {"task": task, "r_max": r_max, "pairs": len(differences["test"])}
+            | {split: mean_std(values) for split, values in differences.items()}
         )
     average = {
         method: mean_std(

@@ -134,6 +134,37 @@ def hypervolume_contributions(
     )
 
 
+def hypervolume_over_time(
+    candidate_runs: Sequence[str],
+    values: np.ndarray,
+    timeline: Sequence[tuple[str, float]],
+    directions: Sequence[str],
+    reference: Sequence[float],
+) -> np.ndarray:
+    """How the hypervolume grew as a search spent compute.
+
+    Args:
+        candidate_runs: The run of each row of `values` (a run may have several: its stages).
+        values: `(n, k)` objective values of the candidates.
+        timeline: `(run, compute)` for every run, candidate or not, in the order the runs ended.
+        directions, reference: As for `hypervolume`.
+
+    Returns:
+        `(len(timeline), 2)`: after each run ended, the compute spent so far (the sum of the
+        runs' compute) and the hypervolume of the candidates of the runs ended by then.
+    """
+    values = np.asarray(values, dtype=float)
+    owners = np.asarray(candidate_runs, dtype=object)
+    ended: set[str] = set()
+    curve, compute = [], 0.0
+    for run, spent in timeline:
+        compute += spent
+        ended.add(run)
+        known = values[[owner in ended for owner in owners]] if len(owners) else values[:0]
+        curve.append((compute, hypervolume(known, directions, reference) if len(known) else 0.0))
+    return np.array(curve, dtype=float).reshape(-1, 2)
+
+
 def default_reference(values: np.ndarray, directions: Sequence[str]) -> tuple[float, ...]:
     """A reference point for `hypervolume`: 0 for maximised objectives, 10% past the worst value
     seen for minimised ones.

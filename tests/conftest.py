@@ -43,6 +43,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def stop_after(epoch: int):
+    """An exception type and a `report` callback that raises it once `epoch` is reported: a
+    trial interrupted right after that epoch's checkpoint."""
+
+    class Stop(Exception):
+        pass
+
+    def report(metrics, checkpoint):
+        if metrics["epoch"] == epoch:
+            raise Stop
+
+    return Stop, report
+
+
 def free_port() -> int:
     """A port on 127.0.0.1 that nothing listens on (bound once, then released)."""
     with socket.socket() as probe:

@@ -8,6 +8,7 @@ import torch
 
 from sora_tune.train import latest_checkpoint, resolve_precision, train_trial
 from sora_tune.tune import run_search
+from tests.conftest import stop_after
 from tests.tune.conftest import search_in, tiny_search_parameters
 
 pytestmark = pytest.mark.gpu
@@ -21,17 +22,6 @@ def local_gpu_ray():
     ray.init(num_cpus=2, num_gpus=torch.cuda.device_count(), include_dashboard=False)
     yield
     ray.shutdown()
-
-
-def _stop_after(epoch: int):
-    class Stop(Exception):
-        pass
-
-    def report(metrics, checkpoint):
-        if metrics["epoch"] == epoch:
-            raise Stop
-
-    return Stop, report
 
 
 def test_auto_precision_is_bf16_where_the_gpu_supports_it():
@@ -56,7 +46,7 @@ def test_a_checkpoint_resumes_on_another_device(tiny_trial, tmp_path, first, sec
     """A trial checkpointed on a GPU node resumes on a CPU node, and back (fp32 on both, so the
     runs stay comparable)."""
     trial = tiny_trial | {"precision": "fp32", "epochs": 3}
-    Stop, report = _stop_after(1)
+    Stop, report = stop_after(1)
     with pytest.raises(Stop):
         train_trial(trial, report=report, output_dir=tmp_path, device=first)
     resumed = train_trial(trial, output_dir=tmp_path, device=second)

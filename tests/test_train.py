@@ -6,6 +6,7 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
 from sora_tune.train import REPORT_KEYS, TrialConfig, latest_checkpoint, lr_lambda, train_trial
+from tests.conftest import stop_after
 
 
 def test_short_run_learns_and_reports_every_key(tiny_trial, tmp_path):
@@ -124,17 +125,6 @@ def test_lr_schedule_restarts_at_every_xi_stage():
     assert factor(39) == pytest.approx(1 / 9)
 
 
-def _stop_after(epoch: int):
-    class Stop(Exception):
-        pass
-
-    def report(metrics, checkpoint):
-        if metrics["epoch"] == epoch:
-            raise Stop
-
-    return Stop, report
-
-
 # 40 training rows in batches of 8 over 6 epochs: 30 steps. AdaLoRA's budget is final from step
 # 24 (tfinal = 20% of the steps): a stop after epoch 5 resumes with the pattern fixed, one after
 # epoch 2 while it still allocates.
@@ -142,7 +132,7 @@ def _stop_after(epoch: int):
 def test_adalora_resume_equals_uninterrupted(tiny_trial, tmp_path, stop_epoch):
     trial = tiny_trial | {"method": "adalora", "epochs": 6, "lr": 2e-2}
     full = train_trial(trial, output_dir=tmp_path / "full")
-    Stop, report = _stop_after(stop_epoch)
+    Stop, report = stop_after(stop_epoch)
     with pytest.raises(Stop):
         train_trial(trial, report=report, output_dir=tmp_path / "resumed")
     resumed = train_trial(trial, output_dir=tmp_path / "resumed")
@@ -186,7 +176,7 @@ def test_mixed_precision_trains_and_resumes_on_the_cpu(tiny_trial, tmp_path, pre
     trial = tiny_trial | {"precision": precision, "epochs": 2}
     full = train_trial(trial, output_dir=tmp_path / "full")
     assert full["status"] == "finished" and full["precision"] == precision
-    Stop, report = _stop_after(1)
+    Stop, report = stop_after(1)
     with pytest.raises(Stop):
         train_trial(trial, report=report, output_dir=tmp_path / "resumed")
     resumed = train_trial(trial, output_dir=tmp_path / "resumed")

@@ -25,7 +25,13 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from ..front import OBJECTIVES as SEARCH_OBJECTIVES
-from ..front import default_reference, hypervolume, is_pareto_front, select
+from ..front import (
+    default_reference,
+    hypervolume,
+    hypervolume_over_time,
+    is_pareto_front,
+    select,
+)
 from ..tracking import FAILURE_TAG, ROLE_TAG, STAGE_PREFIX, STOPPED_TAG
 from ..uris import existing_store
 
@@ -336,7 +342,42 @@ def pareto_report(
             "objectives must be ('val_score', 'retained_params'), optionally followed by "
             f"'train_time_s', got {objectives}"
         )
+    table, left_out = _candidates(runs, objectives)
+    values, selection = _front_and_choice(table, objectives, max_params, min_score, knee)
     directions = [OBJECTIVES[name] for name in objectives]
+    reference = tuple(reference) if reference is not None else default_reference(values, directions)
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    chosen = table[table["selected"]].iloc[0]
+    result = ParetoResult(
+        table=table,
+        selected_run_id=chosen["run_id"],
+        selected_stage=None if pd.isna(chosen["stage"]) else int(chosen["stage"]),
+        rule=selection.rule,
+        hypervolume=hypervolume(values, directions, reference),
+        reference=reference,
+        objectives=objectives,
+        left_out=left_out,
+        csv_path=output_dir / "pareto.csv",
+        png_path=output_dir / "pareto.png",
+        history=hypervolume_history(runs, reference, objectives),
+        history_path=output_dir / "pareto_history.png",
+        note=runs.note,
+    )
+    table.to_csv(result.csv_path, index=False)
+    _plot(result, result.png_path, title=runs.experiment_name)
+    _plot_history(result, result.history_path, title=runs.experiment_name)
+    _record(result, runs, log_to_parent=log_to_parent)
+    return result
+
+
+def _candidates(runs: TrialRuns, objectives: tuple[str, ...]) -> tuple[pd.DataFrame, list]:
+    """The rows with every objective, and the left-out runs, now with those missing one.
+
+    Raises:
+        ValueError: no SoRA candidate.
+    """
     table = runs.table.copy()
     incomplete = table[list(objectives)].isna().any(axis=1)
     left_out = runs.left_out + [
@@ -344,16 +385,29 @@ def pareto_report(
         for run_id in table.loc[incomplete, "run_id"]
     ]
     table = table[~incomplete].reset_index(drop=True)
-    is_sora = table["method"] == FRONT_METHOD
-    if not is_sora.any():
+    if not (table["method"] == FRONT_METHOD).any():
         raise ValueError(
             f"no finished {FRONT_METHOD} run to build a front from in "
             f"{runs.experiment_name!r} ({len(table)} baseline runs, {len(left_out)} left out)"
         )
+    return table, left_out
 
+
+def _front_and_choice(
+    table: pd.DataFrame,
+    objectives: tuple[str, ...],
+    max_params: float | None,
+    min_score: float | None,
+    knee: bool,
+):
+    """Mark the SoRA rows on the front (`on_front`) and the chosen one (`selected`); returns the
+    SoRA rows' objective values and the `Selection`."""
+    is_sora = table["method"] == FRONT_METHOD
     values = table.loc[is_sora, list(objectives)].to_numpy(dtype=float)
     table["on_front"] = False
-    table.loc[is_sora, "on_front"] = is_pareto_front(values, directions)
+    table.loc[is_sora, "on_front"] = is_pareto_front(
+        values, [OBJECTIVES[name] for name in objectives]
+    )
     front = table[table["on_front"]]
     # Only val_score and retained_params reach `select`: test_score is read after the choice.
     selection = select(
@@ -363,43 +417,19 @@ def pareto_report(
         min_score=min_score,
         knee=knee,
     )
-    chosen = front.index[selection.index]
-    selected_run_id, selected_stage = table.at[chosen, "run_id"], table.at[chosen, "stage"]
-    table["selected"] = table.index == chosen
-    reference = tuple(reference) if reference is not None else default_reference(values, directions)
-    volume = hypervolume(values, directions, reference)
+    table["selected"] = table.index == front.index[selection.index]
+    return values, selection
 
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, png_path = output_dir / "pareto.csv", output_dir / "pareto.png"
-    history_path = output_dir / "pareto_history.png"
-    table.to_csv(csv_path, index=False)
-    result = ParetoResult(
-        table=table,
-        selected_run_id=selected_run_id,
-        selected_stage=None if pd.isna(selected_stage) else int(selected_stage),
-        rule=selection.rule,
-        hypervolume=volume,
-        reference=reference,
-        objectives=objectives,
-        left_out=left_out,
-        csv_path=csv_path,
-        png_path=png_path,
-        history=hypervolume_history(runs, reference, objectives),
-        history_path=history_path,
-        note=runs.note,
-    )
-    _plot(result, png_path, title=runs.experiment_name)
-    _plot_history(result, history_path, title=runs.experiment_name)
 
+def _record(result: ParetoResult, runs: TrialRuns, *, log_to_parent: bool) -> None:
+    """Tag every run `pareto=true|false` and log the files to the search's parent run."""
     client = MlflowClient(runs.tracking_uri)
-    for run_id, on_front in table.groupby("run_id")["on_front"].any().items():
+    for run_id, on_front in result.table.groupby("run_id")["on_front"].any().items():
         client.set_tag(run_id, "pareto", "true" if on_front else "false")
     if log_to_parent and runs.parent_run_id is not None:
-        for path in (csv_path, png_path, history_path):
+        for path in (result.csv_path, result.png_path, result.history_path):
             client.log_artifact(runs.parent_run_id, str(path))
-        client.set_tag(runs.parent_run_id, "pareto_selected_run_id", selected_run_id)
-    return result
+        client.set_tag(runs.parent_run_id, "pareto_selected_run_id", result.selected_run_id)
 
 
 def hypervolume_history(
@@ -414,17 +444,17 @@ def hypervolume_history(
     Returns:
         One row per trial run, in the order they ended: `run_id`, `compute_s`, `hypervolume`.
     """
-    directions = [OBJECTIVES[name] for name in objectives]
     sora = runs.table[runs.table["method"] == FRONT_METHOD]
-    ended: set[str] = set()
-    rows, compute = [], 0.0
-    for run in runs.timeline.itertuples():
-        compute += 0.0 if pd.isna(run.train_time_s) else run.train_time_s
-        ended.add(run.run_id)
-        known = sora[sora["run_id"].isin(ended)][list(objectives)].to_numpy(dtype=float)
-        volume = hypervolume(known, directions, reference) if len(known) else 0.0
-        rows.append({"run_id": run.run_id, "compute_s": compute, "hypervolume": volume})
-    return pd.DataFrame(rows, columns=["run_id", "compute_s", "hypervolume"])
+    curve = hypervolume_over_time(
+        sora["run_id"].tolist(),
+        sora[list(objectives)].to_numpy(dtype=float),
+        list(zip(runs.timeline["run_id"], runs.timeline["train_time_s"].fillna(0.0), strict=True)),
+        [OBJECTIVES[name] for name in objectives],
+        reference,
+    )
+    return pd.DataFrame(
+        {"run_id": runs.timeline["run_id"], "compute_s": curve[:, 0], "hypervolume": curve[:, 1]}
+    )
 
 
 def _plot_history(result: ParetoResult, path: Path, title: str) -> None:

@@ -187,3 +187,19 @@ def test_knee_falls_back_to_the_best_score(scores, params, index, why):
     selection = select(scores, params, knee=True)
     assert selection.index == index
     assert selection.rule.startswith("best val_score") and why in selection.rule
+
+
+def test_hypervolume_over_time_counts_every_runs_compute():
+    from sora_tune.front import hypervolume_over_time
+
+    directions = ("maximize", "minimize")
+    values = np.array([[0.5, 10.0], [0.8, 30.0], [0.7, 5.0]])  # run b has two points (stages)
+    timeline = [("a", 60.0), ("stopped", 20.0), ("b", 100.0)]
+    curve = hypervolume_over_time(["a", "b", "b"], values, timeline, directions, (0.0, 50.0))
+    assert curve[:, 0].tolist() == [60.0, 80.0, 180.0]  # the stopped run's compute counts
+    assert curve[0, 1] == pytest.approx(0.5 * 40)
+    assert curve[1, 1] == curve[0, 1]  # it added no point
+    assert curve[2, 1] == pytest.approx(hypervolume(values, directions, (0.0, 50.0)))
+    assert hypervolume_over_time(
+        [], np.empty((0, 2)), [("x", 5.0)], directions, (0, 1)
+    ).tolist() == [[5.0, 0.0]]
