@@ -104,6 +104,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1, help="Ray's CPUs")
     parser.add_argument("--output", default="bench_hypervolume.json", help="the JSON written")
     parser.add_argument("--render-only", action="store_true", help="analysis from --output")
+    parser.add_argument(
+        "--reload",
+        action="store_true",
+        help="with --render-only: read every finished arm's runs back from --work-dir's MLflow",
+    )
     return parser.parse_args(argv)
 
 
@@ -140,15 +145,23 @@ def run_arm(name: str, seed: int, args, proxy: dict[str, Any]) -> dict[str, Any]
         optuna_storage=f"sqlite:///{work / 'optuna.db'}",
     )
     started = time.perf_counter()
-    search = run_search(config)
-    wall = time.perf_counter() - started
-    runs = load_trial_runs(parent_run_id=search.parent_run_id, tracking_uri=config.mlflow_uri)
-    table = runs.table[runs.table["method"] == "sora"]
+    run_search(config)
     return {
         "arm": name,
         "seed": seed,
         "num_samples": config.num_samples,
-        "wall_s": wall,
+        "wall_s": time.perf_counter() - started,
+    } | read_arm(name, seed, work)
+
+
+def read_arm(name: str, seed: int, work: Path) -> dict[str, Any]:
+    """What an arm's search recorded in MLflow: its candidates (stage points included), every
+    trial's compute in the order they ended, and the trials stopped early."""
+    runs = load_trial_runs(
+        experiment_name=f"{name}-seed{seed}", tracking_uri=f"sqlite:///{work / 'mlflow.db'}"
+    )
+    table = runs.table[runs.table["method"] == "sora"]
+    return {
         "candidates": [
             {"run_id": r.run_id, "stage": None if pd.isna(r.stage) else int(r.stage)}
             | {k: float(getattr(r, k)) for k in OBJECTIVES}
@@ -157,7 +170,7 @@ def run_arm(name: str, seed: int, args, proxy: dict[str, Any]) -> dict[str, Any]
         "timeline": runs.timeline.assign(
             train_time_s=runs.timeline["train_time_s"].fillna(0.0)
         ).to_dict("records"),
-        "left_out": [left.reason for left in runs.left_out],
+        "stopped": len(runs.stopped),
     }
 
 
@@ -208,7 +221,7 @@ def analyse(entries: list[dict[str, Any]]) -> dict[str, Any]:
                     "compute_to_baseline_s": reached,
                     "share_of_budget": None if reached is None else reached / budget,
                     "trials": trials,
-                    "stopped": sum("stopped early" in reason for reason in entry["left_out"]),
+                    "stopped": entry["stopped"],
                     "points": len(entry["candidates"]),
                     "points_per_trial_hour": len(entry["candidates"]) / hours if hours else None,
                 }
@@ -289,6 +302,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     output = Path(args.output)
     result = json.loads(output.read_text()) if output.exists() else {"entries": []}
+    if args.reload:
+        result["entries"] = [
+            e | read_arm(e["arm"], e["seed"], Path(args.work_dir)) for e in result["entries"]
+        ]
     if not args.render_only:
         import ray
 

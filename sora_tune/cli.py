@@ -282,7 +282,7 @@ def search_summary(search) -> str:
     )
     lines += ["", f"hypervolume {report.hypervolume:.6g} (reference {reference})"]
     if report.left_out:
-        lines += ["", "not on the front:"]
+        lines += ["", "stopped, failed or left out:"]
         for left in report.left_out:
             log = ""
             error_file = Path(config.path) / f"trial_{left.trial_id}" / "error.txt"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -72,6 +72,8 @@ class TrialRuns:
         tracking_uri: Where the runs were read from (and where tags are written back).
         note: Which search of the experiment was read when none was named (the newest), and how
             many it holds when more than one.
+        stopped: The trials a scheduler stopped early, with the epoch they stopped at. They are
+            left out, but for the completed stages of a front-tracing trial, which are candidates.
         timeline: Every trial run, candidate or not, in the order it ended: `run_id`, `end_time`
             (seconds since the epoch) and `train_time_s` (its compute, NaN if none was logged),
             for the hypervolume against compute (`hypervolume_history`).
@@ -84,6 +86,7 @@ class TrialRuns:
     tracking_uri: str
     timeline: pd.DataFrame
     note: str | None = None
+    stopped: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -197,7 +200,7 @@ def load_trial_runs(
                     "(parent_run_id) to choose another"
                 )
 
-    rows, left_out, timeline = [], [], []
+    rows, left_out, timeline, stopped = [], [], [], {}
     for run in runs:
         if run.data.tags.get(ROLE_TAG) == "search":
             continue
@@ -208,9 +211,23 @@ def load_trial_runs(
                 "train_time_s": run.data.metrics.get("train_time_s", math.nan),
             }
         )
+        if STOPPED_TAG in run.data.tags:
+            stopped[run.info.run_id] = int(run.data.tags[STOPPED_TAG])
         reason = _left_out_reason(run)
         if reason is None:
             rows += _stage_rows(client, run) if _traces_front(run) else [_row(run)]
+        elif run.info.run_id in stopped and _traces_front(run) and run.info.status == "FINISHED":
+            # A front-tracing trial stopped early: the stages it completed are complete points,
+            # the same as those stages of a trial that went on.
+            rows += _stage_rows(client, run)
+            left_out.append(
+                LeftOut(
+                    run.info.run_id,
+                    f"{reason}; its completed stages are candidates",
+                    run_name=run.info.run_name or "",
+                    trial_id=run.data.tags.get("ray_trial_id"),
+                )
+            )
         else:
             left_out.append(
                 LeftOut(
@@ -234,6 +251,7 @@ def load_trial_runs(
             "end_time", ignore_index=True
         ),
         note=note,
+        stopped=stopped,
     )
 
 

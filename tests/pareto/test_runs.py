@@ -259,3 +259,36 @@ def test_an_experiment_of_several_searches_is_read_as_its_newest(store, capsys):
     )
     single = load_trial_runs(parent_run_id=older, tracking_uri=store["uri"])
     assert single.note is None and len(single.table) == 1
+
+
+def test_a_stopped_front_tracing_trial_keeps_its_completed_stages(store):
+    """Stopped at a rung, a front-tracing trial has finished some stages: those points are as
+    complete as the same stages of a trial that went on, so they are candidates."""
+    client = store["client"]
+    experiment = client.create_experiment("traced-stopped")
+    search = client.create_run(experiment, tags={ROLE: "search"}, run_name="s").info.run_id
+    run_id = add_trial(
+        client,
+        experiment,
+        search,
+        "traced",
+        "sora",
+        8,
+        {"val_score": 0.7, "retained_params": 500.0},
+        **{"sora_tune.stopped_at_epoch": "3"},
+    )
+    now = int(time.time() * 1000)
+    stages = [
+        Metric(f"stage_{key}", value, now, stage)
+        for stage, (score, params) in enumerate([(0.8, 900.0), (0.75, 600.0)])
+        for key, value in (("val_score", score), ("retained_params", params))
+    ]
+    client.log_batch(run_id, metrics=stages)
+    for run in (run_id, search):
+        client.set_terminated(run)
+    runs = load_trial_runs(experiment_name="traced-stopped", tracking_uri=store["uri"])
+    assert runs.table["stage"].tolist() == [1, 0]  # by retained params
+    assert runs.table["val_score"].tolist() == [0.75, 0.8]
+    assert runs.stopped == {run_id: 3}
+    (left,) = runs.left_out
+    assert left.reason == "stopped early at epoch 3; its completed stages are candidates"

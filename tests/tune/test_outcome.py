@@ -101,5 +101,5 @@ def test_a_trial_asha_stops_is_recorded_as_stopped(local_ray, tiny_trial, tmp_pa
     assert [r.reason for r in trial_runs.left_out] == ["stopped early at epoch 1"]
     assert list(trial_runs.table["run_id"]) == [r.info.run_id for r in runs if r not in stopped]
 
-    summary = out[out.index("not on the front:") :]
+    summary = out[out.index("stopped, failed or left out:") :]
     assert "stopped early at epoch 1" in summary.splitlines()[1]
