@@ -131,8 +131,9 @@ def _sentence(rng, n_words: int = 6) -> str:
 
 
 def write_tiny_glue(root, n_train: int = 48, n_dev: int = 16, seed: int = 0):
-    """MRPC and STS-B folders in the official GLUE layout with a learnable signal: a pair is a
-    paraphrase (label 1, score 5) when both sentences are the same."""
+    """MRPC, STS-B and SST-2 folders in the official GLUE layout with a learnable signal: a pair
+    is a paraphrase (label 1, score 5) when both sentences are the same; a sentence is positive
+    when it says "happy"."""
     import random
 
     rng = random.Random(seed)
@@ -156,6 +157,15 @@ def write_tiny_glue(root, n_train: int = 48, n_dev: int = 16, seed: int = 0):
             )
         (mrpc / f"{split}.tsv").write_text("\n".join(mrpc_lines) + "\n", encoding="utf-8")
         (stsb / f"{split}.tsv").write_text("\n".join(stsb_lines) + "\n", encoding="utf-8")
+    sst2 = root / "SST-2"
+    sst2.mkdir(exist_ok=True)
+    for split, rows in (("train", n_train), ("dev", n_dev)):
+        lines = ["sentence\tlabel"]
+        for i in range(rows):
+            positive = i % 2 == 0
+            words = _sentence(rng, 5).replace("happy", "sad")
+            lines.append(f"{'happy ' if positive else ''}{words}\t{int(positive)}")
+        (sst2 / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
 
 
