@@ -180,6 +180,7 @@ def _data_sharing(data: dict) -> list[str]:
             str(r["rows"]["train"]),
             f"{r['after_prepare_mib']:.0f}",
             f"{r['peak_mib']:.0f}",
+            f"{r['peak_mib'] - r['after_prepare_mib']:.0f}",
             f"{r['share_s']:.1f}",
         ]
         for variant, r in results.items()
@@ -189,7 +190,17 @@ def _data_sharing(data: dict) -> list[str]:
         f"{data['config']['task']} task with the trials: `arrow` keeps the rows in Arrow (what "
         "the search does), `python` turns them into Python lists and back (what it did before).",
         "",
-        *_table(["variant", "train rows", "after tokenising, MiB", "peak, MiB", "share s"], rows),
+        *_table(
+            [
+                "variant",
+                "train rows",
+                "after tokenising, MiB",
+                "peak, MiB",
+                "added by sharing, MiB",
+                "share s",
+            ],
+            rows,
+        ),
     ]
 
 
