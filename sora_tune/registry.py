@@ -343,11 +343,17 @@ def register(
 
 
 def _check_model_name(client: MlflowClient, name: str) -> None:
-    """Refuse a name the registry would refuse, before anything is chosen or logged.
+    """Refuse a name the registry would refuse or `models:/<name>@champion` could not address,
+    before anything is chosen or logged.
 
     Raises:
         MlflowException: an invalid name (with MLflow's reason).
     """
+    # `models:/<name>@champion` cannot hold these; older MLflow releases (3.9) register them.
+    if "/" in name or ":" in name:
+        raise MlflowException.invalid_parameter_value(
+            f"Invalid model name '{name}'. Names cannot contain '/' or ':'."
+        )
     try:
         client.get_registered_model(name)
     except MlflowException as err:
