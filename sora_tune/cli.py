@@ -17,6 +17,7 @@ from typing import Any
 from . import __version__
 from .config import TrialConfig
 from .flags import add_dataclass_flags, flag, given
+from .quiet import quiet_this_process
 from .tune.config import SEARCH_GROUPS, SearchConfig
 from .uris import check_tracking_uri, default_tracking_uri, resolve_tracking_uri
 
@@ -452,8 +453,14 @@ def known_failures() -> tuple[type[BaseException], ...]:
     return tuple(failures)
 
 
+# Their output is the product (a table, a registered version, predictions): no library chatter.
+READ_COMMANDS = (pareto_command, register_command, predict_command)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in READ_COMMANDS and not args.debug:
+        quiet_this_process()
     try:
         return args.command(args)
     except known_failures() as err:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mlflow
 
+from sora_tune.quiet import QUIET_ENV
 from tests.conftest import write_tiny_glue
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -33,15 +34,18 @@ def test_the_quickstart_is_search_pareto_register_predict():
 
 def test_the_quickstart_runs_as_written(tmp_path):
     write_tiny_glue(tmp_path / DATA_PLACEHOLDER)
-    # The console script of the environment running the tests, as `pip install` put it there.
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    printed = {}
+    # The console script of the environment running the tests, as `pip install` put it there,
+    # and none of the settings CI uses to quiet the libraries: the user has none.
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_ENV}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    printed, chatter = {}, {}
     for command in quickstart_commands():
         done = subprocess.run(
             ["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True
         )
         assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-        printed[command.split()[1] if command.startswith("sora-tune ") else command] = done.stdout
+        name = command.split()[1] if command.startswith("sora-tune ") else command
+        printed[name], chatter[name] = done.stdout, done.stderr
 
     # Every trial wrote to the store in the user's folder, not to one of its own.
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -60,3 +64,7 @@ def test_the_quickstart_runs_as_written(tmp_path):
     rows = printed["predict"].strip().splitlines()
     assert rows[0].startswith("label,probability")
     assert len(rows) == 3
+    # The read commands print their product: no load reports, progress bars, warnings or logs.
+    for name in ("pareto", "register", "predict"):
+        for noise in ("LOAD REPORT", "Downloading artifacts", "Warning", " INFO "):
+            assert noise not in chatter[name], f"{name}:\n{chatter[name]}"

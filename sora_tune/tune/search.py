@@ -27,6 +27,7 @@ from .. import __version__
 from ..config import DATA_FIELDS, TrialConfig
 from ..data import load_glue
 from ..front import OBJECTIVES
+from ..quiet import QUIET_ENV
 from ..tracking import ROLE_TAG, experiment_id_of
 from ..train import load_tokenizer, prepare_data
 from ..uris import (
@@ -69,15 +70,6 @@ class SearchResult:
 
 
 RAY_MODES = {"maximize": "max", "minimize": "min"}  # Ray Tune's spelling of a direction
-# The trials' environment when the search starts Ray: their libraries' progress bars and
-# deprecation warnings would otherwise flood the driver's terminal through Ray's log stream.
-# Errors still reach it, and every trial's full log stays in Ray's session folder.
-QUIET_TRIALS = {
-    "TRANSFORMERS_VERBOSITY": "error",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning",
-}
 
 
 def tpe_startup_trials(num_samples: int) -> int:
@@ -143,7 +135,9 @@ def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None)
 
     data = _check_inputs(config)
     if not ray.is_initialized():
-        ray.init(address=config.address, runtime_env={"env_vars": QUIET_TRIALS})
+        # Trials' library chatter would flood the driver's terminal through Ray's log stream;
+        # errors still reach it, and every trial's full log stays in Ray's session folder.
+        ray.init(address=config.address, runtime_env={"env_vars": QUIET_ENV})
     _check_cluster(config, shares_data=data is not None)
 
     client = mlflow.MlflowClient(config.mlflow_uri)
