@@ -248,7 +248,6 @@ def search_summary(search) -> str:
     import pandas as pd
 
     from .registry import choose_trial
-    from .uris import default_tracking_uri
 
     config = search.config
     local = "://" not in config.storage_path
@@ -256,9 +255,11 @@ def search_summary(search) -> str:
         f"search {config.name}: MLflow experiment {config.experiment_name!r}, parent run "
         f"{search.parent_run_id}",
     ]
-    flags = f"--experiment {config.experiment_name} --parent-run-id {search.parent_run_id}"
+    # The next commands name the store only when it is not the one they find by default.
+    store = ""
     if config.mlflow_uri != resolve_tracking_uri(default_tracking_uri()):
-        flags += f" --mlflow-uri {config.mlflow_uri}"
+        store = f" --mlflow-uri {config.mlflow_uri}"
+    flags = f"--experiment {config.experiment_name} --parent-run-id {search.parent_run_id}{store}"
     try:
         report = choose_trial(
             experiment_name=config.experiment_name,
@@ -298,7 +299,7 @@ def search_summary(search) -> str:
         f"  sora-tune pareto {flags} [--max-params N | --min-score S | --knee]",
         f"  sora-tune register {flags} --name {config.experiment_name}",
         f"  sora-tune predict --model models:/{config.experiment_name}@champion --input rows.csv"
-        + (f" --mlflow-uri {config.mlflow_uri}" if "--mlflow-uri" in flags else ""),
+        f"{store}",
     ]
     return "\n".join(lines)
 

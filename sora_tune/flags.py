@@ -66,32 +66,28 @@ def add_dataclass_flags(
     group: argparse._ActionsContainer,
     cls: type,
     fields: typing.Iterable[str] | None = None,
-    *,
-    renamed: dict[str, str] | None = None,
-) -> list[str]:
+) -> None:
     """Add a flag for each of `fields` of the dataclass `cls` (all by default) to `group`.
 
     Args:
         group: A parser or an argument group.
         cls: The dataclass.
         fields: Which fields, in this order.
-        renamed: `{field: flag name}` where the flag reads better under another name.
 
-    Returns:
-        The fields added (each flag's `dest` is its field name).
+    Each flag's `dest` is its field name.
     """
     hints = typing.get_type_hints(cls)
     helps = field_help(cls)
     by_name = {f.name: f for f in dataclasses.fields(cls)}
-    added = []
     for name in fields if fields is not None else list(by_name):
         field = by_name[name]
         kind, choices = _kind(hints[name])
         default = field.default if field.default is not dataclasses.MISSING else None
         text = helps.get(name, "")
+        option = flag(name)
         if kind is bool:
             group.add_argument(
-                flag(renamed.get(name, name) if renamed else name),
+                option,
                 dest=name,
                 action="store_true",
                 default=argparse.SUPPRESS,
@@ -103,7 +99,7 @@ def add_dataclass_flags(
             else:
                 suffix = f" (default: {'none' if default is None else default})"
             group.add_argument(
-                flag(renamed.get(name, name) if renamed else name),
+                option,
                 dest=name,
                 type=kind,
                 choices=choices,
@@ -111,8 +107,6 @@ def add_dataclass_flags(
                 metavar=None if choices else name.upper(),
                 help=f"{text}{suffix}".strip(),
             )
-        added.append(name)
-    return added
 
 
 def given(args: argparse.Namespace, fields: typing.Iterable[str]) -> dict[str, Any]:

@@ -220,23 +220,9 @@ def load_trial_runs(
             # A front-tracing trial stopped early: the stages it completed are complete points,
             # the same as those stages of a trial that went on.
             rows += _stage_rows(client, run)
-            left_out.append(
-                LeftOut(
-                    run.info.run_id,
-                    f"{reason}; its completed stages are candidates",
-                    run_name=run.info.run_name or "",
-                    trial_id=run.data.tags.get("ray_trial_id"),
-                )
-            )
+            left_out.append(_left_out(run, f"{reason}; its completed stages are candidates"))
         else:
-            left_out.append(
-                LeftOut(
-                    run.info.run_id,
-                    reason,
-                    run_name=run.info.run_name or "",
-                    trial_id=run.data.tags.get("ray_trial_id"),
-                )
-            )
+            left_out.append(_left_out(run, reason))
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     table["r_max"] = pd.to_numeric(table["r_max"], errors="coerce").astype("Int64")
     table["stage"] = pd.to_numeric(table["stage"], errors="coerce").astype("Int64")
@@ -298,6 +284,15 @@ def _row(run: Run) -> dict:
         # also what the trial logs as final.
         **{name: run.data.metrics.get(name, math.nan) for name in METRICS},
     }
+
+
+def _left_out(run: Run, reason: str) -> LeftOut:
+    return LeftOut(
+        run.info.run_id,
+        reason,
+        run_name=run.info.run_name or "",
+        trial_id=run.data.tags.get("ray_trial_id"),
+    )
 
 
 def _traces_front(run: Run) -> bool:

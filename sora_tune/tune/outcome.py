@@ -26,6 +26,7 @@ from ..tracking import STOPPED_TAG, end_run
 from .trial import BUDGET_KEY, STAGE_POINTS_KEY, find_trial_run
 
 INTERRUPTED = "search interrupted"
+RAY_MODES = {"maximize": "max", "minimize": "min"}  # Ray Tune's spelling of a direction
 
 
 def stopped_early(result: dict[str, Any] | None) -> bool:
@@ -67,7 +68,21 @@ class StoppedAsPrunedOptunaSearch(OptunaSearch):
     """Ray's `OptunaSearch`, told what sora-tune's trials mean: a trial a scheduler stopped
     early is PRUNED (Ray tells it COMPLETE with its last, partial-budget values, which would put
     an under-trained adapter on Optuna's front and steer the sampler with it), and a
-    front-tracing trial is told its `traced_point`."""
+    front-tracing trial is told its `traced_point`.
+
+    Args:
+        directions: The objectives and their directions (`"maximize"`, `"minimize"`).
+        **kwargs: The rest of `OptunaSearch`'s arguments (not `metric` and `mode`).
+    """
+
+    def __init__(self, directions: dict[str, str], **kwargs: Any) -> None:
+        metrics, modes = list(directions), [RAY_MODES[d] for d in directions.values()]
+        super().__init__(
+            metric=metrics if len(metrics) > 1 else metrics[0],
+            mode=modes if len(modes) > 1 else modes[0],
+            **kwargs,
+        )
+        self.directions = dict(directions)
 
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
@@ -75,13 +90,7 @@ class StoppedAsPrunedOptunaSearch(OptunaSearch):
         if stopped_early(result):
             result = None  # with no result and no error, Ray's OptunaSearch tells PRUNED
         elif result is not None and not error:
-            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-            modes = self.mode if isinstance(self.mode, list) else [self.mode]
-            directions = {
-                m: "maximize" if mode == "max" else "minimize"
-                for m, mode in zip(metrics, modes, strict=True)
-            }
-            result = traced_point(result, directions)
+            result = traced_point(result, self.directions)
         super().on_trial_complete(trial_id, result, error)
 
 

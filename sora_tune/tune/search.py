@@ -41,7 +41,7 @@ from .cluster import (
     check_tracking_for_cluster,
 )
 from .config import Sampler, SearchConfig
-from .outcome import StoppedAsPrunedOptunaSearch, TrialRecorder, close_open_runs
+from .outcome import RAY_MODES, StoppedAsPrunedOptunaSearch, TrialRecorder, close_open_runs
 from .schedulers import ParetoSuccessiveHalving
 from .space import SearchSpace
 from .state import read_search_state, write_search_state
@@ -67,9 +67,6 @@ class SearchResult:
     parent_run_id: str
     interrupted: str | None = None
     interrupted_trials: list[str] = dataclasses.field(default_factory=list)
-
-
-RAY_MODES = {"maximize": "max", "minimize": "min"}  # Ray Tune's spelling of a direction
 
 
 def tpe_startup_trials(num_samples: int) -> int:
@@ -227,11 +224,8 @@ def _make_tuner(config: SearchConfig, tracking: dict[str, str], data, resume):
             str(resume), trainable=trainable, resume_errored=False, restart_errored=False
         )
     space = config.space
-    metrics = list(config.directions)
-    modes = [RAY_MODES[d] for d in config.directions.values()]
     searcher = StoppedAsPrunedOptunaSearch(
-        metric=metrics if len(metrics) > 1 else metrics[0],
-        mode=modes if len(modes) > 1 else modes[0],
+        config.directions,
         sampler=make_sampler(
             config.sampler,
             config.sampler_seed,

@@ -25,9 +25,8 @@ def test_optuna_is_told_pruned_not_complete():
 
     storage = optuna.storages.InMemoryStorage()
     searcher = StoppedAsPrunedOptunaSearch(
+        {"val_score": "maximize", "retained_params": "minimize"},
         space={"lr": tune.loguniform(1e-4, 1e-2)},
-        metric=["val_score", "retained_params"],
-        mode=["max", "min"],
         study_name="told",
         storage=storage,
     )
