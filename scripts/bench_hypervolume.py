@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from sora_tune.front import OBJECTIVES, hypervolume_over_time  # noqa: E402
+from sora_tune.front import OBJECTIVES, default_reference, hypervolume_over_time  # noqa: E402
 from sora_tune.pareto import load_trial_runs  # noqa: E402
 from sora_tune.tune import SearchConfig, SearchSpace, run_search  # noqa: E402
 
@@ -193,8 +193,8 @@ def at(curve: list[tuple[float, float]], compute: float) -> float:
 
 
 def analyse(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    params = [p["retained_params"] for e in entries for p in e["candidates"]]
-    reference = (0.0, 1.1 * max(params)) if params else (0.0, 1.0)
+    values = np.array([[p[k] for k in OBJECTIVES] for e in entries for p in e["candidates"]])
+    reference = default_reference(values, DIRECTIONS) if len(values) else (0.0, 1.0)
     curves = {(e["arm"], e["seed"]): history(e, reference) for e in entries}
     seeds = sorted({e["seed"] for e in entries if e["arm"] == BASELINE})
     per_arm: dict[str, dict[str, Any]] = {}

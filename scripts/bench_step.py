@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForSequenceClassification  # noqa: E402
 
+from sora_tune.config import TrialConfig, literal_choices  # noqa: E402
 from sora_tune.sora import (  # noqa: E402
     ENCODER_LINEARS,
     ProximalGateOptimizer,
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--precision",
         default="auto",
-        choices=("auto", "bf16", "fp16", "fp32"),
+        choices=literal_choices(TrialConfig, "precision"),
         help="autocast dtype, as a trial's --precision (auto: bf16 on a capable GPU, else fp32)",
     )
     parser.add_argument("--output", default="bench_step.json", help="where to write the JSON")
