@@ -76,6 +76,8 @@ from pathlib import Path
 
 import mlflow
 
+from sora_tune.tracking import DEVICE_TAG, PRECISION_TAG, ROLE_TAG
+
 out, dry_run = Path(sys.argv[1]), sys.argv[2] == "true"
 tests_status, tests_s, step_s, search_s = map(int, sys.argv[3:7])
 suite = ElementTree.parse(out / "gpu_tests.xml").getroot().find("testsuite")
@@ -83,13 +85,13 @@ tests = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipp
 step = json.loads((out / "step.json").read_text())
 client = mlflow.MlflowClient(f"sqlite:///{out / 'search' / 'mlflow.db'}")
 experiment = client.get_experiment_by_name("sora-mrpc")
-runs = client.search_runs([experiment.experiment_id], "tags.`sora_tune.role` = 'trial'")
+runs = client.search_runs([experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'trial'")
 trials = sorted(
     (
         {
             "status": r.info.status,
-            "device": r.data.tags.get("sora_tune.device"),
-            "precision": r.data.tags.get("sora_tune.precision"),
+            "device": r.data.tags.get(DEVICE_TAG),
+            "precision": r.data.tags.get(PRECISION_TAG),
             "val_score": r.data.metrics.get("val_score"),
             "test_score": r.data.metrics.get("test_score"),
             "retained_params": r.data.metrics.get("retained_params"),

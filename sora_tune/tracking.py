@@ -23,6 +23,7 @@ from .config import TrialConfig
 ROLE_TAG = "sora_tune.role"  # "search" on a search's parent run, "trial" on its trials
 FAILURE_TAG = "failure_reason"  # why a run did not finish
 PRECISION_TAG = "sora_tune.precision"  # the autocast dtype the trial trained and scored in
+DEVICE_TAG = "sora_tune.device"  # where the trial ran: cpu, cuda:0, ...
 STOPPED_TAG = "sora_tune.stopped_at_epoch"  # a scheduler stopped the trial after this epoch
 # A front-tracing trial logs each stage's point as `stage_<key>` at step = the stage, and the
 # stage's pruned adapter under `adapters/stage-<k>/`.

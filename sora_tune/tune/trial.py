@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from ..config import TrialConfig
 from ..front import OBJECTIVES
-from ..tracking import ROLE_TAG, tracked_trial
+from ..tracking import DEVICE_TAG, ROLE_TAG, tracked_trial
 
 # Reported with every epoch, so that whoever reads a trial's last result (the searcher, a
 # scheduler, the end-of-search table) can tell a trial stopped early from one that finished.
@@ -96,7 +96,7 @@ def run_trial(trial_params: dict[str, Any], *, data=None, tracking: dict[str, st
         ).info.run_id
     device = trial_device(ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"))
     client.set_tag(run_id, "ray_node_id", ray.get_runtime_context().get_node_id())
-    client.set_tag(run_id, "sora_tune.device", device)
+    client.set_tag(run_id, DEVICE_TAG, device)
 
     last: list[tuple[dict[str, Any], str]] = []
 
