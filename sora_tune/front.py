@@ -102,21 +102,29 @@ def nondominated_ranks(values: np.ndarray, directions: Sequence[str]) -> np.ndar
     return ranks
 
 
-def crowding_distance(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
-    """NSGA-II's crowding distance of each row among `values` (one front): per objective, the
-    gap between its two neighbours, scaled by the objective's range, summed; the extremes of
-    every objective get `inf`. Larger means a sparser stretch of the front."""
+def epsilon_net_order(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
+    """The rows of one front from first to last in the ε-net order of Salinas et al. 2021 (the
+    order syne-tune's MO-ASHA ranks a front by): the best row on the first objective first, then
+    again and again the row farthest from those already taken, with every objective min-max
+    scaled. Ties go to the lexicographically better row, so the order of distinct rows depends on
+    their values only, never on the order they come in (a copy of a taken row is at distance 0,
+    so copies come after every distinct row)."""
     loss = _to_loss(np.asarray(values, dtype=float), directions)
-    distance = np.zeros(len(loss))
-    if len(loss) <= 2:
-        return np.full(len(loss), np.inf)
-    for column in loss.T:
-        order = np.argsort(column, kind="stable")
-        spread = column[order[-1]] - column[order[0]]
-        distance[order[[0, -1]]] = np.inf
-        if spread > 0:
-            distance[order[1:-1]] += (column[order[2:]] - column[order[:-2]]) / spread
-    return distance
+    if len(loss) == 0:
+        return np.zeros(0, dtype=int)
+    spread = np.ptp(loss, axis=0)
+    scaled = (loss - loss.min(axis=0)) / np.where(spread > 0, spread, 1.0)
+    # Value order (first objective first): breaks every tie below by value, not by position.
+    by_value = np.lexsort(scaled.T[::-1])
+    order = [int(by_value[0])]
+    distance = np.linalg.norm(scaled - scaled[order[0]], axis=1)
+    distance[order[0]] = -np.inf
+    for _ in range(len(loss) - 1):
+        farthest = by_value[np.argmax(distance[by_value])]  # the first maximum in value order
+        order.append(int(farthest))
+        distance = np.minimum(distance, np.linalg.norm(scaled - scaled[farthest], axis=1))
+        distance[order] = -np.inf
+    return np.array(order)
 
 
 def hypervolume_contributions(

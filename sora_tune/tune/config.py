@@ -31,8 +31,8 @@ class SearchConfig:
         early_stop: `pareto`: multi-objective asynchronous successive halving (MO-ASHA) on the
             objectives; `none`: every trial runs to the end.
         grace_period: Epochs before the first rung of `asha` or `early_stop`.
-        reduction_factor: Rungs at `grace_period · reduction_factor^k` epochs; at each, the worst
-            `1 − 1/reduction_factor` share stops. `None`: 4 for ASHA (Ray's default), 3 for
+        reduction_factor: Rungs at `grace_period · reduction_factor^k` epochs; at each, a trial
+            goes on when its rank among those there, over their number, is ≤ 1/reduction_factor. `None`: 4 for ASHA (Ray's default), 3 for
             `pareto` (syne-tune's).
         sampler_seed: Seeds the sampler.
         tpe_startup_trials: TPE's random trials before it models; `None`: a fifth of
@@ -62,7 +62,7 @@ class SearchConfig:
     asha: bool = False  # ASHA early stopping (single objective only)
     early_stop: Literal["none", "pareto"] = "none"  # pareto: multi-objective successive halving
     grace_period: int = 1  # epochs before the first rung of --asha or --early-stop
-    reduction_factor: float | None = None  # rung spacing; worst 1-1/rf stop; none: 4 asha, 3 pareto
+    reduction_factor: float | None = None  # rung spacing; the best 1/rf share goes on; none: 4 asha, 3 pareto
     sampler_seed: int = 0  # seeds the sampler
     tpe_startup_trials: int | None = None  # TPE's random first trials; none: num_samples/5, 4-10
     max_failures: int = 1  # retries of a trial that crashed (a lost node, an exception)

@@ -1,12 +1,17 @@
 """Pareto-aware early stopping: multi-objective asynchronous successive halving (MO-ASHA,
-Schmucker et al. 2021, "Multi-objective Asynchronous Successive Halving").
+Schmucker et al. 2021), with the decision rule of syne-tune's `MOASHA`.
 
-Rungs sit at `grace_period · reduction_factor^k` epochs below the trials' budget. When a trial
-reaches a rung, its objective vector joins the ones recorded there, and all of them are ranked:
-first by non-dominated sorting (the front a point is on), then, inside a front, by crowding
-distance (points in sparse stretches of the front first, as NSGA-II ranks them). The trial goes
-on if it ranks in the best `1/reduction_factor` share of the rung (the best one always does), and
-stops otherwise: it is recorded as stopped, not failed (see `outcome`).
+Rungs sit at `grace_period · reduction_factor^k` epochs below the trials' budget. The first
+trial to reach a rung goes on. A later one is ranked among every trial recorded at that rung,
+itself included: first by non-dominated sorting (the front a point is on), then, inside a
+front, in ε-net order (Salinas et al. 2021: best score first, then farthest-first on the scaled
+objectives), which depends on the points' values, not on the order they arrived. It goes on when
+its position (0 = best) divided by the number recorded is at most `1/reduction_factor`, and stops
+otherwise: it is recorded as stopped, not failed (see `outcome`).
+
+A front-tracing trial is recorded at a rung only at the end of a stage (its reports carry
+`STAGE_END_KEY`): at the first stage end at or after the rung, so that its point is compared at a
+stage's end, pruned, not in the middle of its dense phase where `retained_params` is only r_max's.
 
 Ray Tune neither saves nor restores a scheduler's state when it resumes an experiment, so this
 scheduler keeps its rungs itself, in a JSON file in the search's folder, and reads them back
@@ -15,14 +20,14 @@ when a resumed search starts it again.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from ..front import crowding_distance, nondominated_ranks
+from ..front import epsilon_net_order, nondominated_ranks
 from .state import read_json, write_json
+from .trial import STAGE_END_KEY
 
 RUNGS_FILE = "sora_tune_rungs.json"
 
@@ -39,20 +44,32 @@ def rung_epochs(grace_period: int, reduction_factor: float, max_epochs: int) -> 
 
 
 def promotion_order(values: np.ndarray, directions: list[str]) -> np.ndarray:
-    """Row indices from best to worst: by non-dominated front, then by crowding distance inside
-    a front (larger first), then by row (earlier first). Rows with NaN come last."""
+    """Row indices from best to worst: by non-dominated front, then in ε-net order inside a
+    front (`front.epsilon_net_order`). Rows with NaN come last."""
     ranks = nondominated_ranks(values, directions)
-    crowding = np.zeros(len(values))
-    for front in np.unique(ranks[np.isfinite(ranks)]):
-        members = np.flatnonzero(ranks == front)
-        crowding[members] = crowding_distance(values[members], directions)
-    return np.lexsort((np.arange(len(values)), -crowding, ranks))
+    order = [
+        members[epsilon_net_order(values[members], directions)]
+        for front in np.unique(ranks[np.isfinite(ranks)])
+        for members in [np.flatnonzero(ranks == front)]
+    ]
+    return np.concatenate([*order, np.flatnonzero(~np.isfinite(ranks))]).astype(int)
+
+
+def position_of(row: int, values: np.ndarray, directions: list[str]) -> int:
+    """The position (0 = best) of `row` in `promotion_order`; a row equal to others takes the
+    best position among them, so a newcomer never ranks behind its own copy."""
+    positions = np.argsort(promotion_order(values, directions))
+    same = [
+        i for i, other in enumerate(values) if np.array_equal(other, values[row], equal_nan=True)
+    ]
+    return int(positions[same].min())
 
 
 def keeps(position: int, recorded: int, reduction_factor: float) -> bool:
-    """Whether the trial at `position` (0 = best) of `recorded` goes on: the best
-    ceil(recorded / reduction_factor) do, so the worst 1 - 1/reduction_factor share stops."""
-    return position < max(1, math.ceil(recorded / reduction_factor))
+    """Whether the trial at `position` (0 = best) among the `recorded` at its rung goes on:
+    syne-tune's rule, position / recorded <= 1 / reduction_factor. The first trial at a rung
+    (position 0 of 1) always does."""
+    return position / recorded <= 1 / reduction_factor
 
 
 class ParetoSuccessiveHalving(FIFOScheduler):
@@ -95,24 +112,34 @@ class ParetoSuccessiveHalving(FIFOScheduler):
         return True  # the objectives are given at construction, all of them
 
     def on_trial_result(self, tune_controller, trial, result: dict[str, Any]) -> str:
-        epoch = result.get(self.time_attr)
-        if epoch not in self.recorded or any(key not in result for key in self.directions):
+        if not result.get(STAGE_END_KEY, True) or any(k not in result for k in self.directions):
             return TrialScheduler.CONTINUE
         self._load()
-        rung = self.recorded[epoch]
-        rung[trial.trial_id] = [float(result[key]) for key in self.directions]
-        decision = self.decide(epoch, trial.trial_id)
+        rung = self.rung_reached(trial.trial_id, result[self.time_attr])
+        if rung is None:
+            return TrialScheduler.CONTINUE
+        self.recorded[rung][trial.trial_id] = [float(result[key]) for key in self.directions]
+        decision = self.decide(rung, trial.trial_id)
         if decision == TrialScheduler.STOP:
-            self.stopped[trial.trial_id] = epoch
+            self.stopped[trial.trial_id] = result[self.time_attr]
         self._save()
         return decision
+
+    def rung_reached(self, trial_id: str, epoch: int) -> int | None:
+        """The highest rung at or below `epoch`, unless the trial is recorded there already (a
+        trial that reports every epoch meets each rung at its epoch; a front-tracing trial at
+        the first stage end after it)."""
+        reached = [rung for rung in self.recorded if rung <= epoch]
+        if not reached or trial_id in self.recorded[max(reached)]:
+            return None
+        return max(reached)
 
     def decide(self, epoch: int, trial_id: str) -> str:
         """CONTINUE or STOP for `trial_id`, as recorded at the rung at `epoch`."""
         rung = self.recorded[epoch]
         ids = list(rung)
-        order = promotion_order(np.array([rung[i] for i in ids]), list(self.directions.values()))
-        position = int(np.flatnonzero(order == ids.index(trial_id))[0])
+        values = np.array([rung[i] for i in ids])
+        position = position_of(ids.index(trial_id), values, list(self.directions.values()))
         if keeps(position, len(ids), self.reduction_factor):
             return TrialScheduler.CONTINUE
         return TrialScheduler.STOP

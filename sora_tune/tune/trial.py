@@ -17,6 +17,9 @@ from ..tracking import DEVICE_TAG, ROLE_TAG, tracked_trial
 # Reported with every epoch, so that whoever reads a trial's last result (the searcher, a
 # scheduler, the end-of-search table) can tell a trial stopped early from one that finished.
 BUDGET_KEY = "budget_epochs"
+# In a front-tracing trial's reports: whether the epoch ends a stage (Pareto early stopping
+# compares such a trial at stage ends only, where its adapter is pruned to the stage's ranks).
+STAGE_END_KEY = "stage_end"
 # In a front-tracing trial's last result: the objectives at the end of every stage.
 STAGE_POINTS_KEY = "stage_points"
 # Reported first: Ray's live table shows a result's first four metrics.
@@ -99,9 +102,12 @@ def run_trial(trial_params: dict[str, Any], *, data=None, tracking: dict[str, st
     client.set_tag(run_id, DEVICE_TAG, device)
 
     last: list[tuple[dict[str, Any], str]] = []
+    stage_ends = config.stage_end_epochs()
 
     def report(metrics: dict[str, Any], checkpoint_dir: str) -> None:
         metrics = {k: metrics[k] for k in LIVE_TABLE_KEYS} | metrics | {BUDGET_KEY: config.epochs}
+        if config.traces_front:
+            metrics[STAGE_END_KEY] = metrics["epoch"] in stage_ends
         if metrics["epoch"] == config.epochs:
             # Held back until the run is complete: a scheduler may stop a trial at its last
             # epoch (ASHA at max_t), and Ray stops it inside this call.
@@ -127,7 +133,7 @@ def run_trial(trial_params: dict[str, Any], *, data=None, tracking: dict[str, st
             device=device,
         )
         for metrics, checkpoint_dir in last:
-            points = stage_points(result["history"], config.stage_end_epochs())
+            points = stage_points(result["history"], stage_ends)
             tune.report(
                 metrics | ({STAGE_POINTS_KEY: points} if points else {}),
                 checkpoint=tune.Checkpoint.from_directory(checkpoint_dir),

@@ -33,21 +33,83 @@ def test_rungs_sit_at_grace_times_reduction_powers_below_the_budget():
     assert rung_epochs(1, 3, 1) == []
 
 
-def test_a_rung_ranks_by_front_then_crowding():
+def test_a_rung_ranks_by_front_then_epsilon_net():
     values = np.array(
         [
-            [0.80, 400.0],  # 0: on the front, an end
-            [0.70, 100.0],  # 1: on the front, the other end
-            [0.75, 300.0],  # 2: on the front, between them
-            [0.70, 500.0],  # 3: dominated by 0 and 1
+            [0.75, 300.0],  # 0: on the front, between the ends
+            [0.70, 500.0],  # 1: dominated by 2 and 3
+            [0.80, 400.0],  # 2: on the front, the best score
+            [0.70, 100.0],  # 3: on the front, the other end: farthest from 2
             [np.nan, 50.0],  # 4: diverged
         ]
     )
-    order = promotion_order(values, list(DIRECTIONS.values()))
-    assert set(order[:2]) == {0, 1} and order[2] == 2 and list(order[3:]) == [3, 4]
-    # The best ceil(n / rf) go on: the worst 1 - 1/rf share stops.
+    assert list(promotion_order(values, list(DIRECTIONS.values()))) == [2, 3, 0, 1, 4]
+    # syne-tune's rule: position / recorded <= 1 / rf goes on; the first at a rung always does.
     assert [keeps(p, 5, 3) for p in range(5)] == [True, True, False, False, False]
-    assert keeps(0, 1, 3) and not keeps(1, 2, 3)
+    assert keeps(0, 1, 3) and not keeps(1, 2, 3) and keeps(1, 3, 3) and not keeps(2, 3, 3)
+
+
+def rung_of(arrivals: list[tuple[str, float, float]], reduction_factor: float = 3) -> dict:
+    """The decision on each trial as it reaches rung 1, in the order of `arrivals`."""
+    scheduler = ParetoSuccessiveHalving(
+        DIRECTIONS, max_epochs=4, grace_period=1, reduction_factor=reduction_factor
+    )
+    return {
+        trial: scheduler.on_trial_result(
+            None,
+            SimpleNamespace(trial_id=trial),
+            {"epoch": 1, "val_score": score, "retained_params": params},
+        )
+        for trial, score, params in arrivals
+    }
+
+
+def test_a_newcomer_that_dominates_goes_on():
+    """The issue's case: C dominates A and has the best score; it must not stop because A and B
+    arrived first (ceil(n/rf) and end points favoured by arrival let only one of three on)."""
+    arrivals = [("A", 0.80, 200e3), ("B", 0.78, 100e3), ("C", 0.86, 200e3)]
+    assert rung_of(arrivals) == {"A": "CONTINUE", "B": "STOP", "C": "CONTINUE"}
+
+
+def test_a_dominated_newcomer_stops():
+    arrivals = [("A", 0.80, 200e3), ("B", 0.78, 100e3), ("D", 0.77, 250e3)]
+    assert rung_of(arrivals)["D"] == "STOP"
+    # A copy of a point already there ranks with it, not behind it: B's position 1 of 3.
+    assert rung_of([("A", 0.8, 200e3), ("B", 0.78, 100e3), ("E", 0.78, 100e3)])["E"] == "CONTINUE"
+
+
+def test_the_order_of_earlier_arrivals_does_not_decide_for_a_newcomer():
+    earlier = [("A", 0.80, 200e3), ("B", 0.78, 100e3), ("F", 0.84, 300e3), ("G", 0.70, 50e3)]
+    newcomers = [("N1", 0.83, 150e3), ("N2", 0.79, 60e3), ("N3", 0.60, 400e3), ("N4", 0.9, 9e5)]
+    for newcomer in newcomers:
+        decisions = {
+            rung_of([*order, newcomer], reduction_factor=2)[newcomer[0]]
+            for order in (
+                earlier,
+                earlier[::-1],
+                earlier[1:] + earlier[:1],
+                earlier[2:] + earlier[:2],
+            )
+        }
+        assert len(decisions) == 1, newcomer
+
+
+def test_a_front_tracing_trial_meets_a_rung_at_a_stage_end():
+    """Dense phase (epochs 1-2) then stages: rung 1 is taken at the end of the dense phase, the
+    first stage end at or after it, never inside it."""
+    scheduler = ParetoSuccessiveHalving(DIRECTIONS, max_epochs=9, reduction_factor=3)
+    trial = SimpleNamespace(trial_id="t")
+
+    def report(epoch: int, stage_end: bool) -> str:
+        result = {"epoch": epoch, "val_score": 0.8, "retained_params": 100, "stage_end": stage_end}
+        return scheduler.on_trial_result(None, trial, result)
+
+    report(1, stage_end=False)
+    assert scheduler.recorded == {1: {}, 3: {}}
+    report(2, stage_end=True)
+    assert scheduler.recorded == {1: {"t": [0.8, 100.0]}, 3: {}}
+    report(3, stage_end=True)
+    assert scheduler.recorded[3] == {"t": [0.8, 100.0]}
 
 
 def test_the_rungs_survive_a_new_scheduler_of_the_same_search(tmp_path):
@@ -55,7 +117,7 @@ def test_the_rungs_survive_a_new_scheduler_of_the_same_search(tmp_path):
 
     def scheduler():
         return ParetoSuccessiveHalving(
-            DIRECTIONS, max_epochs=4, grace_period=1, reduction_factor=2, state_folder=str(tmp_path)
+            DIRECTIONS, max_epochs=4, grace_period=1, reduction_factor=3, state_folder=str(tmp_path)
         )
 
     def result(score, params):
@@ -69,7 +131,7 @@ def test_the_rungs_survive_a_new_scheduler_of_the_same_search(tmp_path):
     resumed = scheduler()  # what Tuner.restore hands back: the constructor's state only
     assert resumed.on_trial_result(None, SimpleNamespace(trial_id="b"), result(0.7, 200)) == "STOP"
     assert resumed.stopped == {"b": 1}
-    fresh = ParetoSuccessiveHalving(DIRECTIONS, max_epochs=4, reduction_factor=2)
+    fresh = ParetoSuccessiveHalving(DIRECTIONS, max_epochs=4, reduction_factor=3)
     assert (
         fresh.on_trial_result(None, SimpleNamespace(trial_id="b"), result(0.7, 200)) == "CONTINUE"
     )
