@@ -62,7 +62,7 @@ class SearchConfig:
     asha: bool = False  # ASHA early stopping (single objective only)
     early_stop: Literal["none", "pareto"] = "none"  # pareto: multi-objective successive halving
     grace_period: int = 1  # epochs before the first rung of --asha or --early-stop
-    reduction_factor: float | None = None  # rung spacing; the best 1/rf share goes on; none: 4 asha, 3 pareto
+    reduction_factor: float | None = None  # rung spacing; best 1/rf go on; none: 4 asha, 3 pareto
     sampler_seed: int = 0  # seeds the sampler
     tpe_startup_trials: int | None = None  # TPE's random first trials; none: num_samples/5, 4-10
     max_failures: int = 1  # retries of a trial that crashed (a lost node, an exception)
