@@ -24,7 +24,9 @@ class SearchConfig:
     Args:
         space: The validated search space (`load_search_space`), CLI overrides already fixed.
         num_samples: Number of trials.
-        sampler: Optuna sampler: `tpe`, `nsga2`, `gp` or `random`.
+        sampler: Optuna sampler: `tpe`, `nsga2`, `gp` or `random`. NSGA-II's population is a
+            quarter of `num_samples`, 4 to 50 (Optuna's default 50 would leave an 8-32 trial
+            search in its random first generation).
         objective: `multi` (`OBJECTIVES`: maximise val_score, minimise retained_params) or
             `val_score` alone.
         asha: Stop poor trials early with ASHA (single objective only).
@@ -57,7 +59,7 @@ class SearchConfig:
     space: SearchSpace
     # search
     num_samples: int = 8  # trials
-    sampler: Sampler = "tpe"  # Optuna sampler
+    sampler: Sampler = "tpe"  # Optuna sampler; nsga2 population: num_samples/4, 4-50
     objective: Literal["multi", "val_score"] = "multi"  # multi: max val_score, min retained_params
     asha: bool = False  # ASHA early stopping (single objective only)
     early_stop: Literal["none", "pareto"] = "none"  # pareto: multi-objective successive halving

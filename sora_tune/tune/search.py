@@ -75,17 +75,31 @@ def tpe_startup_trials(num_samples: int) -> int:
     return min(10, max(4, round(num_samples / 5)))
 
 
-def make_sampler(name: Sampler, seed: int, *, startup_trials: int = 10):
-    """The Optuna sampler `name`. TPE models the parameters jointly (`multivariate`) and, with
-    trials running side by side, counts the running ones as their worst (`constant_liar`), so
-    concurrent trials do not all go to the same place; its first `startup_trials` are random."""
+def nsga2_population(num_samples: int) -> int:
+    """NSGA-II's population for a search of `num_samples`: a quarter of them, 4 to 50. Optuna's
+    fixed 50 suits thousands of trials; in an 8-32 trial search the whole search would be its
+    random first generation. A quarter gives four generations, the first one random."""
+    return min(50, max(4, num_samples // 4))
+
+
+def make_sampler(name: Sampler, seed: int, *, num_samples: int, tpe_startup: int | None = None):
+    """The Optuna sampler `name`, sized to a search of `num_samples`. TPE models the parameters
+    jointly (`multivariate`) and, with trials running side by side, counts the running ones as
+    their worst (`constant_liar`), so concurrent trials do not all go to the same place; its
+    first `tpe_startup` trials (default `tpe_startup_trials(num_samples)`) are random. NSGA-II's
+    population is `nsga2_population(num_samples)`."""
     import optuna
 
     samplers = {
         "tpe": lambda: optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=startup_trials, multivariate=True, constant_liar=True
+            seed=seed,
+            n_startup_trials=tpe_startup or tpe_startup_trials(num_samples),
+            multivariate=True,
+            constant_liar=True,
         ),
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(
+            seed=seed, population_size=nsga2_population(num_samples)
+        ),
         "gp": lambda: optuna.samplers.GPSampler(seed=seed),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
     }
@@ -229,7 +243,8 @@ def _make_tuner(config: SearchConfig, tracking: dict[str, str], data, resume):
         sampler=make_sampler(
             config.sampler,
             config.sampler_seed,
-            startup_trials=config.tpe_startup_trials or tpe_startup_trials(config.num_samples),
+            num_samples=config.num_samples,
+            tpe_startup=config.tpe_startup_trials,
         ),
         points_to_evaluate=space.points_to_evaluate or None,
         study_name=config.name,

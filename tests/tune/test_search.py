@@ -176,7 +176,23 @@ def test_single_objective_search_with_asha(local_ray, tiny_trial, write_space, t
 
 @pytest.mark.parametrize("sampler", ["tpe", "nsga2", "gp", "random"])
 def test_every_sampler_can_be_built(sampler):
-    assert make_sampler(sampler, seed=0) is not None
+    assert make_sampler(sampler, seed=0, num_samples=16) is not None
+
+
+@pytest.mark.parametrize(("num_samples", "generations"), [(8, 2), (16, 4), (32, 4)])
+def test_nsga2_leaves_its_random_first_generation_within_the_budget(num_samples, generations):
+    """With Optuna's population of 50, a 16-trial search never left generation 0 (random)."""
+    import optuna
+
+    study = optuna.create_study(
+        directions=["maximize", "minimize"],
+        sampler=make_sampler("nsga2", seed=0, num_samples=num_samples),
+    )
+    study.optimize(
+        lambda t: (t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)), n_trials=num_samples
+    )
+    last = study.trials[-1].system_attrs["NSGAIISampler:generation"]
+    assert last + 1 == generations
 
 
 def test_asha_needs_a_single_objective(tiny_trial, write_space, tmp_path):
