@@ -127,21 +127,6 @@ def epsilon_net_order(values: np.ndarray, directions: Sequence[str]) -> np.ndarr
     return np.array(order)
 
 
-def hypervolume_contributions(
-    values: np.ndarray, directions: Sequence[str], reference: Sequence[float]
-) -> np.ndarray:
-    """How much hypervolume each row alone adds: the volume of all rows minus that of all rows
-    but it (0 for a dominated row or a duplicate)."""
-    values = np.asarray(values, dtype=float)
-    total = hypervolume(values, directions, reference)
-    return np.array(
-        [
-            total - hypervolume(np.delete(values, i, axis=0), directions, reference)
-            for i in range(len(values))
-        ]
-    )
-
-
 def hypervolume_over_time(
     candidate_runs: Sequence[str],
     values: np.ndarray,

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from ..front import default_reference, hypervolume_contributions
+from ..front import default_reference, hypervolume
 from ..tracking import STOPPED_TAG, end_run
 from .trial import BUDGET_KEY, STAGE_POINTS_KEY, find_trial_run
 
@@ -45,22 +45,30 @@ def outcome(result: dict[str, Any] | None, error: bool) -> str:
     return (result or {}).get("status", "finished")
 
 
-def traced_point(result: dict[str, Any], directions: dict[str, str]) -> dict[str, Any]:
+def traced_point(
+    result: dict[str, Any], directions: dict[str, str], told: np.ndarray | None = None
+) -> dict[str, Any]:
     """What Optuna is told of a trial: its last values; for a front-tracing trial, which ends
     with several points of the front, the stage point that adds the most hypervolume to the
-    front of the trial's own stage points (reference: `default_reference` of those points), the
-    one of them the sampler learns the most from. Ties go to the later stage."""
-    points = result.get(STAGE_POINTS_KEY) or []
-    if len(points) < 2:
-        return result
+    search's front so far (`told`: the objective values Optuna holds for the finished trials),
+    measured from the search's reference point (`default_reference` of those values and the
+    trial's points): the point by which this trial moved the search's answer the most. A stage
+    pruned to rank 0 is never told (there is no adapter to register). Ties, such as every point
+    dominated by the front, go to the later stage."""
+    points = [p for p in result.get(STAGE_POINTS_KEY) or [] if p.get("nonzero_rank", 1) > 0]
     values = np.array([[p[key] for key in directions] for p in points], dtype=float)
-    finite = ~np.isnan(values).any(axis=1)
-    if not finite.any():
+    finite = np.flatnonzero(~np.isnan(values).any(axis=1)) if points else []
+    if len(finite) == 0:
         return result
-    reference = default_reference(values[finite], list(directions.values()))
-    gains = np.full(len(points), -np.inf)
-    gains[finite] = hypervolume_contributions(values[finite], list(directions.values()), reference)
-    best = len(gains) - 1 - int(np.argmax(gains[::-1]))
+    told = np.empty((0, len(directions))) if told is None else np.asarray(told, dtype=float)
+    told = told[~np.isnan(told).any(axis=1)]
+    signs = list(directions.values())
+    reference = default_reference(np.vstack([told, values[finite]]), signs)
+    base = hypervolume(told, signs, reference) if len(told) else 0.0
+    gains = [
+        hypervolume(np.vstack([told, values[i : i + 1]]), signs, reference) - base for i in finite
+    ]
+    best = finite[len(gains) - 1 - int(np.argmax(gains[::-1]))]
     return result | {key: points[best][key] for key in directions}
 
 
@@ -90,8 +98,17 @@ class StoppedAsPrunedOptunaSearch(OptunaSearch):
         if stopped_early(result):
             result = None  # with no result and no error, Ray's OptunaSearch tells PRUNED
         elif result is not None and not error:
-            result = traced_point(result, self.directions)
+            result = traced_point(result, self.directions, self._told_values())
         super().on_trial_complete(trial_id, result, error)
+
+    def _told_values(self) -> np.ndarray:
+        """The objective values of the trials Optuna holds as COMPLETE: the search's front."""
+        import optuna
+
+        complete = self._ot_study.get_trials(
+            deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)
+        )
+        return np.array([t.values for t in complete], dtype=float).reshape(-1, len(self.directions))
 
 
 class TrialRecorder(tune.Callback):

@@ -29,7 +29,8 @@ LIVE_TABLE_KEYS = ("epoch", "val_score", "retained_params", "test_score")
 def stage_points(history: list[dict[str, Any]], stage_ends: dict[int, int]) -> list[dict]:
     """The objectives at the end of every stage of a front-tracing trial, from its history."""
     return [
-        {"stage": stage_ends[h["epoch"]]} | {key: h[key] for key in OBJECTIVES}
+        {"stage": stage_ends[h["epoch"]], "nonzero_rank": h["nonzero_rank"]}
+        | {key: h[key] for key in OBJECTIVES}
         for h in history
         if h["epoch"] in stage_ends
     ]

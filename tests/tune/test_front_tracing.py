@@ -31,19 +31,35 @@ TRACE = {
 }
 
 
-def test_optuna_is_told_the_stage_point_that_adds_the_most_hypervolume():
-    directions = {"val_score": "maximize", "retained_params": "minimize"}
-    points = [
-        {"stage": 0, "val_score": 0.80, "retained_params": 1000.0},
-        {"stage": 1, "val_score": 0.79, "retained_params": 400.0},  # nearly as good, far smaller
-        {"stage": 2, "val_score": 0.50, "retained_params": 350.0},
-    ]
-    told = traced_point(
-        {"val_score": 0.5, "retained_params": 350.0, "stage_points": points}, directions
-    )
-    assert (told["val_score"], told["retained_params"]) == (0.79, 400.0)
+DIRECTIONS = {"val_score": "maximize", "retained_params": "minimize"}
+
+
+def stage(k: int, score: float, params: float, rank: int = 4) -> dict:
+    return {"stage": k, "val_score": score, "retained_params": params, "nonzero_rank": rank}
+
+
+def told_of(points: list[dict], told=None) -> tuple[float, float]:
+    result = {"val_score": 0.0, "retained_params": 1.0, "stage_points": points}
+    chosen = traced_point(result, DIRECTIONS, None if told is None else np.array(told))
+    return chosen["val_score"], chosen["retained_params"]
+
+
+def test_optuna_is_told_the_stage_point_that_improves_the_searchs_front_the_most():
+    points = [stage(0, 0.80, 1000.0), stage(1, 0.79, 400.0), stage(2, 0.50, 350.0)]
+    # Alone, the point that adds the most hypervolume is the small one that nearly keeps the score.
+    assert told_of(points) == (0.79, 400.0)
+    # Against a search whose front already holds small adapters scoring 0.79, only the dense
+    # point still moves the front.
+    assert told_of(points, told=[[0.79, 300.0], [0.6, 100.0]]) == (0.80, 1000.0)
     plain = {"val_score": 0.7, "retained_params": 10.0}
-    assert traced_point(plain, directions) == plain  # a trial with one point is told that one
+    assert traced_point(plain, DIRECTIONS) == plain  # a trial with no stage points: its values
+
+
+def test_a_zero_rank_stage_is_never_told():
+    """retained_params 0 dominates every size; but a rank-0 stage has no adapter to register."""
+    points = [stage(0, 0.80, 1000.0), stage(1, 0.79, 400.0), stage(2, 0.78, 0.0, rank=0)]
+    assert told_of(points) == (0.79, 400.0)
+    assert told_of(points, told=[[0.9, 50.0]]) == (0.79, 400.0)  # all dominated: the later one
 
 
 def test_a_front_tracing_search_lists_serves_and_registers_stage_points(
