@@ -357,3 +357,69 @@ def _knee(front: np.ndarray, scores: np.ndarray, params: np.ndarray, fallback: i
             int(fallback), "best val_score (no front point above the line between its end points)"
         )
     return Selection(int(front[np.argmax(above)]), "knee of the front")
+
+
+# What separates a SoRA point from the LoRA ladder's line when it is "on" it: half a point of a
+# score in [0, 1], below the seed-to-seed spread of the reproduction's small-data runs.
+LADDER_TOLERANCE = 0.005
+
+
+@dataclass(frozen=True)
+class LadderComparison:
+    """SoRA's (val_score, retained_params) points against a LoRA rank ladder's.
+
+    Attributes:
+        hypervolume_ratio: The hypervolume of SoRA's points over the ladder's, both measured from
+            `reference`: above 1, SoRA's front buys more score per parameter.
+        reference: The reference point of both (`default_reference` of all the points).
+        above, on, below: How many SoRA points lie above, on (within `LADDER_TOLERANCE`) or below
+            the ladder's line: its mean score per rank, linear in log(retained_params) between
+            rungs and flat beyond its ends.
+        dominated: `(ladder row, SoRA row)` pairs where the ladder point scores at least as well
+            with at most as many parameters, and does better in one.
+    """
+
+    hypervolume_ratio: float
+    reference: tuple[float, ...]
+    above: int
+    on: int
+    below: int
+    dominated: list[tuple[int, int]]
+
+
+def compare_to_ladder(
+    sora: np.ndarray, ladder: np.ndarray, *, tolerance: float = LADDER_TOLERANCE
+) -> LadderComparison:
+    """Compare SoRA's points with a LoRA ladder's, both `(n, 2)` arrays of (val_score,
+    retained_params) without NaN (see `LadderComparison`).
+
+    Raises:
+        ValueError: either array is empty or not of shape `(n, 2)`.
+    """
+    sora, ladder = np.asarray(sora, dtype=float), np.asarray(ladder, dtype=float)
+    if min(len(sora), len(ladder)) == 0 or sora.shape[1:] != (2,) or ladder.shape[1:] != (2,):
+        raise ValueError("compare_to_ladder needs (n, 2) arrays of SoRA and ladder points")
+    directions = list(OBJECTIVES.values())
+    reference = default_reference(np.vstack([sora, ladder]), directions)
+    ladder_volume = hypervolume(ladder, directions, reference)
+    ratio = hypervolume(sora, directions, reference) / ladder_volume if ladder_volume else np.inf
+    sizes, inverse = np.unique(ladder[:, 1], return_inverse=True)
+    line = np.bincount(inverse, weights=ladder[:, 0]) / np.bincount(inverse)  # mean per rank
+    log_sizes = np.log(np.maximum(sizes, 1.0))
+    expected = np.interp(np.log(np.maximum(sora[:, 1], 1.0)), log_sizes, line)
+    gap = sora[:, 0] - expected
+    ladder_loss, sora_loss = _to_loss(ladder, directions), _to_loss(sora, directions)
+    dominated = [
+        (i, j)
+        for i, point in enumerate(ladder_loss)
+        for j, other in enumerate(sora_loss)
+        if np.all(point <= other) and np.any(point < other)
+    ]
+    return LadderComparison(
+        hypervolume_ratio=float(ratio),
+        reference=reference,
+        above=int(np.sum(gap > tolerance)),
+        on=int(np.sum(np.abs(gap) <= tolerance)),
+        below=int(np.sum(gap < -tolerance)),
+        dominated=dominated,
+    )

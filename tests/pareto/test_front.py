@@ -3,7 +3,13 @@ import math
 import numpy as np
 import pytest
 
-from sora_tune.front import default_reference, hypervolume, is_pareto_front, select
+from sora_tune.front import (
+    compare_to_ladder,
+    default_reference,
+    hypervolume,
+    is_pareto_front,
+    select,
+)
 
 SCORE_PARAMS = ("maximize", "minimize")
 
@@ -203,3 +209,30 @@ def test_hypervolume_over_time_counts_every_runs_compute():
     assert hypervolume_over_time(
         [], np.empty((0, 2)), [("x", 5.0)], directions, (0, 1)
     ).tolist() == [[5.0, 0.0]]
+
+
+def test_sora_points_are_compared_with_the_lora_ladder_line():
+    # The ladder: ranks 1, 2, 4 (params 100, 200, 400), two seeds at rank 1.
+    ladder = np.array([[0.70, 100.0], [0.72, 100.0], [0.75, 200.0], [0.80, 400.0]])
+    sora = np.array(
+        [
+            [0.78, 150.0],  # above: the line at 150 is 0.71 + (0.75-0.71)·log(1.5)/log(2)
+            [0.75, 200.0],  # on a rung
+            [0.74, 400.0],  # below; dominated by ranks 2 and 4 (0.75 at 200, 0.80 at 400)
+            [0.60, 50.0],  # below the flat start (0.71), dominated by nothing (fewer params)
+        ]
+    )
+    comparison = compare_to_ladder(sora, ladder)
+    assert (comparison.above, comparison.on, comparison.below) == (1, 1, 2)
+    assert comparison.dominated == [(2, 2), (3, 2)]
+    reference = (0.0, 440.0)  # 1.1 × the largest retained_params of both
+    assert comparison.reference == pytest.approx(reference)
+    directions = ["maximize", "minimize"]
+    assert comparison.hypervolume_ratio == pytest.approx(
+        hypervolume(sora, directions, reference) / hypervolume(ladder, directions, reference)
+    )
+
+
+def test_the_ladder_comparison_needs_points_on_both_sides():
+    with pytest.raises(ValueError, match="needs"):
+        compare_to_ladder(np.empty((0, 2)), np.array([[0.7, 100.0]]))
