@@ -15,6 +15,7 @@ from .cluster import check_client_storage, check_tracking_for_cluster
 from .space import SearchSpace
 
 Sampler = Literal["tpe", "nsga2", "gp", "random"]
+Baseline = Literal["none", "lora-ladder"]
 
 
 @dataclass
@@ -34,12 +35,16 @@ class SearchConfig:
             objectives; `none`: every trial runs to the end.
         grace_period: Epochs before the first rung of `asha` or `early_stop`.
         reduction_factor: Rungs at `grace_period · reduction_factor^k` epochs; at each, a trial
-            goes on when its rank among those there, over their number, is ≤ 1/reduction_factor. `None`: 4 for ASHA (Ray's default), 3 for
-            `pareto` (syne-tune's).
+            goes on when its rank among those there, over their number, is ≤ 1/reduction_factor.
+            `None`: 4 for ASHA (Ray's default), 3 for `pareto` (syne-tune's).
         sampler_seed: Seeds the sampler.
         tpe_startup_trials: TPE's random trials before it models; `None`: a fifth of
             `num_samples`, 4 to 10 (`tpe_startup_trials`).
         max_failures: Retries of a trial that crashed (a node lost, an exception).
+        baseline: `lora-ladder`: before the search's trials, LoRA trials of rank 1, 2, 4, … up to
+            the space's largest r_max at the settings of its first point (`tune.baselines`),
+            recorded as baselines; `pareto` and the search's end compare SoRA's front with them.
+        baseline_seeds: Seeds of each ladder rank.
         name: The Ray experiment name (a folder under `storage_path`) and the Optuna study's.
         cpus_per_trial, gpus_per_trial: Resources of one trial. A trial is one process on one
             device: at most 1 GPU, and fractions let several small trials share one.
@@ -68,6 +73,8 @@ class SearchConfig:
     sampler_seed: int = 0  # seeds the sampler
     tpe_startup_trials: int | None = None  # TPE's random first trials; none: num_samples/5, 4-10
     max_failures: int = 1  # retries of a trial that crashed (a lost node, an exception)
+    baseline: Baseline = "none"  # lora-ladder: LoRA at ranks 1, 2, 4, … r_max beside SoRA
+    baseline_seeds: int = 1  # seeds of every rank of the LoRA ladder
     name: str | None = None  # Ray experiment and Optuna study; none: <experiment-name>-<time>
     # resources
     cpus_per_trial: float = 1.0  # CPUs of one trial
@@ -83,7 +90,7 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
-        for name in ("sampler", "objective", "early_stop"):
+        for name in ("sampler", "objective", "early_stop", "baseline"):
             choices = literal_choices(SearchConfig, name)
             if getattr(self, name) not in choices:
                 raise ValueError(
@@ -96,6 +103,13 @@ class SearchConfig:
             )
         if self.asha and self.early_stop != "none":
             raise ValueError("choose one of asha and early_stop")
+        if self.baseline != "none" and self.objective != "multi":
+            raise ValueError(
+                f"baseline {self.baseline} is compared on the front of both objectives: use "
+                "objective multi"
+            )
+        if self.baseline_seeds < 1:
+            raise ValueError(f"baseline_seeds must be >= 1, got {self.baseline_seeds}")
         if self.grace_period < 1:
             raise ValueError(f"grace_period must be >= 1 epoch, got {self.grace_period}")
         if self.reduction_factor is not None and not self.reduction_factor > 1:
@@ -161,6 +175,8 @@ SEARCH_GROUPS = {
         "sampler_seed",
         "tpe_startup_trials",
         "max_failures",
+        "baseline",
+        "baseline_seeds",
         "name",
     ),
     "resources": ("cpus_per_trial", "gpus_per_trial", "max_concurrent", "address", "storage_path"),

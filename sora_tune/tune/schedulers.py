@@ -9,9 +9,10 @@ objectives), which depends on the points' values, not on the order they arrived.
 its position (0 = best) divided by the number recorded is at most `1/reduction_factor`, and stops
 otherwise: it is recorded as stopped, not failed (see `outcome`).
 
-A front-tracing trial is recorded at a rung only at the end of a stage (its reports carry
-`STAGE_END_KEY`): at the first stage end at or after the rung, so that its point is compared at a
-stage's end, pruned, not in the middle of its dense phase where `retained_params` is only r_max's.
+Baselines (LoRA, AdaLoRA) are never ranked. A front-tracing trial is recorded at a rung only at
+the end of a stage (its reports carry `STAGE_END_KEY`): at the first stage end at or after the
+rung, so that its point is compared at a stage's end, pruned, not in the middle of its dense
+phase where `retained_params` is only r_max's.
 
 Ray Tune neither saves nor restores a scheduler's state when it resumes an experiment, so this
 scheduler keeps its rungs itself, in a JSON file in the search's folder, and reads them back
@@ -112,7 +113,11 @@ class ParetoSuccessiveHalving(FIFOScheduler):
         return True  # the objectives are given at construction, all of them
 
     def on_trial_result(self, tune_controller, trial, result: dict[str, Any]) -> str:
-        if not result.get(STAGE_END_KEY, True) or any(k not in result for k in self.directions):
+        if (
+            getattr(trial, "config", {}).get("method", "sora") != "sora"  # a baseline
+            or not result.get(STAGE_END_KEY, True)
+            or any(key not in result for key in self.directions)
+        ):
             return TrialScheduler.CONTINUE
         self._load()
         rung = self.rung_reached(trial.trial_id, result[self.time_attr])

@@ -35,6 +35,7 @@ from ..uris import (
     check_tracking_uri,
     redact_uri,
 )
+from .baselines import LORA_LADDER, BaselinesFirst, ladder_trials
 from .cluster import (
     check_paths_on_nodes,
     check_storage,
@@ -199,6 +200,9 @@ def _check_inputs(config: SearchConfig) -> DatasetDict | None:
         )
     # One trial of the space: the data it prepares are every trial's (no data setting is searched)
     fixed_trial = TrialConfig.from_dict(space.representative())
+    if config.baseline == LORA_LADDER:
+        for values in ladder_trials(space, config.baseline_seeds):
+            TrialConfig.from_dict(values)  # a ladder trial that cannot run fails here
     if not set(DATA_FIELDS) & set(space.distributions):
         return in_memory(prepare_data(fixed_trial, load_tokenizer(fixed_trial)))
     for task in space.values("task"):  # read every task's files once, to check them
@@ -250,6 +254,11 @@ def _make_tuner(config: SearchConfig, tracking: dict[str, str], data, resume):
         study_name=config.name,
         storage=optuna_storage(config.optuna_storage),
     )
+    baselines = (
+        ladder_trials(space, config.baseline_seeds) if config.baseline == LORA_LADDER else []
+    )
+    if baselines:
+        searcher = BaselinesFirst(searcher, baselines)
     if config.max_concurrent:
         searcher = ConcurrencyLimiter(searcher, max_concurrent=config.max_concurrent)
     scheduler = None
@@ -277,7 +286,7 @@ def _make_tuner(config: SearchConfig, tracking: dict[str, str], data, resume):
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             scheduler=scheduler,
-            num_samples=config.num_samples,
+            num_samples=config.num_samples + len(baselines),
             reuse_actors=True,
             trial_dirname_creator=trial_dirname,
         ),
