@@ -290,31 +290,29 @@ class TrialConfig:
         the end of every stage, not one per trial (the paper's Algorithm 1, in a search)."""
         return self.method == "sora" and self.xi_schedule != "constant"
 
+    def stage_spans(self) -> dict[int, range]:
+        """`{stage: its epochs (0-based)}` of this trial's ξ schedule (`XiSchedule.stage_spans`):
+        where the learning rate restarts, how long each ξ stage lasts, which epochs end one."""
+        return self.xi_plan().stage_spans(self.epochs)
+
     def stage_end_epochs(self) -> dict[int, int]:
         """`{epoch: stage}` for the epochs (1-based) that end a stage of a front-tracing trial;
         empty for other trials."""
         if not self.traces_front:
             return {}
-        schedule = self.xi_plan()
-        return {
-            epoch: schedule.stage_at(epoch - 1)
-            for epoch in range(1, self.epochs + 1)
-            if epoch == self.epochs or schedule.stage_at(epoch) != schedule.stage_at(epoch - 1)
-        }
+        return {span.stop: stage for stage, span in self.stage_spans().items()}
 
-    def stage_xis(self, steps_per_epoch: int) -> list[float]:
-        """ξ per gate step in every stage of the schedule, for `steps_per_epoch` gate steps an
-        epoch: `xi_total` is spread over the gate steps of its stage (the last stage lasts until
-        the last epoch)."""
-        schedule = self.xi_plan()
+    def stage_xis(self, steps_per_epoch: int) -> dict[int, float]:
+        """`{stage: ξ per gate step}` for the stages the trial trains in, for `steps_per_epoch`
+        gate steps an epoch: `xi_total` is spread over the gate steps of its stage (the last
+        stage lasts until the last epoch)."""
+        values = self.xi_plan().values()
+        spans = self.stage_spans()
         if self.xi_total is None:
-            return schedule.values()
-        return [
-            value / (epochs * steps_per_epoch)
-            for value, epochs in zip(
-                schedule.values(), schedule.stage_epochs(self.epochs), strict=True
-            )
-        ]
+            return {stage: values[stage] for stage in spans}
+        return {
+            stage: values[stage] / (len(span) * steps_per_epoch) for stage, span in spans.items()
+        }
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrialConfig:

@@ -55,12 +55,12 @@ def run_sparsify(
     output_dir = Path(output_dir)
     result = train_trial(config, output_dir=output_dir, progress=progress)
     # From the whole history, not from reports: a resumed or rerun sweep keeps its earlier stages.
+    stage_ends = config.stage_end_epochs()
     rows = [
         {k: metrics[k] for k in CURVE_COLUMNS if k in metrics}
-        | {"stage": schedule.stage_at(epoch - 1)}
+        | {"stage": stage_ends[metrics["epoch"]]}
         for metrics in result["history"]
-        if (epoch := metrics["epoch"]) == config.epochs
-        or schedule.stage_at(epoch) != schedule.stage_at(epoch - 1)
+        if metrics["epoch"] in stage_ends
     ]
     write_curve(rows, output_dir / "sparsify.csv")
     plot_curve(rows, output_dir / "sparsify.png", task=config.task)

@@ -254,7 +254,10 @@ def configure_optimization(
             groups["gate"],
             eta=config.effective_eta,
             lam=config.lam,
-            xi=config.stage_xis(steps_per_epoch)[0] if config.gate_mode == "official" else None,
+            # the first stage's ξ; the loop sets every stage's own as it starts
+            xi=next(iter(config.stage_xis(steps_per_epoch).values()))
+            if config.gate_mode == "official"
+            else None,
             mode=config.gate_mode,
         )
     scheduled = [adamw] + ([gate_optimizer] if config.gate_mode == "official" else [])
@@ -273,13 +276,8 @@ def configure_optimization(
 def lr_lambda(config: TrialConfig, steps_per_epoch: int) -> Callable[[int], float]:
     """Linear warm-up then linear decay to 0, restarted at every ξ stage: later stages must not
     train on a schedule that has already decayed to zero (the authors' sparsifying bug)."""
-    schedule = config.xi_plan()
-    stage_starts = [
-        e
-        for e in range(config.epochs)
-        if e == 0 or schedule.stage_at(e) != schedule.stage_at(e - 1)
-    ]
-    bounds = [e * steps_per_epoch for e in stage_starts] + [config.epochs * steps_per_epoch]
+    starts = [span.start * steps_per_epoch for span in config.stage_spans().values()]
+    bounds = [*starts, config.epochs * steps_per_epoch]
 
     def factor(step: int) -> float:
         stage = min(bisect.bisect_right(bounds, step) - 1, len(bounds) - 2)
@@ -520,7 +518,7 @@ def train_trial(
         model, config, steps_per_epoch=steps_per_epoch, device=device, precision=precision
     )
     schedule, stage_xis = config.xi_plan(), config.stage_xis(steps_per_epoch)
-    stage_ends = config.stage_end_epochs()
+    stage_spans, stage_ends = config.stage_spans(), config.stage_end_epochs()
     gates = optimization.gate_optimizer
 
     history: list[dict[str, Any]] = []
@@ -560,7 +558,7 @@ def train_trial(
             "stage": stage,
             "xi": xi,
             # what ξ can take off a gate over its stage: the pressure that transfers across sizes
-            "xi_total": xi * steps_per_epoch * schedule.stage_epochs(config.epochs)[stage],
+            "xi_total": xi * steps_per_epoch * len(stage_spans[stage]),
             "epoch_time_s": epoch_time,
             "train_time_s": train_time,
             "examples_per_s": stats.examples / stats.seconds,

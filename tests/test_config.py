@@ -42,13 +42,15 @@ def test_gate_defaults_follow_the_authors_runs():
     ],
 )
 def test_xi_total_is_spread_over_the_gate_steps_of_its_stage(values, steps_per_epoch, expected):
-    assert TrialConfig(**values).stage_xis(steps_per_epoch) == pytest.approx(expected)
+    assert list(TrialConfig(**values).stage_xis(steps_per_epoch).values()) == pytest.approx(
+        expected
+    )
 
 
 def test_xi_total_means_the_same_pressure_at_any_size():
     small, large = TrialConfig(xi_total=0.5, epochs=2), TrialConfig(xi_total=0.5, epochs=20)
     for config, steps in ((small, 88), (large, 4500)):
-        (xi,) = config.stage_xis(steps)
+        (xi,) = config.stage_xis(steps).values()
         assert xi * steps * config.epochs == pytest.approx(0.5)
 
 

@@ -84,12 +84,18 @@ class XiSchedule:
             return 0
         return min((epoch - self.dense_phase) // self.every + 1, len(self.values()) - 1)
 
-    def stage_epochs(self, epochs: int) -> list[int]:
-        """How many of `epochs` epochs each stage lasts (the last stage runs to the end)."""
-        counts = [0] * len(self.values())
+    def stage_spans(self, epochs: int) -> dict[int, range]:
+        """`{stage: its epochs (0-based)}` for the stages that `epochs` epochs of training pass
+        through, in order; the last one runs to the end. Every stage boundary of a trial (its
+        learning-rate restarts, its ξ per step, the epochs that end a stage) is read from here."""
+        starts: dict[int, int] = {}
         for epoch in range(epochs):
-            counts[self.stage_at(epoch)] += 1
-        return counts
+            starts.setdefault(self.stage_at(epoch), epoch)
+        ends = [*list(starts.values())[1:], epochs]
+        return {
+            stage: range(start, end)
+            for (stage, start), end in zip(starts.items(), ends, strict=True)
+        }
 
     def xi_at(self, epoch: int) -> float:
         return self.values()[self.stage_at(epoch)]

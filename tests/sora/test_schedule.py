@@ -49,3 +49,16 @@ def test_increment_rule_of_algorithm_1():
 def test_bad_schedules_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         XiSchedule(**kwargs)
+
+
+def test_stage_spans_are_the_epochs_of_every_stage_trained():
+    schedule = XiSchedule("linear", xi=1e-5, xi_max=1e-4, stages=4, every=2, dense_epochs=3)
+    assert schedule.stage_spans(8) == {
+        0: range(0, 3),
+        1: range(3, 5),
+        2: range(5, 7),
+        3: range(7, 8),
+    }
+    # the last stage runs to the end; stages the epochs never reach are left out
+    assert schedule.stage_spans(12)[3] == range(7, 12)
+    assert schedule.stage_spans(4) == {0: range(0, 3), 1: range(3, 4)}
