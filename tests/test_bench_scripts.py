@@ -160,3 +160,21 @@ def test_bench_hypervolume(tiny_trial, tmp_path):
     )
     assert "## Search efficiency" in text
     assert "python scripts/bench_hypervolume.py" in text
+
+
+def test_bench_concurrency_shows_tpe_with_every_trial_at_once_is_random_search(tmp_path):
+    output = tmp_path / "concurrency.json"
+    data = load_script("bench_concurrency").main(
+        [
+            "--samplers=tpe,random",
+            "--num-samples=8",
+            "--concurrent=2,8",
+            "--seeds=2",
+            f"--output={output}",
+        ]
+    )
+    assert json.loads(output.read_text()) == data
+    volume = {(r["sampler"], r["concurrent"]): r["hv_mean"] for r in data["rows"]}
+    assert volume[("tpe", 8)] == volume[("random", 8)] == volume[("random", 2)]
+    defaults = {(r["sampler"], r["concurrent"]) for r in data["rows"] if r["default"]}
+    assert defaults == {("tpe", 2), ("random", 8)}

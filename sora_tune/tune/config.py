@@ -48,7 +48,10 @@ class SearchConfig:
         name: The Ray experiment name (a folder under `storage_path`) and the Optuna study's.
         cpus_per_trial, gpus_per_trial: Resources of one trial. A trial is one process on one
             device: at most 1 GPU, and fractions let several small trials share one.
-        max_concurrent: At most this many trials at once; `None`: as many as resources allow.
+        max_concurrent: At most this many trials at once; `None`: `default_max_concurrent`, a
+            quarter of `num_samples` (at least 2) for the model-based samplers, so that they see
+            finished trials before they suggest most of theirs; as many as resources allow for
+            `random`.
         address: `None` starts a local Ray; `auto` or `ray://host:port` joins a cluster.
         storage_path: Where Ray keeps the experiment state; shared storage (NFS, s3://, gs://)
             for several nodes, a URI with `ray://`.
@@ -79,7 +82,7 @@ class SearchConfig:
     # resources
     cpus_per_trial: float = 1.0  # CPUs of one trial
     gpus_per_trial: float = 0.0  # at most 1 (a trial is one process); 0.5 lets two share a GPU
-    max_concurrent: int | None = None  # trials at once; none: as many as resources allow
+    max_concurrent: int | None = None  # trials at once; none: num_samples/4, >= 2 (random: all)
     address: str | None = None  # Ray cluster: auto or ray://host:port; none: a local Ray
     storage_path: str | None = None  # Ray experiment storage; shared (NFS, s3://) on a cluster
     # tracking
@@ -124,6 +127,8 @@ class SearchConfig:
             )
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {self.max_concurrent}")
+        if self.max_concurrent is None:
+            self.max_concurrent = default_max_concurrent(self.sampler, self.num_samples)
         check_client_storage(self.address, self.storage_path)
         # Paths are taken from the user's folder here, on the driver: Ray starts every trial in
         # a folder of its own.
@@ -152,6 +157,16 @@ class SearchConfig:
         if self.objective == "multi":
             return dict(OBJECTIVES)
         return {"val_score": OBJECTIVES["val_score"]}
+
+
+def default_max_concurrent(sampler: Sampler, num_samples: int) -> int | None:
+    """Trials at once when `max_concurrent` is not given: `None` (as many as resources allow) for
+    random search, else a quarter of `num_samples`, at least 2. Measured with
+    `scripts/bench_concurrency.py` (docs/benchmarks.md): with every trial started at once TPE is
+    random search, and at a quarter it keeps nearly all it gains when trials run one by one, in a
+    quarter of their wall time. NSGA-II's population is the same quarter (`nsga2_population`), so
+    a generation runs side by side."""
+    return None if sampler == "random" else max(2, num_samples // 4)
 
 
 def default_experiment(space: SearchSpace) -> str:

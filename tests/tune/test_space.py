@@ -3,7 +3,9 @@ from pathlib import Path
 import pytest
 from ray import tune
 
+from sora_tune.tune import SearchConfig
 from sora_tune.tune.space import load_search_space
+from tests.tune.conftest import tiny_search_parameters
 
 SPACES = Path(__file__).parents[2] / "search_spaces"
 
@@ -109,3 +111,11 @@ def test_a_shipped_space_is_found_by_name_from_any_folder(tmp_path):
     )
     with pytest.raises(FileNotFoundError, match=r"shipped spaces \(quickstart, sora_glue, trace\)"):
         load_search_space("no-such-space")
+
+
+def test_model_based_samplers_run_a_quarter_of_the_trials_at_once(tiny_trial, write_space):
+    _, space = write_space(tiny_search_parameters(tiny_trial))
+    assert SearchConfig(space=space, num_samples=32).max_concurrent == 8
+    assert SearchConfig(space=space, num_samples=4, sampler="nsga2").max_concurrent == 2
+    assert SearchConfig(space=space, num_samples=32, sampler="random").max_concurrent is None
+    assert SearchConfig(space=space, num_samples=32, max_concurrent=16).max_concurrent == 16
