@@ -8,10 +8,13 @@ API's `with start_run()` would end as FAILED.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,67 +88,105 @@ def end_run(client: MlflowClient, run_id: str, status: str, reason: str | None =
     client.set_terminated(run_id, status=status)
 
 
+@dataclass
+class TrialRecord:
+    """The MLflow run `run_id` of one trial while it trains: `open` it, `log_epoch` at the end
+    of every epoch, `close` it with the trial's result.
+
+    A front-tracing trial (`TrialConfig.traces_front`) also logs the end of every stage as soon
+    as the stage ends: `stage_<key>` metrics at `step=stage` and the stage's pruned adapter (from
+    `output_dir`) under `adapters/stage-<k>/`.
+    """
+
+    client: MlflowClient
+    run_id: str
+    config: TrialConfig
+    output_dir: Path
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[None]:
+        """Mark the run RUNNING (new, or reopened by a resumed trial) with the trial's params,
+        for the block that trains it.
+
+        A trial that raises ends its run FAILED with the reason in `failure_reason`; one
+        interrupted by Ctrl-C ends KILLED. A trial that Ray stops between epochs (`SystemExit`
+        from its report) leaves the run open: the search, which knows why it stopped the trial
+        (a scheduler, an interrupted search), ends it.
+        """
+        self.client.update_run(self.run_id, status="RUNNING")
+        params = [Param(k, v) for k, v in trial_params(self.config).items()]
+        self.client.log_batch(self.run_id, params=params)
+        try:
+            yield
+        except Exception as err:
+            end_run(self.client, self.run_id, "FAILED", f"{type(err).__name__}: {err}")
+            raise
+        except KeyboardInterrupt:
+            end_run(self.client, self.run_id, "KILLED", "interrupted")
+            raise
+
+    def log_epoch(self, metrics: dict[str, Any]) -> None:
+        """An epoch's metrics at `step=epoch`, and the stage's point if the epoch ends one."""
+        from .train import stage_adapter_dir  # torch, only where a trial runs
+
+        now = int(time.time() * 1000)
+        epoch = metrics["epoch"]
+        logged = [Metric(k, v, now, epoch) for k, v in numeric(metrics).items()]
+        stage = self.config.stage_end_epochs().get(epoch)
+        if stage is not None:  # a point of the front the trial traces
+            logged += [
+                Metric(f"{STAGE_PREFIX}{k}", float(metrics[k]), now, stage) for k in STAGE_KEYS
+            ]
+            adapter = stage_adapter_dir(self.output_dir, stage)
+            if adapter.exists():
+                self.client.log_artifacts(
+                    self.run_id, str(adapter), artifact_path=stage_artifact(stage)
+                )
+        self.client.log_batch(self.run_id, metrics=logged)
+
+    def close(self, result: dict[str, Any]) -> dict[str, Any]:
+        """End the run with the trial's result: FAILED for a trial that diverged, else the
+        pruned adapter, its rank pattern and `head_params`, then FINISHED. Returns `result` with
+        `mlflow_run_id`."""
+        result["mlflow_run_id"] = self.run_id
+        self.client.set_tag(self.run_id, PRECISION_TAG, result["precision"])
+        if result["status"] != "finished":
+            end_run(self.client, self.run_id, "FAILED", f"trial {result['status']}")
+            return result
+        # The final values are the last epoch's (pruning is exact), already logged at
+        # step=epoch: MLflow's run.data.metrics shows the value at the highest step.
+        adapter = self.output_dir / "adapter"
+        if adapter.exists():
+            self.client.log_artifacts(self.run_id, str(adapter), artifact_path="adapter")
+        self.client.log_dict(self.run_id, result.get("rank_pattern", {}), "rank_pattern.json")
+        self.client.log_metric(
+            self.run_id, "head_params", result["head_params"], step=result["epoch"]
+        )
+        end_run(self.client, self.run_id, "FINISHED")
+        return result
+
+
 def tracked_trial(
     config: TrialConfig,
     *,
     run_id: str,
     tracking_uri: str,
     output_dir: str | os.PathLike,
+    report: Callable[[dict[str, Any], str], None] | None = None,
     **train_kwargs: Any,
 ) -> dict[str, Any]:
-    """Run `train_trial` in the MLflow run `run_id` (new, or reopened by a resumed trial) and
-    record it: params, every epoch's metrics at `step=epoch`, then the pruned adapter, its rank
-    pattern and the precision used. A front-tracing trial (`TrialConfig.traces_front`) also logs
-    the end of every stage: `stage_<key>` metrics at `step=stage` and the stage's pruned adapter
-    under `adapters/stage-<k>/`, as soon as the stage ends.
+    """Run `train_trial` in the MLflow run `run_id` and record it (`TrialRecord`): params,
+    every epoch's metrics at `step=epoch` (then `report`, if given), the pruned adapter, its rank
+    pattern and the precision used."""
+    from .train import train_trial  # torch, only where a trial runs
 
-    A trial that raises or diverges ends its run FAILED with the reason in `failure_reason`; one
-    interrupted by Ctrl-C ends KILLED. A trial that Ray stops between epochs (`SystemExit` from
-    its report) leaves the run open: the search, which knows why it stopped the trial (a
-    scheduler, an interrupted search), ends it.
-    """
-    from .train import stage_adapter_dir, train_trial  # torch, only where a trial runs
+    record = TrialRecord(MlflowClient(tracking_uri), run_id, config, Path(output_dir))
 
-    client = MlflowClient(tracking_uri)
-    client.update_run(run_id, status="RUNNING")
-    client.log_batch(run_id, params=[Param(k, v) for k, v in trial_params(config).items()])
-    user_report = train_kwargs.pop("report", None)
-    stage_ends = config.stage_end_epochs()
+    def end_epoch(metrics: dict[str, Any], checkpoint: str) -> None:
+        record.log_epoch(metrics)
+        if report is not None:
+            report(metrics, checkpoint)
 
-    def report(metrics: dict[str, Any], checkpoint: str) -> None:
-        now = int(time.time() * 1000)
-        logged = [Metric(k, v, now, metrics["epoch"]) for k, v in numeric(metrics).items()]
-        if metrics["epoch"] in stage_ends:  # a point of the front the trial traces
-            stage = stage_ends[metrics["epoch"]]
-            logged += [
-                Metric(f"{STAGE_PREFIX}{k}", float(metrics[k]), now, stage) for k in STAGE_KEYS
-            ]
-            adapter = stage_adapter_dir(output_dir, stage)
-            if adapter.exists():
-                client.log_artifacts(run_id, str(adapter), artifact_path=stage_artifact(stage))
-        client.log_batch(run_id, metrics=logged)
-        if user_report is not None:
-            user_report(metrics, checkpoint)
-
-    try:
-        result = train_trial(config, report=report, output_dir=output_dir, **train_kwargs)
-    except Exception as err:
-        end_run(client, run_id, "FAILED", f"{type(err).__name__}: {err}")
-        raise
-    except KeyboardInterrupt:
-        end_run(client, run_id, "KILLED", "interrupted")
-        raise
-    result["mlflow_run_id"] = run_id
-    client.set_tag(run_id, PRECISION_TAG, result["precision"])
-    if result["status"] != "finished":
-        end_run(client, run_id, "FAILED", f"trial {result['status']}")
-        return result
-    # The final values are the last epoch's (pruning is exact), already logged at step=epoch:
-    # MLflow's run.data.metrics shows the value at the highest step.
-    adapter = Path(output_dir) / "adapter"
-    if adapter.exists():
-        client.log_artifacts(run_id, str(adapter), artifact_path="adapter")
-    client.log_dict(run_id, result.get("rank_pattern", {}), "rank_pattern.json")
-    client.log_metric(run_id, "head_params", result["head_params"], step=result["epoch"])
-    end_run(client, run_id, "FINISHED")
-    return result
+    with record.open():
+        result = train_trial(config, report=end_epoch, output_dir=output_dir, **train_kwargs)
+    return record.close(result)

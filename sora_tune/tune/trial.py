@@ -6,13 +6,14 @@ import contextlib
 import math
 import os
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
 
 from ..config import TrialConfig
 from ..front import OBJECTIVES
-from ..tracking import DEVICE_TAG, ROLE_TAG, tracked_trial
+from ..tracking import DEVICE_TAG, ROLE_TAG, TrialRecord
 
 # Reported with every epoch, so that whoever reads a trial's last result (the searcher, a
 # scheduler, the end-of-search table) can tell a trial stopped early from one that finished.
@@ -78,43 +79,37 @@ def find_trial_run(
     return runs[0].info.run_id if runs else None
 
 
+def trial_run(client: MlflowClient, tracking: dict[str, str], trial_id: str, name: str) -> str:
+    """The MLflow run of a Ray trial, nested under the search's: the one it already has (a
+    retried or resumed trial keeps its run), or a new one."""
+    run_id = find_trial_run(client, tracking["experiment_id"], tracking["parent_run_id"], trial_id)
+    if run_id is not None:
+        return run_id
+    tags = {
+        "mlflow.parentRunId": tracking["parent_run_id"],
+        "ray_trial_id": trial_id,
+        ROLE_TAG: "trial",
+        "mlflow.runName": name,
+    }
+    return client.create_run(tracking["experiment_id"], tags=tags).info.run_id
+
+
 def run_trial(trial_params: dict[str, Any], *, data=None, tracking: dict[str, str]) -> None:
     """The Ray Tune function trainable: one trial, its own MLflow child run, resumable."""
     import ray
     from ray import tune
 
-    context = tune.get_context()
-    trial_id = context.get_trial_id()
+    from ..train import train_trial  # torch, only where a trial runs
+
+    trial_id = tune.get_context().get_trial_id()
     config = TrialConfig.from_dict(trial_params)
     client = MlflowClient(tracking["uri"])
-    run_id = find_trial_run(client, tracking["experiment_id"], tracking["parent_run_id"], trial_id)
-    if run_id is None:  # a retried or resumed trial keeps its run
-        run_id = client.create_run(
-            tracking["experiment_id"],
-            tags={
-                "mlflow.parentRunId": tracking["parent_run_id"],
-                "ray_trial_id": trial_id,
-                ROLE_TAG: "trial",
-                "mlflow.runName": context.get_trial_name(),
-            },
-        ).info.run_id
+    run_id = trial_run(client, tracking, trial_id, tune.get_context().get_trial_name())
     device = trial_device(ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"))
     client.set_tag(run_id, "ray_node_id", ray.get_runtime_context().get_node_id())
     client.set_tag(run_id, DEVICE_TAG, device)
 
-    last: list[tuple[dict[str, Any], str]] = []
     stage_ends = config.stage_end_epochs()
-
-    def report(metrics: dict[str, Any], checkpoint_dir: str) -> None:
-        metrics = {k: metrics[k] for k in LIVE_TABLE_KEYS} | metrics | {BUDGET_KEY: config.epochs}
-        if config.traces_front:
-            metrics[STAGE_END_KEY] = metrics["epoch"] in stage_ends
-        if metrics["epoch"] == config.epochs:
-            # Held back until the run is complete: a scheduler may stop a trial at its last
-            # epoch (ASHA at max_t), and Ray stops it inside this call.
-            last.append((metrics, checkpoint_dir))
-            return
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
 
     checkpoint = tune.get_checkpoint()
     # Not in the trial's Ray folder, which Ray copies to the storage path while trials write:
@@ -123,17 +118,35 @@ def run_trial(trial_params: dict[str, Any], *, data=None, tracking: dict[str, st
         tempfile.TemporaryDirectory(prefix=f"sora-trial-{trial_id}-") as output_dir,
         checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_from,
     ):
-        result = tracked_trial(
-            config,
-            run_id=run_id,
-            tracking_uri=tracking["uri"],
-            output_dir=output_dir,
-            report=report,
-            data=data,
-            resume_from=resume_from,
-            device=device,
-        )
-        for metrics, checkpoint_dir in last:
+        record = TrialRecord(client, run_id, config, Path(output_dir))
+        held_back: list[tuple[dict[str, Any], str]] = []
+
+        def end_epoch(metrics: dict[str, Any], checkpoint_dir: str) -> None:
+            """The end of every epoch, after its checkpoint is written: log it to MLflow, then
+            report it to Ray, where a scheduler may stop the trial (`SystemExit`)."""
+            record.log_epoch(metrics)
+            metrics = {k: metrics[k] for k in LIVE_TABLE_KEYS} | metrics
+            metrics |= {BUDGET_KEY: config.epochs}
+            if config.traces_front:
+                metrics[STAGE_END_KEY] = metrics["epoch"] in stage_ends
+            if metrics["epoch"] == config.epochs:
+                # Held back until the run is complete: a scheduler may stop a trial at its last
+                # epoch (ASHA at max_t), and Ray stops it inside the report.
+                held_back.append((metrics, checkpoint_dir))
+                return
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+
+        with record.open():
+            result = train_trial(
+                config,
+                report=end_epoch,
+                output_dir=output_dir,
+                data=data,
+                resume_from=resume_from,
+                device=device,
+            )
+        record.close(result)
+        for metrics, checkpoint_dir in held_back:
             points = stage_points(result["history"], stage_ends)
             tune.report(
                 metrics | ({STAGE_POINTS_KEY: points} if points else {}),
