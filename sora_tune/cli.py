@@ -247,6 +247,7 @@ def search_summary(search) -> str:
     default rule chooses, the trials that stopped or failed and why, and the next commands."""
     import pandas as pd
 
+    from .pareto.runs import ladder_lines
     from .registry import choose_trial
 
     config = search.config
@@ -283,6 +284,7 @@ def search_summary(search) -> str:
         for name, value in zip(report.objectives, report.reference, strict=True)
     )
     lines += ["", f"hypervolume {report.hypervolume:.6g} (reference {reference})"]
+    lines += ladder_lines(report)
     if report.left_out:
         lines += ["", "stopped, failed or left out:"]
         for left in report.left_out:

@@ -26,6 +26,8 @@ from mlflow.exceptions import MlflowException
 
 from ..front import OBJECTIVES as SEARCH_OBJECTIVES
 from ..front import (
+    LadderComparison,
+    compare_to_ladder,
     default_reference,
     hypervolume,
     hypervolume_over_time,
@@ -36,6 +38,7 @@ from ..tracking import FAILURE_TAG, ROLE_TAG, STAGE_PREFIX, STOPPED_TAG
 from ..uris import existing_store
 
 FRONT_METHOD = "sora"
+LADDER_METHOD = "lora"  # LoRA runs at several ranks: the ladder SoRA's front is compared with
 # The search's objectives, and training time as an optional third.
 OBJECTIVES = SEARCH_OBJECTIVES | {"train_time_s": "minimize"}
 REQUIRED_METRICS = ("val_score", "retained_params")
@@ -108,6 +111,8 @@ class ParetoResult:
         history: `hypervolume_history` of the runs, with the same reference.
         history_path: `pareto_history.png`, the hypervolume against the compute spent.
         note: `TrialRuns.note`: which search was read when none was named.
+        ladder: SoRA's candidates against the LoRA runs (`front.compare_to_ladder`); `None`
+            when the runs hold no LoRA run.
     """
 
     table: pd.DataFrame
@@ -123,6 +128,7 @@ class ParetoResult:
     history: pd.DataFrame
     history_path: Path
     note: str | None = None
+    ladder: LadderComparison | None = None
 
     @property
     def front(self) -> pd.DataFrame:
@@ -377,6 +383,7 @@ def pareto_report(
         history=hypervolume_history(runs, reference, objectives),
         history_path=output_dir / "pareto_history.png",
         note=runs.note,
+        ladder=_ladder_comparison(table),
     )
     table.to_csv(result.csv_path, index=False)
     _plot(result, result.png_path, title=runs.experiment_name)
@@ -532,6 +539,9 @@ def _plot(result: ParetoResult, path: Path, title: str) -> None:
             s=36,
             label=f"{method} baseline ({len(runs)})",
         )
+        if method == LADDER_METHOD:  # the ladder's line: its mean score at every rank
+            line = runs.groupby("retained_params")["val_score"].mean()
+            ax.plot(line.index, line.to_numpy(), color=f"C{color}", linewidth=1.2)
     chosen = result.selected
     ax.scatter(
         [chosen["retained_params"]],
@@ -579,10 +589,55 @@ def format_table(result: ParetoResult) -> str:
         f"val_score {chosen['val_score']:.4f}, "
         f"retained_params {chosen['retained_params']:.0f}, test_score {chosen['test_score']:.4f}",
     ]
+    lines += ladder_lines(result)
     if result.left_out:
         lines += ["", f"left out ({len(result.left_out)}):"]
         lines += [f"  {run.run_id[:8]}  {run.reason}" for run in result.left_out]
     return "\n".join(lines)
+
+
+def _ladder_comparison(table: pd.DataFrame) -> LadderComparison | None:
+    ladder = table[table["method"] == LADDER_METHOD]
+    if ladder.empty:
+        return None
+    sora = table[table["method"] == FRONT_METHOD]
+    columns = list(SEARCH_OBJECTIVES)
+    return compare_to_ladder(sora[columns].to_numpy(float), ladder[columns].to_numpy(float))
+
+
+def ladder_lines(result: ParetoResult) -> list[str]:
+    """How SoRA's points compare with the LoRA ladder, for a terminal; none without a ladder."""
+    ladder = result.ladder
+    if ladder is None:
+        return []
+    table = result.table
+    sora = table[table["method"] == FRONT_METHOD].reset_index(drop=True)
+    rungs = table[table["method"] == LADDER_METHOD].reset_index(drop=True)
+    reference = ", ".join(
+        f"{name} {value:.4g}"
+        for name, value in zip(SEARCH_OBJECTIVES, ladder.reference, strict=True)
+    )
+    lines = [
+        "",
+        f"against the LoRA ladder ({len(rungs)} runs, ranks "
+        f"{', '.join(str(r) for r in sorted(set(rungs['r_max'].astype(int))))}):",
+        f"  hypervolume SoRA / ladder {ladder.hypervolume_ratio:.3f} (reference {reference})",
+        f"  SoRA points above the ladder's line {ladder.above}, on it {ladder.on}, below it "
+        f"{ladder.below}",
+    ]
+    for i in sorted({i for i, _ in ladder.dominated}):
+        rung = rungs.iloc[i]
+        beaten = [sora.iloc[j] for k, j in ladder.dominated if k == i]
+        names = ", ".join(
+            f"{p['run_id'][:8]}{'' if pd.isna(p['stage']) else f' s{int(p.stage)}'}"
+            for p in beaten[:6]
+        )
+        lines.append(
+            f"  LoRA r={int(rung['r_max'])} ({rung['val_score']:.4f}, "
+            f"{rung['retained_params']:,.0f}) dominates {len(beaten)} SoRA point(s): {names}"
+            + (", …" if len(beaten) > 6 else "")
+        )
+    return lines
 
 
 def _stage_name(stage: int | None) -> str:

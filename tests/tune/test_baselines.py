@@ -5,6 +5,9 @@ import mlflow
 import optuna
 import pytest
 
+from sora_tune.cli import search_summary
+from sora_tune.pareto import format_table
+from sora_tune.registry import choose_trial
 from sora_tune.tune import SearchConfig, run_search
 from sora_tune.tune.baselines import ladder_ranks, ladder_trials
 from sora_tune.tune.space import SearchSpace
@@ -70,3 +73,16 @@ def test_a_search_runs_the_ladder_beside_sora(local_ray, tiny_trial, write_space
     study = optuna.load_study(study_name="ladder", storage=config.optuna_storage)
     assert len(study.trials) == 2
     assert {t.params["r_max"] for t in study.trials} <= {2, 4}
+    # The end of the search compares SoRA's front with the ladder, and draws it.
+    summary = search_summary(search)
+    assert "against the LoRA ladder (3 runs, ranks 1, 2, 4):" in summary
+    assert (
+        "hypervolume SoRA / ladder" in summary and "SoRA points above the ladder's line" in summary
+    )
+    report = choose_trial(
+        experiment_name="ladder", parent_run_id=search.parent_run_id, tracking_uri=uri
+    )
+    assert report.ladder is not None
+    assert report.ladder.above + report.ladder.on + report.ladder.below == 2
+    assert report.table.loc[report.table["selected"], "method"].tolist() == ["sora"]
+    assert "against the LoRA ladder" in format_table(report)
