@@ -296,8 +296,10 @@ class EpochStats:
 
     loss: float  # mean training loss per example
     examples: int  # rows trained on
+    steps: int  # optimizer steps taken
     seconds: float  # wall time of the pass
     padding_ratio: float  # padded share of the token slots
+    scoring_seconds: float = 0.0  # wall time of scoring the epoch, set once it is scored
 
 
 def train_epoch(
@@ -339,6 +341,7 @@ def train_epoch(
     return EpochStats(
         loss=loss_sum / max(examples, 1),
         examples=examples,
+        steps=len(loader),
         seconds=time.perf_counter() - start,
         padding_ratio=padded / max(tokens, 1),
     )
@@ -517,20 +520,12 @@ def train_trial(
     optimization = configure_optimization(
         model, config, steps_per_epoch=steps_per_epoch, device=device, precision=precision
     )
-    schedule, stage_xis = config.xi_plan(), config.stage_xis(steps_per_epoch)
-    stage_spans, stage_ends = config.stage_spans(), config.stage_end_epochs()
-    gates = optimization.gate_optimizer
+    history = load_checkpoint(checkpoint, model, optimization) if checkpoint is not None else []
 
-    history: list[dict[str, Any]] = []
-    if checkpoint is not None:
-        history = load_checkpoint(checkpoint, model, optimization)
-    train_time = history[-1]["train_time_s"] if history else 0.0
+    # The loop: train an epoch, score it, checkpoint it, report it
     status = "finished"
-
     for epoch in range(len(history), config.epochs):
-        stage = schedule.stage_at(epoch)
-        if gates is not None and gates.xi != stage_xis[stage]:
-            gates.xi = stage_xis[stage]
+        set_stage_xi(optimization, config, epoch, steps_per_epoch)
         stats = train_epoch(
             model,
             train_loader,
@@ -546,33 +541,71 @@ def train_trial(
             break
         scoring_start = time.perf_counter()
         scores = score_epoch(model, eval_loaders, task, device, precision, progress)
-        epoch_time = stats.seconds + time.perf_counter() - scoring_start
-        train_time += epoch_time
-        xi = gates.xi if gates is not None else 0.0
-        metrics: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "train_loss": stats.loss,
-            **scores,
-            "nonzero_rank": sum(rank_pattern(model).values()),
-            "retained_params": retained_params(model),
-            "stage": stage,
-            "xi": xi,
-            # what ξ can take off a gate over its stage: the pressure that transfers across sizes
-            "xi_total": xi * steps_per_epoch * len(stage_spans[stage]),
-            "epoch_time_s": epoch_time,
-            "train_time_s": train_time,
-            "examples_per_s": stats.examples / stats.seconds,
-            "padding_ratio": stats.padding_ratio,
-        }
-        history.append(metrics)
-        if epoch + 1 in stage_ends and metrics["nonzero_rank"] > 0:
-            # A point of the front this trial traces: its pruned adapter, servable on its own.
-            export_peft(model, stage_adapter_dir(output_dir, stage))
-        checkpoint = save_checkpoint(output_dir, epoch + 1, config, model, optimization, history)
+        stats.scoring_seconds = time.perf_counter() - scoring_start
+        history.append(epoch_metrics(model, optimization, config, epoch, stats, scores, history))
+        checkpoint = save_epoch(output_dir, config, model, optimization, history)
         if report is not None:
-            report(metrics, str(checkpoint))
+            report(history[-1], str(checkpoint))
 
     return _finish(model, config, output_dir, history, status, precision)
+
+
+def set_stage_xi(
+    optimization: Optimization, config: TrialConfig, epoch: int, steps_per_epoch: int
+) -> None:
+    """Give the gates the ξ of the stage `epoch` (0-based) belongs to."""
+    gates = optimization.gate_optimizer
+    xi = config.stage_xis(steps_per_epoch)[config.xi_plan().stage_at(epoch)]
+    if gates is not None and gates.xi != xi:  # paper mode sets ξ through λ: not needlessly
+        gates.xi = xi
+
+
+def epoch_metrics(
+    model: torch.nn.Module,
+    optimization: Optimization,
+    config: TrialConfig,
+    epoch: int,
+    stats: EpochStats,
+    scores: dict[str, float],
+    history: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """What is reported and logged of `epoch` (0-based), after the epochs in `history`:
+    `REPORT_KEYS` and the task's scores."""
+    stage = config.xi_plan().stage_at(epoch)
+    gates = optimization.gate_optimizer
+    xi = gates.xi if gates is not None else 0.0
+    epoch_time = stats.seconds + stats.scoring_seconds
+    return {
+        "epoch": epoch + 1,
+        "train_loss": stats.loss,
+        **scores,
+        "nonzero_rank": sum(rank_pattern(model).values()),
+        "retained_params": retained_params(model),
+        "stage": stage,
+        "xi": xi,
+        # what ξ can take off a gate over its stage: the pressure that transfers across sizes
+        "xi_total": xi * stats.steps * len(config.stage_spans()[stage]),
+        "epoch_time_s": epoch_time,
+        "train_time_s": (history[-1]["train_time_s"] if history else 0.0) + epoch_time,
+        "examples_per_s": stats.examples / stats.seconds,
+        "padding_ratio": stats.padding_ratio,
+    }
+
+
+def save_epoch(
+    output_dir: Path,
+    config: TrialConfig,
+    model: torch.nn.Module,
+    optimization: Optimization,
+    history: list[dict[str, Any]],
+) -> Path:
+    """After the epoch that ends `history`: the stage's pruned adapter if the epoch ends a stage
+    of a front-tracing trial (a point of its front, servable on its own), then the checkpoint."""
+    metrics = history[-1]
+    stage = config.stage_end_epochs().get(metrics["epoch"])
+    if stage is not None and metrics["nonzero_rank"] > 0:
+        export_peft(model, stage_adapter_dir(output_dir, stage))
+    return save_checkpoint(output_dir, metrics["epoch"], config, model, optimization, history)
 
 
 def _progress(loader, enabled: bool, description: str):
