@@ -21,7 +21,7 @@ import mlflow
 import pandas as pd
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
-from mlflow.entities import Run
+from mlflow.entities import Experiment, Run
 from mlflow.exceptions import MlflowException
 
 from ..front import OBJECTIVES as SEARCH_OBJECTIVES
@@ -168,55 +168,16 @@ def load_trial_runs(
     """
     if (experiment_name is None) == (parent_run_id is None):
         raise ValueError("give exactly one of experiment_name and parent_run_id")
-    note = None
     client = MlflowClient(existing_store(tracking_uri or mlflow.get_tracking_uri()))
     if parent_run_id is not None:
-        try:
-            parent = client.get_run(parent_run_id)
-        except MlflowException as err:
-            raise ValueError(f"no MLflow run with id {parent_run_id!r}") from err
-        experiment = client.get_experiment(parent.info.experiment_id)
-        runs = _search_runs(
-            client, experiment.experiment_id, f"tags.mlflow.parentRunId = '{parent_run_id}'"
-        )
+        experiment, runs = _search_trials(client, parent_run_id)
+        note = None
     else:
-        experiment = client.get_experiment_by_name(experiment_name)
-        if experiment is None:
-            names = sorted(e.name for e in client.search_experiments())
-            raise ValueError(
-                f"no MLflow experiment named {experiment_name!r} in {client.tracking_uri}; "
-                f"it has {', '.join(map(repr, names)) or 'no experiment'}"
-            )
-        runs = _search_runs(client, experiment.experiment_id)
-        searches = sorted(
-            (r for r in runs if r.data.tags.get(ROLE_TAG) == "search"),
-            key=lambda r: r.info.start_time or 0,
-        )
-        if searches:  # the newest search's trials, never a mix of searches
-            newest = searches[-1]
-            parent_run_id = newest.info.run_id
-            runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_run_id]
-            note = (
-                f"using the newest search of {experiment_name!r}: {newest.info.run_name} "
-                f"({parent_run_id})"
-            )
-            if len(searches) > 1:
-                note += (
-                    f"; the experiment holds {len(searches)} searches, pass --parent-run-id "
-                    "(parent_run_id) to choose another"
-                )
+        experiment, runs, parent_run_id, note = _newest_search_trials(client, experiment_name)
+    trials = [run for run in runs if run.data.tags.get(ROLE_TAG) != "search"]
 
-    rows, left_out, timeline, stopped = [], [], [], {}
-    for run in runs:
-        if run.data.tags.get(ROLE_TAG) == "search":
-            continue
-        timeline.append(
-            {
-                "run_id": run.info.run_id,
-                "end_time": (run.info.end_time or run.info.start_time or 0) / 1000,
-                "train_time_s": run.data.metrics.get("train_time_s", math.nan),
-            }
-        )
+    rows, left_out, stopped = [], [], {}
+    for run in trials:
         if STOPPED_TAG in run.data.tags:
             stopped[run.info.run_id] = int(run.data.tags[STOPPED_TAG])
         reason = _left_out_reason(run)
@@ -229,22 +190,87 @@ def load_trial_runs(
             left_out.append(_left_out(run, f"{reason}; its completed stages are candidates"))
         else:
             left_out.append(_left_out(run, reason))
-    table = pd.DataFrame(rows, columns=list(COLUMNS))
-    table["r_max"] = pd.to_numeric(table["r_max"], errors="coerce").astype("Int64")
-    table["stage"] = pd.to_numeric(table["stage"], errors="coerce").astype("Int64")
-    table = table.sort_values(["retained_params", "run_id", "stage"], ignore_index=True)
     return TrialRuns(
-        table=table,
+        table=_candidate_table(rows),
         left_out=left_out,
         experiment_name=experiment.name,
         parent_run_id=parent_run_id,
         tracking_uri=client.tracking_uri,
-        timeline=pd.DataFrame(timeline, columns=["run_id", "end_time", "train_time_s"]).sort_values(
-            "end_time", ignore_index=True
-        ),
+        timeline=_timeline(trials),
         note=note,
         stopped=stopped,
     )
+
+
+def _search_trials(client: MlflowClient, parent_run_id: str) -> tuple[Experiment, list[Run]]:
+    """The experiment of the search run `parent_run_id` and the runs nested under it."""
+    try:
+        parent = client.get_run(parent_run_id)
+    except MlflowException as err:
+        raise ValueError(f"no MLflow run with id {parent_run_id!r}") from err
+    experiment = client.get_experiment(parent.info.experiment_id)
+    runs = _search_runs(
+        client, experiment.experiment_id, f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    )
+    return experiment, runs
+
+
+def _newest_search_trials(
+    client: MlflowClient, experiment_name: str
+) -> tuple[Experiment, list[Run], str | None, str | None]:
+    """The experiment `experiment_name`, the trials of its newest search (never a mix of
+    searches; every run when it holds no search), that search's run id and a note saying which
+    search was read."""
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise ValueError(
+            f"no MLflow experiment named {experiment_name!r} in {client.tracking_uri}; "
+            f"it has {', '.join(map(repr, names)) or 'no experiment'}"
+        )
+    runs = _search_runs(client, experiment.experiment_id)
+    searches = sorted(
+        (r for r in runs if r.data.tags.get(ROLE_TAG) == "search"),
+        key=lambda r: r.info.start_time or 0,
+    )
+    if not searches:
+        return experiment, runs, None, None
+    newest = searches[-1]
+    parent_run_id = newest.info.run_id
+    note = (
+        f"using the newest search of {experiment_name!r}: {newest.info.run_name} ({parent_run_id})"
+    )
+    if len(searches) > 1:
+        note += (
+            f"; the experiment holds {len(searches)} searches, pass --parent-run-id "
+            "(parent_run_id) to choose another"
+        )
+    runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_run_id]
+    return experiment, runs, parent_run_id, note
+
+
+def _candidate_table(rows: list[dict]) -> pd.DataFrame:
+    """`TrialRuns.table` of the candidate rows."""
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    table["r_max"] = pd.to_numeric(table["r_max"], errors="coerce").astype("Int64")
+    table["stage"] = pd.to_numeric(table["stage"], errors="coerce").astype("Int64")
+    return table.sort_values(["retained_params", "run_id", "stage"], ignore_index=True)
+
+
+def _timeline(trials: list[Run]) -> pd.DataFrame:
+    """`TrialRuns.timeline` of every trial run, candidate or not."""
+    timeline = pd.DataFrame(
+        [
+            {
+                "run_id": run.info.run_id,
+                "end_time": (run.info.end_time or run.info.start_time or 0) / 1000,
+                "train_time_s": run.data.metrics.get("train_time_s", math.nan),
+            }
+            for run in trials
+        ],
+        columns=["run_id", "end_time", "train_time_s"],
+    )
+    return timeline.sort_values("end_time", ignore_index=True)
 
 
 def _search_runs(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list[Run]:
