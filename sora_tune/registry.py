@@ -25,10 +25,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version as installed_version
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
@@ -196,6 +198,39 @@ def log_trial_model(
     client = MlflowClient(tracking_uri)
     run = client.get_run(run_id)
     folder = "adapter" if stage is None else stage_artifact(stage)
+    weights = _adapter_weights(client, run_id, folder, allow_pickle=allow_pickle)
+    info = _model_info(run, pickled=weights == PICKLED_ADAPTER_WEIGHTS)
+    task = get_task(info["task"])
+    with tempfile.TemporaryDirectory(prefix="sora-model-") as staging:
+        artifacts = _write_model_files(Path(staging), client, run, folder, weights, info)
+        with _tracking_uri(tracking_uri):
+            # Made up front, the LoggedModel names the trial as its source run without logging
+            # into (and so reopening) the finished trial run.
+            logged = mlflow.initialize_logged_model(
+                name="model",
+                source_run_id=run_id,
+                params=run.data.params,
+                experiment_id=run.info.experiment_id,
+            )
+            return mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(PYFUNC_FILE),
+                artifacts=artifacts,
+                signature=_signature(task),
+                input_example=_input_example(task),
+                pip_requirements=_requirements(info["base_model"]),
+                metadata=info,
+                model_id=logged.model_id,
+            )
+
+
+def _adapter_weights(client: MlflowClient, run_id: str, folder: str, *, allow_pickle: bool) -> str:
+    """The weights file of the adapter in the run's artifact `folder`: the safetensors file, or
+    with `allow_pickle` PEFT's older pickle.
+
+    Raises:
+        ValueError: no such artifact, no adapter config, or no weights it may load.
+    """
     found = {Path(artifact.path).name for artifact in client.list_artifacts(run_id, folder)}
     if not found:
         raise ValueError(
@@ -204,65 +239,58 @@ def log_trial_model(
         )
     if ADAPTER_CONFIG not in found:
         raise ValueError(f"the {folder}/ artifact of run {run_id} lacks {ADAPTER_CONFIG}")
-    weights = ADAPTER_WEIGHTS
-    if ADAPTER_WEIGHTS not in found:
-        if PICKLED_ADAPTER_WEIGHTS not in found:
-            raise ValueError(f"the {folder}/ artifact of run {run_id} lacks {ADAPTER_WEIGHTS}")
-        if not allow_pickle:
-            raise ValueError(
-                f"the {folder}/ artifact of run {run_id} lacks {ADAPTER_WEIGHTS}; its "
-                f"{PICKLED_ADAPTER_WEIGHTS} is a pickle, which can run code when loaded: convert "
-                "it to safetensors, or pass --allow-pickle (allow_pickle=True) if you trust it"
-            )
-        weights = PICKLED_ADAPTER_WEIGHTS
+    if ADAPTER_WEIGHTS in found:
+        return ADAPTER_WEIGHTS
+    if PICKLED_ADAPTER_WEIGHTS not in found:
+        raise ValueError(f"the {folder}/ artifact of run {run_id} lacks {ADAPTER_WEIGHTS}")
+    if not allow_pickle:
+        raise ValueError(
+            f"the {folder}/ artifact of run {run_id} lacks {ADAPTER_WEIGHTS}; its "
+            f"{PICKLED_ADAPTER_WEIGHTS} is a pickle, which can run code when loaded: convert "
+            "it to safetensors, or pass --allow-pickle (allow_pickle=True) if you trust it"
+        )
+    return PICKLED_ADAPTER_WEIGHTS
+
+
+def _base_model(run: Run) -> str | None:
+    """The trial's `model` param as given; `None` for the packaged backbone."""
+    model = run.data.params.get("model", "None")
+    return None if model == "None" else model
+
+
+def _model_info(run: Run, *, pickled: bool) -> dict[str, Any]:
+    """`model_info.json` of a trial run's model: what serving needs besides the weights."""
     params = run.data.params
     task = get_task(params["task"])
-    model = None if params.get("model", "None") == "None" else params["model"]
     info = {
         "task": task.name,
         "text_fields": list(task.text_fields),
         "label_names": list(task.label_names) if task.label_names else None,
         "max_length": int(params["max_length"]),
-        "base_model": _base_model_reference(model),
+        "base_model": _base_model_reference(_base_model(run)),
         # The registered model predicts in the precision its trial scored in, so the version's
         # tags are the scores a user gets. Runs of older versions trained in fp32.
         "precision": run.data.tags.get(PRECISION_TAG, "fp32"),
     }
-    if weights == PICKLED_ADAPTER_WEIGHTS:
+    if pickled:
         info["allow_pickle"] = True  # the serving side loads a pickle only when this says so
-    with tempfile.TemporaryDirectory(prefix="sora-model-") as staging:
-        staging = Path(staging)
-        (staging / "adapter").mkdir()
-        for name in (ADAPTER_CONFIG, weights):  # and nothing else
-            client.download_artifacts(run_id, f"{folder}/{name}", str(staging / "adapter"))
-        AutoTokenizer.from_pretrained(model or default_model()).save_pretrained(
-            staging / "tokenizer"
-        )
-        (staging / "model_info.json").write_text(json.dumps(info, indent=1))
+    return info
 
-        with _tracking_uri(tracking_uri):
-            # Made up front, the LoggedModel names the trial as its source run without logging
-            # into (and so reopening) the finished trial run.
-            logged = mlflow.initialize_logged_model(
-                name="model",
-                source_run_id=run_id,
-                params=params,
-                experiment_id=run.info.experiment_id,
-            )
-            return mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(PYFUNC_FILE),
-                artifacts={
-                    "adapter": str(staging / "adapter"),
-                    "tokenizer": str(staging / "tokenizer"),
-                    "model_info": str(staging / "model_info.json"),
-                },
-                signature=_signature(task),
-                input_example=_input_example(task),
-                pip_requirements=_requirements(info["base_model"]),
-                metadata=info,
-                model_id=logged.model_id,
-            )
+
+def _write_model_files(
+    staging: Path, client: MlflowClient, run: Run, folder: str, weights: str, info: dict
+) -> dict[str, str]:
+    """The model's files in `staging`: the adapter (its config and `weights`, nothing else),
+    the base model's tokenizer and `model_info.json`. Returns them as pyfunc artifacts."""
+    (staging / "adapter").mkdir()
+    for name in (ADAPTER_CONFIG, weights):
+        client.download_artifacts(run.info.run_id, f"{folder}/{name}", str(staging / "adapter"))
+    tokenizer = AutoTokenizer.from_pretrained(_base_model(run) or default_model())
+    tokenizer.save_pretrained(staging / "tokenizer")
+    (staging / "model_info.json").write_text(json.dumps(info, indent=1))
+    return {name: str(staging / name) for name in ("adapter", "tokenizer")} | {
+        "model_info": str(staging / "model_info.json")
+    }
 
 
 def register(
@@ -315,18 +343,10 @@ def register(
     client = MlflowClient(tracking_uri)
     ranks = _rank_pattern(client, run_id, stage)
     chosen = result.selected
-    tags = {
-        "task": info.metadata["task"],
-        "val_score": str(chosen["val_score"]),
-        "test_score": str(chosen["test_score"]),
-        "retained_params": str(int(chosen["retained_params"])),
-        "rank_pattern": json.dumps(ranks, separators=(",", ":"))[:MAX_RANK_TAG_CHARS],
-        "source_run_id": run_id,
-        "stage": "final" if stage is None else str(stage),
-        "selection_rule": result.rule,
-    }
     with _tracking_uri(tracking_uri):
-        version = mlflow.register_model(info.model_uri, name, tags=tags)
+        version = mlflow.register_model(
+            info.model_uri, name, tags=_version_tags(result, info, ranks)
+        )
     client.set_registered_model_alias(name, CHAMPION, version.version)
     return RegisteredAdapter(
         name=name,
@@ -340,6 +360,22 @@ def register(
         stage=stage,
         note=result.note,
     )
+
+
+def _version_tags(result: ParetoResult, info: ModelInfo, ranks: dict[str, int]) -> dict[str, str]:
+    """The tags of a registered version (see `register`): the chosen trial's scores, ranks, run,
+    stage and the rule that chose it."""
+    chosen = result.selected
+    return {
+        "task": info.metadata["task"],
+        "val_score": str(chosen["val_score"]),
+        "test_score": str(chosen["test_score"]),
+        "retained_params": str(int(chosen["retained_params"])),
+        "rank_pattern": json.dumps(ranks, separators=(",", ":"))[:MAX_RANK_TAG_CHARS],
+        "source_run_id": result.selected_run_id,
+        "stage": "final" if result.selected_stage is None else str(result.selected_stage),
+        "selection_rule": result.rule,
+    }
 
 
 def _check_model_name(client: MlflowClient, name: str) -> None:
