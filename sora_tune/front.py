@@ -297,6 +297,19 @@ def select(
     if (max_params is not None) + (min_score is not None) + bool(knee) > 1:
         raise ValueError("choose at most one of max_params, min_score and knee")
     scores, params = np.asarray(scores, dtype=float), np.asarray(params, dtype=float)
+    front = _front_by_params(scores, params)
+    best = front[np.argmax(scores[front])]
+    if max_params is not None:
+        return _best_within(front, scores, params, max_params)
+    if min_score is not None:
+        return _fewest_reaching(front, scores, params, min_score, best=best)
+    if knee:
+        return _knee(front, scores, params, fallback=best)
+    return Selection(int(best), "best val_score")
+
+
+def _front_by_params(scores: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """The indices of the (val_score, retained_params) front, by params (see `select`)."""
     if scores.shape != params.shape or scores.ndim != 1:
         raise ValueError(
             f"scores and params must be 1-D of the same length, got {scores.shape} and "
@@ -308,34 +321,35 @@ def select(
     if len(front) == 0:
         raise ValueError("no run with both a val_score and a retained_params to select from")
     # Along the front, fewer params means a lower score; a stable sort keeps duplicates in input
-    # order, so argmax and [0] below pick the first copy.
-    front = front[np.argsort(params[front], kind="stable")]
-    best = front[np.argmax(scores[front])]
+    # order, so argmax and [0] pick the first copy.
+    return front[np.argsort(params[front], kind="stable")]
 
-    if max_params is not None:
-        within = front[params[front] <= max_params]
-        if len(within) == 0:
-            raise ValueError(
-                f"no run has retained_params <= {max_params:.0f}; the smallest has "
-                f"{params[front[0]]:.0f} params (val_score {scores[front[0]]:.4g})"
-            )
-        return Selection(
-            int(within[np.argmax(scores[within])]),
-            f"best val_score with retained_params <= {max_params:.0f}",
+
+def _best_within(
+    front: np.ndarray, scores: np.ndarray, params: np.ndarray, max_params: float
+) -> Selection:
+    within = front[params[front] <= max_params]
+    if len(within) == 0:
+        raise ValueError(
+            f"no run has retained_params <= {max_params:.0f}; the smallest has "
+            f"{params[front[0]]:.0f} params (val_score {scores[front[0]]:.4g})"
         )
-    if min_score is not None:
-        within = front[scores[front] >= min_score]
-        if len(within) == 0:
-            raise ValueError(
-                f"no run reaches val_score {min_score:.4g}; best is {scores[best]:.4g} with "
-                f"{params[best]:.0f} params"
-            )
-        return Selection(
-            int(within[0]), f"fewest retained_params with val_score >= {min_score:.4g}"
+    return Selection(
+        int(within[np.argmax(scores[within])]),
+        f"best val_score with retained_params <= {max_params:.0f}",
+    )
+
+
+def _fewest_reaching(
+    front: np.ndarray, scores: np.ndarray, params: np.ndarray, min_score: float, *, best: int
+) -> Selection:
+    within = front[scores[front] >= min_score]
+    if len(within) == 0:
+        raise ValueError(
+            f"no run reaches val_score {min_score:.4g}; best is {scores[best]:.4g} with "
+            f"{params[best]:.0f} params"
         )
-    if knee:
-        return _knee(front, scores, params, fallback=best)
-    return Selection(int(best), "best val_score")
+    return Selection(int(within[0]), f"fewest retained_params with val_score >= {min_score:.4g}")
 
 
 def _knee(front: np.ndarray, scores: np.ndarray, params: np.ndarray, fallback: int) -> Selection:
