@@ -173,75 +173,13 @@ def main(argv: list[str] | None = None) -> dict:
     if ray.is_initialized():
         raise RuntimeError("Ray is already initialised in this process: the Ray start is timed")
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
-        fixed = {
-            "task": args.task,
-            "data_dir": args.data_dir,
-            "model": args.model,
-            "epochs": args.epochs,
-            "max_train_samples": args.max_train_samples,
-            "max_eval_samples": args.max_eval_samples,
-            "train_eval_samples": args.train_eval_samples,
-            "batch_size": args.batch_size,
-            "max_length": args.max_length,
-            "seed": args.seed,
-            "cache_dir": args.cache_dir or str(Path(tmp) / "cache"),
-            "lam": 0.1,
-        }
-        space = SearchSpace(distributions=dict(DISTRIBUTIONS), fixed=fixed)
-        space.validate("bench_search")
-        mlflow_uri = f"sqlite:///{tmp}/mlflow.db"
-        config = SearchConfig(
-            space=space,
-            num_samples=args.num_samples,
-            sampler=args.sampler,
-            cpus_per_trial=args.cpus_per_trial,
-            storage_path=str(Path(tmp) / "ray_results"),
-            mlflow_uri=mlflow_uri,
-            experiment_name="bench-search",
-            sampler_seed=args.seed,
-        )
-
+        config = search_config(args, Path(tmp))
         # One model load, as every trial does it (the search does not share models).
         start = time.perf_counter()
-        build_model(TrialConfig.from_dict(fixed | {"r_max": 8}), total_steps=10)
+        build_model(TrialConfig.from_dict(config.space.fixed | {"r_max": 8}), total_steps=10)
         model_load_s = time.perf_counter() - start
+        timing = time_search(config, num_cpus=args.num_cpus)
 
-        data_s: list[float] = []
-        parent_s: list[float] = []
-        close_s: list[float] = []
-        experiment_s: list[float] = []
-        parents: list[tuple[str, float]] = []
-
-        wall_start = time.time()
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-        ray_start_s = time.time() - wall_start
-        try:
-            with (
-                timed_calls("prepare_data", data_s),
-                timed_calls("in_memory", data_s),
-                timed_calls("experiment_id_of", experiment_s),
-                timed_calls("start_parent_run", parent_s, parents),
-                timed_calls("close_open_runs", close_s),
-            ):
-                results = run_search(config).results
-            wall_end = time.time()
-        finally:
-            ray.shutdown()
-        trials = trial_rows(results, mlflow_uri, parents[0][0])
-
-    wall_s = wall_end - wall_start
-    train_s = sum(t["train_time_s"] or 0.0 for t in trials)
-    parts = {
-        "ray_start_s": ray_start_s,
-        "data_preparation_s": sum(data_s),
-        "mlflow_store_s": sum(experiment_s),
-        "mlflow_parent_run_s": sum(parent_s) + sum(close_s),
-        **split_wall(trials, wall_end=wall_end, parent_end=parents[0][1]),
-    }
-    # The search's end includes closing the parent run, counted above.
-    if "search_end_s" in parts:
-        parts["search_end_s"] -= sum(close_s)
-    parts["other_s"] = wall_s - train_s - sum(parts.values())
     result = {
         "benchmark": "search",
         "command": "python scripts/bench_search.py "
@@ -252,10 +190,102 @@ def main(argv: list[str] | None = None) -> dict:
             "cpus": os.cpu_count(),
             "note": "another job may share the CPU",
         },
+        **overhead(timing, model_load_s),
+        "notes": NOTES,
+        "trials": timing["trials"],
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.output, "w") as handle:
+        json.dump(result, handle, indent=2)
+    print_table(result)
+    print(f"wrote {args.output}")
+    return result
+
+
+def search_config(args: argparse.Namespace, tmp: Path) -> SearchConfig:
+    """The benchmarked search: `DISTRIBUTIONS` over the fixed settings of the flags, its MLflow
+    store and Ray storage in `tmp`."""
+    fixed = {
+        "task": args.task,
+        "data_dir": args.data_dir,
+        "model": args.model,
+        "epochs": args.epochs,
+        "max_train_samples": args.max_train_samples,
+        "max_eval_samples": args.max_eval_samples,
+        "train_eval_samples": args.train_eval_samples,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "seed": args.seed,
+        "cache_dir": args.cache_dir or str(tmp / "cache"),
+        "lam": 0.1,
+    }
+    space = SearchSpace(distributions=dict(DISTRIBUTIONS), fixed=fixed)
+    space.validate("bench_search")
+    return SearchConfig(
+        space=space,
+        num_samples=args.num_samples,
+        sampler=args.sampler,
+        cpus_per_trial=args.cpus_per_trial,
+        storage_path=str(tmp / "ray_results"),
+        mlflow_uri=f"sqlite:///{tmp}/mlflow.db",
+        experiment_name="bench-search",
+        sampler_seed=args.seed,
+    )
+
+
+def time_search(config: SearchConfig, *, num_cpus: int) -> dict:
+    """Start Ray and run the search, timing Ray's start and the search's own calls; returns the
+    clock times, the timed calls and the trials (`trial_rows`)."""
+    import ray
+
+    calls: dict[str, list[float]] = {name: [] for name in ("data", "parent", "close", "store")}
+    parents: list[tuple[str, float]] = []
+    wall_start = time.time()
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    ray_start_s = time.time() - wall_start
+    try:
+        with (
+            timed_calls("prepare_data", calls["data"]),
+            timed_calls("in_memory", calls["data"]),
+            timed_calls("experiment_id_of", calls["store"]),
+            timed_calls("start_parent_run", calls["parent"], parents),
+            timed_calls("close_open_runs", calls["close"]),
+        ):
+            results = run_search(config).results
+        wall_end = time.time()
+    finally:
+        ray.shutdown()
+    return {
+        "wall_start": wall_start,
+        "wall_end": wall_end,
+        "ray_start_s": ray_start_s,
+        "parent_end": parents[0][1],
+        "calls": {name: sum(seconds) for name, seconds in calls.items()},
+        "trials": trial_rows(results, config.mlflow_uri, parents[0][0]),
+    }
+
+
+def overhead(timing: dict, model_load_s: float) -> dict:
+    """The search's wall time split into training and the parts of `NOTES`."""
+    trials, calls = timing["trials"], timing["calls"]
+    wall_s = timing["wall_end"] - timing["wall_start"]
+    train_s = sum(t["train_time_s"] or 0.0 for t in trials)
+    parts = {
+        "ray_start_s": timing["ray_start_s"],
+        "data_preparation_s": calls["data"],
+        "mlflow_store_s": calls["store"],
+        "mlflow_parent_run_s": calls["parent"] + calls["close"],
+        **split_wall(trials, wall_end=timing["wall_end"], parent_end=timing["parent_end"]),
+    }
+    # The search's end includes closing the parent run, counted above.
+    if "search_end_s" in parts:
+        parts["search_end_s"] -= calls["close"]
+    parts["other_s"] = wall_s - train_s - sum(parts.values())
+    return {
         "wall_s": wall_s,
         "train_time_s": train_s,
         "overhead": 1 - train_s / wall_s,
-        "overhead_without_ray_start": 1 - train_s / (wall_s - ray_start_s),
+        "overhead_without_ray_start": 1 - train_s / (wall_s - timing["ray_start_s"]),
         "parts": parts,
         "included": {
             "model_load_estimate_s": model_load_s * len(trials),
@@ -263,37 +293,38 @@ def main(argv: list[str] | None = None) -> dict:
                 (t["time_total_s"] or 0.0) - (t["train_time_s"] or 0.0) for t in trials
             ),
         },
-        "notes": {
-            "train_time_s": "training plus per-epoch evaluation, as each trial reports it",
-            "data_preparation_s": "the search's prepare_data and in_memory calls",
-            "mlflow_store_s": "the search's experiment_id_of: opening (here creating) the "
-            "sqlite store and the experiment",
-            "first_trial_start_s": "from the parent run's creation to the first trial's MLflow "
-            "run: Tuner set-up, the trial actor's start and imports",
-            "trial_non_training_s": "sum over trials of the MLflow run span minus "
-            "train_time_s: model load, data loaders, params, checkpoints, pruning, export, "
-            "artifacts",
-            "between_trials_s": "gaps between one trial's run end and the next one's start: "
-            "Ray scheduling, Optuna",
-            "search_end_s": "from the last trial's run end to run_search's return, less closing "
-            "the parent run",
-            "other_s": "wall minus training and every part above",
-            "model_load_estimate_s": "one build_model timed in the driver, times the trials; "
-            "part of trial_non_training_s",
-            "trial_time_total_minus_train_s": "the same from Ray's time_total_s (start of the "
-            "trainable to its last report)",
-            "mlflow": "the parent run is timed; the trials' own MLflow logging is not separated",
-        },
-        "trials": trials,
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.output, "w") as handle:
-        json.dump(result, handle, indent=2)
 
-    print(f"{len(trials)} trials, wall {wall_s:.1f} s (another job may share the CPU)")
+
+NOTES = {
+    "train_time_s": "training plus per-epoch evaluation, as each trial reports it",
+    "data_preparation_s": "the search's prepare_data and in_memory calls",
+    "mlflow_store_s": "the search's experiment_id_of: opening (here creating) the "
+    "sqlite store and the experiment",
+    "first_trial_start_s": "from the parent run's creation to the first trial's MLflow "
+    "run: Tuner set-up, the trial actor's start and imports",
+    "trial_non_training_s": "sum over trials of the MLflow run span minus "
+    "train_time_s: model load, data loaders, params, checkpoints, pruning, export, "
+    "artifacts",
+    "between_trials_s": "gaps between one trial's run end and the next one's start: "
+    "Ray scheduling, Optuna",
+    "search_end_s": "from the last trial's run end to run_search's return, less closing "
+    "the parent run",
+    "other_s": "wall minus training and every part above",
+    "model_load_estimate_s": "one build_model timed in the driver, times the trials; "
+    "part of trial_non_training_s",
+    "trial_time_total_minus_train_s": "the same from Ray's time_total_s (start of the "
+    "trainable to its last report)",
+    "mlflow": "the parent run is timed; the trials' own MLflow logging is not separated",
+}
+
+
+def print_table(result: dict) -> None:
+    wall_s, train_s = result["wall_s"], result["train_time_s"]
+    print(f"{len(result['trials'])} trials, wall {wall_s:.1f} s (another job may share the CPU)")
     print(f"{'part':<26}{'seconds':>10}{'share of wall':>15}")
     print(f"{'training (train_time_s)':<26}{train_s:>10.1f}{train_s / wall_s:>15.1%}")
-    for name, seconds in parts.items():
+    for name, seconds in result["parts"].items():
         print(f"{name:<26}{seconds:>10.1f}{seconds / wall_s:>15.1%}")
     for name, seconds in result["included"].items():
         print(f"  (included) {name:<33}{seconds:>8.1f}")
@@ -301,8 +332,6 @@ def main(argv: list[str] | None = None) -> dict:
         f"overhead = {result['overhead']:.1%} (target <= 5%); without Ray start "
         f"{result['overhead_without_ray_start']:.1%}"
     )
-    print(f"wrote {args.output}")
-    return result
 
 
 if __name__ == "__main__":
