@@ -102,6 +102,9 @@ class TrialRecord:
     run_id: str
     config: TrialConfig
     output_dir: Path
+    # Epochs the run holds already: an earlier attempt of the trial logged them, and its
+    # checkpoint did not last (a lost worker, a search stopped between the log and Ray's copy).
+    logged_epochs: set[int] = dataclasses.field(default_factory=set)
 
     @contextlib.contextmanager
     def open(self) -> Iterator[None]:
@@ -116,6 +119,8 @@ class TrialRecord:
         self.client.update_run(self.run_id, status="RUNNING")
         params = [Param(k, v) for k, v in trial_params(self.config).items()]
         self.client.log_batch(self.run_id, params=params)
+        history = self.client.get_metric_history(self.run_id, "epoch")
+        self.logged_epochs = {int(metric.step) for metric in history}
         try:
             yield
         except Exception as err:
@@ -126,11 +131,16 @@ class TrialRecord:
             raise
 
     def log_epoch(self, metrics: dict[str, Any]) -> None:
-        """An epoch's metrics at `step=epoch`, and the stage's point if the epoch ends one."""
+        """An epoch's metrics at `step=epoch`, and the stage's point if the epoch ends one.
+        Every step holds one value: an epoch that is trained again from an earlier checkpoint
+        is not logged again (resuming is exact, so its scores are the ones logged)."""
         from .train import stage_adapter_dir  # torch, only where a trial runs
 
         now = int(time.time() * 1000)
         epoch = metrics["epoch"]
+        if epoch in self.logged_epochs:
+            return
+        self.logged_epochs.add(epoch)
         logged = [Metric(k, v, now, epoch) for k, v in numeric(metrics).items()]
         stage = self.config.stage_end_epochs().get(epoch)
         if stage is not None:  # a point of the front the trial traces
@@ -159,9 +169,10 @@ class TrialRecord:
         if adapter.exists():
             self.client.log_artifacts(self.run_id, str(adapter), artifact_path="adapter")
         self.client.log_dict(self.run_id, result.get("rank_pattern", {}), "rank_pattern.json")
-        self.client.log_metric(
-            self.run_id, "head_params", result["head_params"], step=result["epoch"]
-        )
+        if not self.client.get_metric_history(self.run_id, "head_params"):  # see log_epoch
+            self.client.log_metric(
+                self.run_id, "head_params", result["head_params"], step=result["epoch"]
+            )
         end_run(self.client, self.run_id, "FINISHED")
         return result
 

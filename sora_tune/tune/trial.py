@@ -122,8 +122,18 @@ def run_trial(trial_params: dict[str, Any], *, data=None, tracking: dict[str, st
         held_back: list[tuple[dict[str, Any], str]] = []
 
         def end_epoch(metrics: dict[str, Any], checkpoint_dir: str) -> None:
-            """The end of every epoch, after its checkpoint is written: log it to MLflow, then
-            report it to Ray, where a scheduler may stop the trial (`SystemExit`)."""
+            """The end of every epoch, after its checkpoint is written, in this order:
+
+            1. Stop if Ray has let go of the trial: an interrupted search ends the sessions of
+               the trials in flight, whose threads train on to the end of the epoch. Ray will
+               not keep this epoch's checkpoint, so a resumed search trains the epoch again,
+               and logs it then.
+            2. Log it to MLflow.
+            3. Report it with its checkpoint to Ray, where a scheduler may stop the trial
+               (`SystemExit`). The last epoch is held back until the run is complete.
+            """
+            if tune.get_context().get_trial_id() != trial_id:  # `None` once the session ended
+                raise SystemExit(f"trial {trial_id} stopped by Ray after epoch {metrics['epoch']}")
             record.log_epoch(metrics)
             metrics = {k: metrics[k] for k in LIVE_TABLE_KEYS} | metrics
             metrics |= {BUDGET_KEY: config.epochs}
