@@ -77,14 +77,16 @@ def default_device() -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`bf16`, `fp16` or `fp32` for a trial on `device`: `auto` is bf16 on a CUDA device that
-    supports it (Ampere and newer) and fp32 elsewhere, including the CPU, where bf16 autocast is
-    slower than fp32 on most processors."""
+    """`bf16`, `fp16` or `fp32` for a trial on `device`: `auto` is bf16 on a CUDA device with
+    native bf16 (Ampere and newer) and fp32 elsewhere: on older GPUs (T4, V100), which only
+    emulate bf16, slowly, and on the CPU, where bf16 autocast is slower than fp32 on most
+    processors."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
         with torch.cuda.device(device):
-            if torch.cuda.is_bf16_supported():
+            # torch counts emulation as support unless told otherwise
+            if torch.cuda.is_bf16_supported(including_emulation=False):
                 return "bf16"
     return "fp32"
 

@@ -24,9 +24,10 @@ def local_gpu_ray():
     ray.shutdown()
 
 
-def test_auto_precision_is_bf16_where_the_gpu_supports_it():
+def test_auto_precision_is_bf16_where_the_gpu_has_it_natively():
     device = torch.device("cuda:0")
-    expected = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    # Native bf16 from compute capability 8.0 (Ampere); a T4 (7.5) or V100 (7.0) emulates it.
+    expected = "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp32"
     assert resolve_precision("auto", device) == expected
 
 

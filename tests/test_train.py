@@ -1,3 +1,4 @@
+import contextlib
 import json
 
 import pytest
@@ -221,3 +222,18 @@ def test_official_gate_lr_follows_the_lr_schedule(tiny_trial):
     assert [gate for _, gate in own] == pytest.approx([10 * lr for lr, _ in own])
     paper = lrs({"lr": 1e-3, "gate_mode": "paper", "eta": 0.1})
     assert {gate for _, gate in paper} == {0.1}
+
+
+@pytest.mark.parametrize("native, expected", [(False, "fp32"), (True, "bf16")])
+def test_auto_precision_counts_only_native_bf16(native, expected, monkeypatch):
+    """A T4 or V100 emulates bf16, slowly: `auto` gives it fp32; an Ampere GPU gets bf16. The
+    capability query is stubbed, so this runs without a GPU (tests/test_gpu.py asks a real one)."""
+    from sora_tune.train import resolve_precision
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return native or including_emulation  # every CUDA GPU emulates bf16
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    assert resolve_precision("auto", torch.device("cuda:0")) == expected
+    assert resolve_precision("bf16", torch.device("cuda:0")) == "bf16"  # asked for: as asked
