@@ -135,6 +135,11 @@ class TrialConfig:
             the same units. Not with `xi`.
         xi_schedule, xi_max, xi_stages, xi_delta, xi_every, dense_epochs: The ξ schedule, see
             `XiSchedule`. With a rising schedule the learning-rate schedule restarts every stage.
+        xi_every_steps, dense_steps: The stages in optimizer steps instead of epochs (`xi_every`
+            and `dense_epochs` then do not apply); the last stage runs to the end of `epochs`.
+        eval_steps: Score, checkpoint and report every `eval_steps` optimizer steps instead of
+            every epoch. Every stage end of a rising schedule, and the end of training, are
+            scored too. A report's `epoch` is then fractional (steps done / steps per epoch).
         lr, weight_decay, warmup_ratio, max_grad_norm: AdamW for the adapter and head, with linear
             warm-up and decay; gradients of all trainable tensors are clipped together.
         precision: `auto` (bf16 on a CUDA device that supports it, else fp32), `bf16`, `fp16`
@@ -172,6 +177,13 @@ class TrialConfig:
     xi_delta: float | None = None  # ξ (or xi_total) added per stage (increment)
     xi_every: int = 1  # epochs per ξ stage
     dense_epochs: int | None = None  # epochs at the first ξ; none: xi_every
+    # On large data an epoch is long (MNLI at batch 8: ~49,000 steps), so stages and evaluations
+    # can be counted in optimizer steps instead.
+    xi_every_steps: int | None = None  # optimizer steps per ξ stage, instead of xi_every epochs
+    dense_steps: int | None = (
+        None  # steps at the first ξ, with xi_every_steps; none: xi_every_steps
+    )
+    eval_steps: int | None = None  # score, checkpoint and report every N steps; none: every epoch
     lr: float = 8e-4  # AdamW learning rate of adapter and head; the paper: 8e-4
     weight_decay: float = 0.1  # AdamW decay of adapter and head weights
     warmup_ratio: float = 0.06  # share of a stage's steps with linear warm-up, [0, 1)
@@ -228,6 +240,18 @@ class TrialConfig:
                 "val_size must be a fraction in (0, 1) or a whole number of rows, "
                 f"got {self.val_size!r}"
             )
+        for name in ("xi_every_steps", "eval_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or none, got {getattr(self, name)!r}")
+        if self.dense_steps is not None and (self.dense_steps < 0 or self.xi_every_steps is None):
+            raise ValueError(
+                f"dense_steps needs xi_every_steps and must be >= 0, got {self.dense_steps!r}"
+            )
+        if self.xi_every_steps is not None and self.dense_epochs is not None:
+            raise ValueError(
+                "give the stages in epochs (xi_every, dense_epochs) or in steps "
+                "(xi_every_steps, dense_steps), not both"
+            )
         self.sora_config()  # validates r_max, alpha, dropout, target_modules, gate_init
         self._check_schedule()
 
@@ -240,9 +264,9 @@ class TrialConfig:
                 "a rising xi schedule in paper gate_mode raises xi = eta * lam through lam, which "
                 "needs eta > 0; got eta=0"
             )
-        if schedule.total_epochs > self.epochs:
+        if self.xi_every_steps is None and schedule.length > self.epochs:
             raise ValueError(
-                f"the xi schedule needs {schedule.total_epochs} epochs ({schedule.dense_phase} "
+                f"the xi schedule needs {schedule.length} epochs ({schedule.dense_phase} "
                 f"dense, then {len(schedule.values()) - 1} stages of {schedule.every}), but "
                 f"epochs is {self.epochs}: raise epochs or shorten the schedule"
             )
@@ -267,7 +291,8 @@ class TrialConfig:
 
     def xi_plan(self) -> XiSchedule:
         """The ξ schedule in the units given: per gate step (`xi`, or η·λ in paper mode), or per
-        stage (`xi_total`; see `stage_xis` for the per-step values)."""
+        stage (`xi_total`; see `stage_xis` for the per-step values); its stages in epochs, or in
+        optimizer steps with `xi_every_steps` (see `stage_steps`)."""
         if self.gate_mode == "paper":
             xi0 = self.effective_eta * self.lam
         elif self.xi_total is not None:
@@ -280,8 +305,8 @@ class TrialConfig:
             xi_max=self.xi_max,
             stages=self.xi_stages,
             delta=self.xi_delta,
-            every=self.xi_every,
-            dense_epochs=self.dense_epochs,
+            every=self.xi_every if self.xi_every_steps is None else self.xi_every_steps,
+            dense_epochs=self.dense_epochs if self.xi_every_steps is None else self.dense_steps,
         )
 
     @property
@@ -290,29 +315,61 @@ class TrialConfig:
         the end of every stage, not one per trial (the paper's Algorithm 1, in a search)."""
         return self.method == "sora" and self.xi_schedule != "constant"
 
-    def stage_spans(self) -> dict[int, range]:
-        """`{stage: its epochs (0-based)}` of this trial's ξ schedule (`XiSchedule.stage_spans`):
-        where the learning rate restarts, how long each ξ stage lasts, which epochs end one."""
-        return self.xi_plan().stage_spans(self.epochs)
+    def stage_steps(self, steps_per_epoch: int) -> dict[int, range]:
+        """`{stage: its optimizer steps (0-based)}` of this trial's ξ schedule, for
+        `steps_per_epoch` steps an epoch (`XiSchedule.stage_spans`, in epochs or in steps):
+        where the learning rate restarts, how long each ξ stage lasts, where a stage ends."""
+        total = self.epochs * steps_per_epoch
+        if self.xi_every_steps is not None:
+            return self.xi_plan().stage_spans(total)
+        return {
+            stage: range(span.start * steps_per_epoch, span.stop * steps_per_epoch)
+            for stage, span in self.xi_plan().stage_spans(self.epochs).items()
+        }
 
-    def stage_end_epochs(self) -> dict[int, int]:
-        """`{epoch: stage}` for the epochs (1-based) that end a stage of a front-tracing trial;
-        empty for other trials."""
+    def evaluation_steps(self, steps_per_epoch: int) -> list[int]:
+        """The optimizer steps (counted from 1) after which the trial scores, checkpoints and
+        reports: every `eval_steps`, else every epoch's end, and every stage end of a rising
+        schedule, and the last step. Each lies inside one stage, so a stage never changes
+        between two evaluations."""
+        total = self.epochs * steps_per_epoch
+        every = self.eval_steps or steps_per_epoch
+        ends = {span.stop for span in self.stage_steps(steps_per_epoch).values()}
+        return sorted(set(range(every, total + 1, every)) | ends | {total})
+
+    def stage_ends(self, steps_per_epoch: int) -> dict[int, int]:
+        """`{step: stage}` for the steps that end a stage of a front-tracing trial (each leaves a
+        point of the front); empty for other trials."""
         if not self.traces_front:
             return {}
-        return {span.stop: stage for stage, span in self.stage_spans().items()}
+        return {span.stop: stage for stage, span in self.stage_steps(steps_per_epoch).items()}
+
+    def check_steps(self, steps_per_epoch: int) -> None:
+        """Refuse stages in steps that `epochs` never reaches, once the steps per epoch are known
+        (from the data, before the model loads).
+
+        Raises:
+            ValueError: naming the settings.
+        """
+        schedule = self.xi_plan()
+        total = self.epochs * steps_per_epoch
+        if self.xi_every_steps is not None and schedule.length > total:
+            raise ValueError(
+                f"the xi schedule needs {schedule.length} steps ({schedule.dense_phase} "
+                f"dense, then {len(schedule.values()) - 1} stages of {schedule.every}), but "
+                f"{self.epochs} epochs of {steps_per_epoch} steps are {total}: raise epochs or "
+                "shorten the schedule (xi_every_steps, dense_steps, xi_stages)"
+            )
 
     def stage_xis(self, steps_per_epoch: int) -> dict[int, float]:
         """`{stage: ξ per gate step}` for the stages the trial trains in, for `steps_per_epoch`
         gate steps an epoch: `xi_total` is spread over the gate steps of its stage (the last
-        stage lasts until the last epoch)."""
+        stage lasts until the end of training)."""
         values = self.xi_plan().values()
-        spans = self.stage_spans()
+        spans = self.stage_steps(steps_per_epoch)
         if self.xi_total is None:
             return {stage: values[stage] for stage in spans}
-        return {
-            stage: values[stage] / (len(span) * steps_per_epoch) for stage, span in spans.items()
-        }
+        return {stage: values[stage] / len(span) for stage, span in spans.items()}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrialConfig:
@@ -331,8 +388,13 @@ class TrialConfig:
         Raises:
             ValueError: bad settings, or an `epochs` other than the schedule's length.
         """
+        if values.get("xi_every_steps") is not None:
+            raise ValueError(
+                "sparsify runs its schedule in epochs: give xi_every and dense_epochs, not "
+                "xi_every_steps"
+            )
         unbounded = cls.from_dict(values | {"epochs": 2**31})  # only to read the schedule
-        length = unbounded.xi_plan().total_epochs
+        length = unbounded.xi_plan().length
         if values.get("epochs", length) != length:
             raise ValueError(
                 f"the xi schedule runs for {length} epochs, but epochs is {values['epochs']}: "

@@ -47,20 +47,18 @@ def run_sparsify(
     schedule = config.xi_plan()
     if schedule.kind == "constant":
         raise ValueError("sparsify needs a rising xi schedule: set xi_schedule and xi_max")
-    if config.epochs != schedule.total_epochs:
+    if config.epochs != schedule.length:
         raise ValueError(
-            f"sparsify runs the xi schedule for exactly its length, {schedule.total_epochs} "
+            f"sparsify runs the xi schedule for exactly its length, {schedule.length} "
             f"epochs; epochs is {config.epochs}"
         )
     output_dir = Path(output_dir)
     result = train_trial(config, output_dir=output_dir, progress=progress)
     # From the whole history, not from reports: a resumed or rerun sweep keeps its earlier stages.
-    stage_ends = config.stage_end_epochs()
     rows = [
         {k: metrics[k] for k in CURVE_COLUMNS if k in metrics}
-        | {"stage": stage_ends[metrics["epoch"]]}
         for metrics in result["history"]
-        if metrics["epoch"] in stage_ends
+        if metrics["stage_end"]
     ]
     write_curve(rows, output_dir / "sparsify.csv")
     plot_curve(rows, output_dir / "sparsify.png", task=config.task)

@@ -90,8 +90,8 @@ def end_run(client: MlflowClient, run_id: str, status: str, reason: str | None =
 
 @dataclass
 class TrialRecord:
-    """The MLflow run `run_id` of one trial while it trains: `open` it, `log_epoch` at the end
-    of every epoch, `close` it with the trial's result.
+    """The MLflow run `run_id` of one trial while it trains: `open` it, `log_evaluation` after
+    every evaluation (every epoch, or every `eval_steps`), `close` it with the trial's result.
 
     A front-tracing trial (`TrialConfig.traces_front`) also logs the end of every stage as soon
     as the stage ends: `stage_<key>` metrics at `step=stage` and the stage's pruned adapter (from
@@ -102,9 +102,9 @@ class TrialRecord:
     run_id: str
     config: TrialConfig
     output_dir: Path
-    # Epochs the run holds already: an earlier attempt of the trial logged them, and its
+    # Evaluations the run holds already: an earlier attempt of the trial logged them, and its
     # checkpoint did not last (a lost worker, a search stopped between the log and Ray's copy).
-    logged_epochs: set[int] = dataclasses.field(default_factory=set)
+    logged_steps: set[int] = dataclasses.field(default_factory=set)
 
     @contextlib.contextmanager
     def open(self) -> Iterator[None]:
@@ -119,8 +119,8 @@ class TrialRecord:
         self.client.update_run(self.run_id, status="RUNNING")
         params = [Param(k, v) for k, v in trial_params(self.config).items()]
         self.client.log_batch(self.run_id, params=params)
-        history = self.client.get_metric_history(self.run_id, "epoch")
-        self.logged_epochs = {int(metric.step) for metric in history}
+        history = self.client.get_metric_history(self.run_id, "evaluation")
+        self.logged_steps = {int(metric.step) for metric in history}
         try:
             yield
         except Exception as err:
@@ -130,20 +130,21 @@ class TrialRecord:
             end_run(self.client, self.run_id, "KILLED", "interrupted")
             raise
 
-    def log_epoch(self, metrics: dict[str, Any]) -> None:
-        """An epoch's metrics at `step=epoch`, and the stage's point if the epoch ends one.
-        Every step holds one value: an epoch that is trained again from an earlier checkpoint
-        is not logged again (resuming is exact, so its scores are the ones logged)."""
+    def log_evaluation(self, metrics: dict[str, Any]) -> None:
+        """An evaluation's metrics at `step=evaluation` (the epoch, when the trial evaluates
+        every epoch), and the stage's point if it ends one. Every step holds one value: an
+        evaluation that is trained again from an earlier checkpoint is not logged again
+        (resuming is exact, so its scores are the ones logged)."""
         from .train import stage_adapter_dir  # torch, only where a trial runs
 
         now = int(time.time() * 1000)
-        epoch = metrics["epoch"]
-        if epoch in self.logged_epochs:
+        step = metrics["evaluation"]
+        if step in self.logged_steps:
             return
-        self.logged_epochs.add(epoch)
-        logged = [Metric(k, v, now, epoch) for k, v in numeric(metrics).items()]
-        stage = self.config.stage_end_epochs().get(epoch)
-        if stage is not None:  # a point of the front the trial traces
+        self.logged_steps.add(step)
+        logged = [Metric(k, v, now, step) for k, v in numeric(metrics).items()]
+        if metrics["stage_end"]:  # a point of the front the trial traces
+            stage = metrics["stage"]
             logged += [
                 Metric(f"{STAGE_PREFIX}{k}", float(metrics[k]), now, stage) for k in STAGE_KEYS
             ]
@@ -169,9 +170,9 @@ class TrialRecord:
         if adapter.exists():
             self.client.log_artifacts(self.run_id, str(adapter), artifact_path="adapter")
         self.client.log_dict(self.run_id, result.get("rank_pattern", {}), "rank_pattern.json")
-        if not self.client.get_metric_history(self.run_id, "head_params"):  # see log_epoch
+        if not self.client.get_metric_history(self.run_id, "head_params"):  # see log_evaluation
             self.client.log_metric(
-                self.run_id, "head_params", result["head_params"], step=result["epoch"]
+                self.run_id, "head_params", result["head_params"], step=result["evaluation"]
             )
         end_run(self.client, self.run_id, "FINISHED")
         return result
@@ -187,17 +188,17 @@ def tracked_trial(
     **train_kwargs: Any,
 ) -> dict[str, Any]:
     """Run `train_trial` in the MLflow run `run_id` and record it (`TrialRecord`): params,
-    every epoch's metrics at `step=epoch` (then `report`, if given), the pruned adapter, its rank
+    every evaluation's metrics at `step=evaluation` (then `report`, if given), the pruned adapter, its rank
     pattern and the precision used."""
     from .train import train_trial  # torch, only where a trial runs
 
     record = TrialRecord(MlflowClient(tracking_uri), run_id, config, Path(output_dir))
 
-    def end_epoch(metrics: dict[str, Any], checkpoint: str) -> None:
-        record.log_epoch(metrics)
+    def end_evaluation(metrics: dict[str, Any], checkpoint: str) -> None:
+        record.log_evaluation(metrics)
         if report is not None:
             report(metrics, checkpoint)
 
     with record.open():
-        result = train_trial(config, report=end_epoch, output_dir=output_dir, **train_kwargs)
+        result = train_trial(config, report=end_evaluation, output_dir=output_dir, **train_kwargs)
     return record.close(result)

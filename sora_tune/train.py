@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,9 @@ from .sora import (
 )
 
 REPORT_KEYS = (
-    "epoch",
+    "epoch",  # epochs trained, fractional when evaluations fall inside an epoch (eval_steps)
+    "step",  # optimizer steps trained
+    "evaluation",  # 1, 2, …: the MLflow step of this report's metrics
     "train_loss",
     "train_score",
     "val_score",
@@ -60,9 +62,10 @@ REPORT_KEYS = (
     "nonzero_rank",
     "retained_params",
     "stage",
+    "stage_end",  # whether this evaluation ends a stage of a front-tracing trial
     "xi",
     "xi_total",
-    "epoch_time_s",
+    "epoch_time_s",  # since the last evaluation: an epoch's time unless eval_steps is set
     "train_time_s",
     "examples_per_s",
     "padding_ratio",
@@ -278,7 +281,7 @@ def configure_optimization(
 def lr_lambda(config: TrialConfig, steps_per_epoch: int) -> Callable[[int], float]:
     """Linear warm-up then linear decay to 0, restarted at every ξ stage: later stages must not
     train on a schedule that has already decayed to zero (the authors' sparsifying bug)."""
-    starts = [span.start * steps_per_epoch for span in config.stage_spans().values()]
+    starts = [span.start for span in config.stage_steps(steps_per_epoch).values()]
     bounds = [*starts, config.epochs * steps_per_epoch]
 
     def factor(step: int) -> float:
@@ -293,37 +296,51 @@ def lr_lambda(config: TrialConfig, steps_per_epoch: int) -> Callable[[int], floa
 
 
 @dataclass
-class EpochStats:
-    """What one pass over the training data did."""
+class TrainingStats:
+    """What training from one evaluation to the next did."""
 
     loss: float  # mean training loss per example
     examples: int  # rows trained on
     steps: int  # optimizer steps taken
-    seconds: float  # wall time of the pass
+    seconds: float  # wall time of the training
     padding_ratio: float  # padded share of the token slots
-    scoring_seconds: float = 0.0  # wall time of scoring the epoch, set once it is scored
+    scoring_seconds: float = 0.0  # wall time of the evaluation that follows, set once scored
 
 
-def train_epoch(
+def batches_from(loader, step: int) -> Iterator[dict]:
+    """The training batches from optimizer step `step` (0-based) on, epoch after epoch, in the
+    order an uninterrupted run sees them: a trial resumed from a checkpoint taken inside an epoch
+    goes on with that epoch's order where it stopped."""
+    epoch, offset = divmod(step, len(loader))
+    while True:
+        loader.sampler.set_epoch(epoch, start=offset * loader.batch_size)
+        yield from loader
+        epoch, offset = epoch + 1, 0
+
+
+def train_steps(
     model: torch.nn.Module,
     loader,
     optimization: Optimization,
     *,
     config: TrialConfig,
-    epoch: int,
+    start: int,
+    end: int,
     device: torch.device,
     precision: str,
     progress: bool = False,
-) -> EpochStats | None:
-    """One pass over the training data; `None` when the loss stopped being finite."""
-    start = time.perf_counter()
+) -> TrainingStats | None:
+    """Optimizer steps `start` … `end - 1` (0-based, across epochs); `None` when the loss stopped
+    being finite."""
+    began = time.perf_counter()
     model.train()
-    loader.sampler.set_epoch(epoch)
     trainable = [p for p in model.parameters() if p.requires_grad]
     gates = optimization.gate_optimizer
     loss_sum, examples, tokens, padded = 0.0, 0, 0, 0
-    bar = _progress(loader, progress, f"epoch {epoch + 1}/{config.epochs}")
-    for step, batch in enumerate(bar, start=epoch * len(loader)):
+    total = config.epochs * len(loader)
+    steps = zip(range(start, end), batches_from(loader, start), strict=False)  # batches: endless
+    bar = _progress(steps, progress, f"steps {start + 1}-{end}/{total}", total=end - start)
+    for step, batch in bar:
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(device, precision):
             loss = model(**batch).loss
@@ -340,11 +357,11 @@ def train_epoch(
         padded += mask.numel() - int(mask.sum())
         if progress:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    return EpochStats(
+    return TrainingStats(
         loss=loss_sum / max(examples, 1),
         examples=examples,
-        steps=len(loader),
-        seconds=time.perf_counter() - start,
+        steps=end - start,
+        seconds=time.perf_counter() - began,
         padding_ratio=padded / max(tokens, 1),
     )
 
@@ -382,7 +399,7 @@ def score_epoch(
     }
 
 
-CHECKPOINT_PREFIX = "checkpoint-epoch"
+CHECKPOINT_PREFIX = "checkpoint-step"
 
 
 def stage_adapter_dir(output_dir: str | os.PathLike, stage: int) -> Path:
@@ -401,15 +418,15 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 def save_checkpoint(
     output_dir: Path,
-    epoch: int,
+    step: int,
     config: TrialConfig,
     model,
     optimization: Optimization,
     history: list[dict],
 ) -> Path:
-    """Write the trial state after `epoch` (tensors as safetensors, optimizer state as a
-    tensors-only torch file), atomically, and drop older checkpoints."""
-    final = output_dir / f"{CHECKPOINT_PREFIX}{epoch}"
+    """Write the trial state after optimizer step `step` (tensors as safetensors, optimizer state
+    as a tensors-only torch file), atomically, and drop older checkpoints."""
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".checkpoint-"))
     save_adapter(model, staging / "adapter.safetensors")
     state = optimization.state_dict() | {
@@ -516,6 +533,7 @@ def train_trial(
     data = data if data is not None else prepare_data(config, tokenizer)
     train_loader, eval_loaders = make_loaders(config, data, tokenizer)
     steps_per_epoch = len(train_loader)
+    config.check_steps(steps_per_epoch)  # stages in steps that the epochs never reach
 
     # Model and optimizers
     model = build_model(config, total_steps=steps_per_epoch * config.epochs).to(device)
@@ -524,16 +542,18 @@ def train_trial(
     )
     history = load_checkpoint(checkpoint, model, optimization) if checkpoint is not None else []
 
-    # The loop: train an epoch, score it, checkpoint it, report it
+    # The loop: train to the next evaluation, score, checkpoint, report
     status = "finished"
-    for epoch in range(len(history), config.epochs):
-        set_stage_xi(optimization, config, epoch, steps_per_epoch)
-        stats = train_epoch(
+    done = history[-1]["step"] if history else 0
+    for end in [step for step in config.evaluation_steps(steps_per_epoch) if step > done]:
+        set_stage_xi(optimization, config, done, steps_per_epoch)
+        stats = train_steps(
             model,
             train_loader,
             optimization,
             config=config,
-            epoch=epoch,
+            start=done,
+            end=end,
             device=device,
             precision=precision,
             progress=progress,
@@ -544,78 +564,93 @@ def train_trial(
         scoring_start = time.perf_counter()
         scores = score_epoch(model, eval_loaders, task, device, precision, progress)
         stats.scoring_seconds = time.perf_counter() - scoring_start
-        history.append(epoch_metrics(model, optimization, config, epoch, stats, scores, history))
-        checkpoint = save_epoch(output_dir, config, model, optimization, history)
+        history.append(
+            evaluation_metrics(
+                model, optimization, config, end, steps_per_epoch, stats, scores, history
+            )
+        )
+        checkpoint = save_evaluation(output_dir, config, model, optimization, history)
         if report is not None:
             report(history[-1], str(checkpoint))
+        done = end
 
     return _finish(model, config, output_dir, history, status, precision)
 
 
+def stage_at_step(config: TrialConfig, step: int, steps_per_epoch: int) -> int:
+    """The stage in force at optimizer step `step` (0-based)."""
+    spans = config.stage_steps(steps_per_epoch)
+    return next((stage for stage, span in spans.items() if step in span), max(spans))
+
+
 def set_stage_xi(
-    optimization: Optimization, config: TrialConfig, epoch: int, steps_per_epoch: int
+    optimization: Optimization, config: TrialConfig, step: int, steps_per_epoch: int
 ) -> None:
-    """Give the gates the ξ of the stage `epoch` (0-based) belongs to."""
+    """Give the gates the ξ of the stage optimizer step `step` (0-based) belongs to."""
     gates = optimization.gate_optimizer
-    xi = config.stage_xis(steps_per_epoch)[config.xi_plan().stage_at(epoch)]
+    xi = config.stage_xis(steps_per_epoch)[stage_at_step(config, step, steps_per_epoch)]
     if gates is not None and gates.xi != xi:  # paper mode sets ξ through λ: not needlessly
         gates.xi = xi
 
 
-def epoch_metrics(
+def evaluation_metrics(
     model: torch.nn.Module,
     optimization: Optimization,
     config: TrialConfig,
-    epoch: int,
-    stats: EpochStats,
+    step: int,
+    steps_per_epoch: int,
+    stats: TrainingStats,
     scores: dict[str, float],
     history: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    """What is reported and logged of `epoch` (0-based), after the epochs in `history`:
-    `REPORT_KEYS` and the task's scores."""
-    stage = config.xi_plan().stage_at(epoch)
+    """What is reported and logged after optimizer step `step`, following the evaluations in
+    `history`: `REPORT_KEYS` and the task's scores."""
+    stage = stage_at_step(config, step - 1, steps_per_epoch)
     gates = optimization.gate_optimizer
     xi = gates.xi if gates is not None else 0.0
-    epoch_time = stats.seconds + stats.scoring_seconds
+    elapsed = stats.seconds + stats.scoring_seconds
+    epoch = step / steps_per_epoch
     return {
-        "epoch": epoch + 1,
+        "epoch": int(epoch) if epoch == int(epoch) else round(epoch, 4),
+        "step": step,
+        "evaluation": len(history) + 1,
         "train_loss": stats.loss,
         **scores,
         "nonzero_rank": sum(rank_pattern(model).values()),
         "retained_params": retained_params(model),
         "stage": stage,
+        "stage_end": step in config.stage_ends(steps_per_epoch),
         "xi": xi,
         # what ξ can take off a gate over its stage: the pressure that transfers across sizes
-        "xi_total": xi * stats.steps * len(config.stage_spans()[stage]),
-        "epoch_time_s": epoch_time,
-        "train_time_s": (history[-1]["train_time_s"] if history else 0.0) + epoch_time,
+        "xi_total": xi * len(config.stage_steps(steps_per_epoch)[stage]),
+        "epoch_time_s": elapsed,
+        "train_time_s": (history[-1]["train_time_s"] if history else 0.0) + elapsed,
         "examples_per_s": stats.examples / stats.seconds,
         "padding_ratio": stats.padding_ratio,
     }
 
 
-def save_epoch(
+def save_evaluation(
     output_dir: Path,
     config: TrialConfig,
     model: torch.nn.Module,
     optimization: Optimization,
     history: list[dict[str, Any]],
 ) -> Path:
-    """After the epoch that ends `history`: the stage's pruned adapter if the epoch ends a stage
-    of a front-tracing trial (a point of its front, servable on its own), then the checkpoint."""
+    """After the evaluation that ends `history`: the stage's pruned adapter if it ends a stage of
+    a front-tracing trial (a point of its front, servable on its own), then the checkpoint."""
     metrics = history[-1]
-    stage = config.stage_end_epochs().get(metrics["epoch"])
-    if stage is not None and metrics["nonzero_rank"] > 0:
-        export_peft(model, stage_adapter_dir(output_dir, stage))
-    return save_checkpoint(output_dir, metrics["epoch"], config, model, optimization, history)
+    if metrics["stage_end"] and metrics["nonzero_rank"] > 0:
+        export_peft(model, stage_adapter_dir(output_dir, metrics["stage"]))
+    return save_checkpoint(output_dir, metrics["step"], config, model, optimization, history)
 
 
-def _progress(loader, enabled: bool, description: str):
+def _progress(items, enabled: bool, description: str, total: int | None = None):
     if not enabled:
-        return loader
+        return items
     from tqdm.auto import tqdm
 
-    return tqdm(loader, desc=description, leave=False)
+    return tqdm(items, desc=description, leave=False, total=total)
 
 
 def _finish(

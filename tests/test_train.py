@@ -26,11 +26,13 @@ def test_short_run_learns_and_reports_every_key(tiny_trial, tmp_path):
     losses = [m["train_loss"] for m, _ in reports]
     assert losses[-1] < losses[0]
     assert result["status"] == "finished"
+    assert [m["epoch"] for m, _ in reports] == [m["evaluation"] for m, _ in reports] == [1, 2, 3, 4]
     assert result["retained_params"] == reports[-1][0]["retained_params"] > 0
     assert sum(result["rank_pattern"].values()) == result["nonzero_rank"]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epoch"] == 4
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
-    assert [p.name for p in (tmp_path / "run").glob("checkpoint-epoch*")] == ["checkpoint-epoch4"]
+    last = reports[-1][0]["step"]
+    assert [p.name for p in (tmp_path / "run").glob("checkpoint-*")] == [f"checkpoint-step{last}"]
 
 
 def test_resume_equals_uninterrupted(tiny_trial, tmp_path):
@@ -55,6 +57,68 @@ def test_stsb_regression(tiny_trial, tmp_path):
     result = train_trial(tiny_trial | {"task": "stsb", "epochs": 1}, output_dir=tmp_path)
     assert {"val_pearson", "val_spearman"} <= set(result)
     assert result["val_score"] == result["val_pearson"]
+
+
+def test_evaluations_in_steps_resume_inside_an_epoch_as_if_never_stopped(tiny_trial, tmp_path):
+    """eval_steps scores, checkpoints and reports inside an epoch; a trial stopped there goes on
+    with that epoch's data order where it stopped, and ends as an uninterrupted one."""
+    settings = tiny_trial | {"eval_steps": 2, "epochs": 2}
+    reports = []
+    full = train_trial(settings, report=lambda m, c: reports.append(m), output_dir=tmp_path / "a")
+    per_epoch = reports[-1]["step"] // 2
+    assert per_epoch % 2 == 1, "the tiny data should give an odd number of steps per epoch"
+    steps = [m["step"] for m in reports]
+    assert steps == sorted({*range(2, 2 * per_epoch + 1, 2), 2 * per_epoch})
+    assert reports[0]["epoch"] == round(2 / per_epoch, 4)
+
+    class Stop(Exception):
+        pass
+
+    def stop_inside_the_second_epoch(metrics, checkpoint):
+        if per_epoch < metrics["step"] < 2 * per_epoch:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_trial(settings, report=stop_inside_the_second_epoch, output_dir=tmp_path / "b")
+    resumed = train_trial(settings, output_dir=tmp_path / "b")
+    assert [m["step"] for m in resumed["history"]] == steps
+    for key in ("train_loss", "val_score", "test_score", "retained_params"):
+        assert resumed[key] == pytest.approx(full[key], rel=1e-6, abs=1e-9), key
+
+
+def test_a_trace_with_stages_in_steps_leaves_an_adapter_per_stage(tiny_trial, tmp_path):
+    settings = tiny_trial | {
+        "epochs": 2,
+        "lr": 2e-2,
+        "xi_schedule": "linear",
+        "xi_total": 0.0,
+        "xi_max": 0.9,
+        "xi_stages": 3,
+        "xi_every_steps": 2,
+        "dense_steps": 3,
+    }
+    result = train_trial(settings, output_dir=tmp_path)
+    ends = [(m["step"], m["stage"]) for m in result["history"] if m["stage_end"]]
+    total = result["history"][-1]["step"]
+    assert ends == [(3, 0), (5, 1), (total, 2)]
+    assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == [
+        "stage-0", "stage-1", "stage-2"
+    ]  # fmt: skip
+    # Every stage end is scored, besides the epochs' ends.
+    assert {3, 5} <= {m["step"] for m in result["history"]}
+
+
+def test_stages_in_steps_that_the_epochs_never_reach_are_refused(tiny_trial, tmp_path):
+    settings = tiny_trial | {
+        "epochs": 1,
+        "xi_schedule": "linear",
+        "xi_total": 0.0,
+        "xi_max": 0.9,
+        "xi_stages": 3,
+        "xi_every_steps": 1000,
+    }
+    with pytest.raises(ValueError, match="the xi schedule needs 3000 steps"):
+        train_trial(settings, output_dir=tmp_path)
 
 
 @pytest.mark.parametrize("method", ["lora", "adalora"])

@@ -8,6 +8,7 @@ trials of a search tokenize each split once. Batches are padded to their longest
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -154,7 +155,8 @@ def _save_atomically(dataset: Dataset, path: Path) -> None:
 class EpochSampler(Sampler[int]):
     """Row order for one epoch, reproducible from ``seed`` and the epoch number.
 
-    Call :meth:`set_epoch` before each epoch for a new order. The order of epoch ``e`` comes
+    Call :meth:`set_epoch` before each epoch for a new order (and, resuming inside an epoch,
+    the row to start from). The order of epoch ``e`` comes
     from a ``torch.Generator`` seeded from ``(seed, e)`` through NumPy's ``SeedSequence``, so a
     resumed run sees the same order and trials with nearby seeds share no epoch orders (as
     ``seed + e`` would: seed 1 epoch 0 = seed 0 epoch 1).
@@ -185,14 +187,21 @@ class EpochSampler(Sampler[int]):
         self.seed = seed
         self.group_by_length = group_by_length
         self.epoch = 0
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Draw epoch `epoch`'s order, from its `start`-th row on (a run resumed inside an
+        epoch); `len()` stays the whole epoch's, so a loader's length is its batches per epoch."""
         self.epoch = epoch
+        self.start = start
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def __iter__(self) -> Iterator[int]:
+        return itertools.islice(self._order(), self.start, None)
+
+    def _order(self) -> Iterator[int]:
         if not self.shuffle:
             if self.group_by_length:
                 return iter(np.argsort(-np.asarray(self.lengths), kind="stable").tolist())

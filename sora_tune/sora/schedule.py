@@ -30,7 +30,8 @@ class XiSchedule:
         xi_max: The last stage's ξ (`linear`, `geometric`, `increment`); > ξ0.
         stages: Number of stages K including the first (`linear`, `geometric`); ≥ 2.
         delta: δξ, the increment per stage (`increment`); > 0.
-        every: Epochs per stage after the dense phase; ≥ 1.
+        every: Epochs per stage after the dense phase; ≥ 1. (A trial with its stages in steps
+            builds the schedule in optimizer steps: `every` and `dense_epochs` are then steps.)
         dense_epochs: Epochs at ξ0 before the first raise (train to convergence first); ≥ 0.
             `None` means `every`, so ξ0 lasts as long as every other stage.
     """
@@ -84,17 +85,19 @@ class XiSchedule:
             return 0
         return min((epoch - self.dense_phase) // self.every + 1, len(self.values()) - 1)
 
-    def stage_spans(self, epochs: int) -> dict[int, range]:
-        """`{stage: its epochs (0-based)}` for the stages that `epochs` epochs of training pass
-        through, in order; the last one runs to the end. Every stage boundary of a trial (its
-        learning-rate restarts, its ξ per step, the epochs that end a stage) is read from here."""
-        starts: dict[int, int] = {}
-        for epoch in range(epochs):
-            starts.setdefault(self.stage_at(epoch), epoch)
-        ends = [*list(starts.values())[1:], epochs]
+    def stage_spans(self, length: int) -> dict[int, range]:
+        """`{stage: its units (0-based)}` for the stages that `length` units of training pass
+        through, in order; the last one runs to the end. The unit is the schedule's own: epochs,
+        or optimizer steps when a trial gives its stages in steps. Every stage boundary of a
+        trial (its learning-rate restarts, its ξ per step, the evaluations that end a stage) is
+        read from here."""
+        last = len(self.values()) - 1
+        starts = [0] + [self.dense_phase + (k - 1) * self.every for k in range(1, last + 1)]
+        ends = [*starts[1:], length]
         return {
-            stage: range(start, end)
-            for (stage, start), end in zip(starts.items(), ends, strict=True)
+            stage: range(min(start, length), min(end, length))
+            for stage, (start, end) in enumerate(zip(starts, ends, strict=True))
+            if min(start, length) < min(end, length)
         }
 
     def xi_at(self, epoch: int) -> float:
@@ -102,10 +105,10 @@ class XiSchedule:
 
     @property
     def dense_phase(self) -> int:
-        """Epochs spent at ξ0."""
+        """Epochs (or steps, see `every`) spent at ξ0."""
         return self.every if self.dense_epochs is None else self.dense_epochs
 
     @property
-    def total_epochs(self) -> int:
-        """Epochs to reach the last stage and train one full stage there."""
+    def length(self) -> int:
+        """Epochs (or steps) to reach the last stage and train one full stage there."""
         return self.dense_phase + (len(self.values()) - 1) * self.every

@@ -10,7 +10,7 @@ its position (0 = best) divided by the number recorded is at most `1/reduction_f
 otherwise: it is recorded as stopped, not failed (see `outcome`).
 
 Baselines (LoRA, AdaLoRA) are never ranked. A front-tracing trial is recorded at a rung only at
-the end of a stage (its reports carry `STAGE_END_KEY`): at the first stage end at or after the
+the end of a stage (`COMPARABLE_KEY` in its reports): at the first stage end at or after the
 rung, so that its point is compared at a stage's end, pruned, not in the middle of its dense
 phase where `retained_params` is only r_max's.
 
@@ -28,7 +28,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from ..front import epsilon_net_order, nondominated_ranks
 from .state import read_json, write_json
-from .trial import STAGE_END_KEY
+from .trial import COMPARABLE_KEY
 
 RUNGS_FILE = "sora_tune_rungs.json"
 
@@ -115,7 +115,7 @@ class ParetoSuccessiveHalving(FIFOScheduler):
     def on_trial_result(self, tune_controller, trial, result: dict[str, Any]) -> str:
         if (
             getattr(trial, "config", {}).get("method", "sora") != "sora"  # a baseline
-            or not result.get(STAGE_END_KEY, True)
+            or not result.get(COMPARABLE_KEY, True)
             or any(key not in result for key in self.directions)
         ):
             return TrialScheduler.CONTINUE

@@ -275,7 +275,8 @@ def _make_tuner(config: SearchConfig, tracking: dict[str, str], data, resume):
         scheduler = tune.schedulers.ASHAScheduler(
             metric="val_score",
             mode=RAY_MODES[OBJECTIVES["val_score"]],
-            time_attr="training_iteration",
+            # Epochs trained, fractional with eval_steps: a count of reports would not be epochs.
+            time_attr="epoch",
             max_t=max_epochs,
             grace_period=config.grace_period,
             reduction_factor=config.reduction_factor or 4,  # Ray's default

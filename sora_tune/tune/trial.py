@@ -18,22 +18,23 @@ from ..tracking import DEVICE_TAG, ROLE_TAG, TrialRecord
 # Reported with every epoch, so that whoever reads a trial's last result (the searcher, a
 # scheduler, the end-of-search table) can tell a trial stopped early from one that finished.
 BUDGET_KEY = "budget_epochs"
-# In a front-tracing trial's reports: whether the epoch ends a stage (Pareto early stopping
-# compares such a trial at stage ends only, where its adapter is pruned to the stage's ranks).
-STAGE_END_KEY = "stage_end"
+# In every report: whether Pareto early stopping may compare it with other trials at a rung. A
+# front-tracing trial is compared at stage ends only, where its adapter is pruned to the stage's
+# ranks, not in its dense phase, where retained_params is only r_max's.
+COMPARABLE_KEY = "comparable"
 # In a front-tracing trial's last result: the objectives at the end of every stage.
 STAGE_POINTS_KEY = "stage_points"
 # Reported first: Ray's live table shows a result's first four metrics.
 LIVE_TABLE_KEYS = ("epoch", "val_score", "retained_params", "test_score")
 
 
-def stage_points(history: list[dict[str, Any]], stage_ends: dict[int, int]) -> list[dict]:
+def stage_points(history: list[dict[str, Any]]) -> list[dict]:
     """The objectives at the end of every stage of a front-tracing trial, from its history."""
     return [
-        {"stage": stage_ends[h["epoch"]], "nonzero_rank": h["nonzero_rank"]}
+        {"stage": h["stage"], "nonzero_rank": h["nonzero_rank"]}
         | {key: h[key] for key in OBJECTIVES}
         for h in history
-        if h["epoch"] in stage_ends
+        if h["stage_end"]
     ]
 
 
@@ -109,8 +110,6 @@ def run_trial(trial_params: dict[str, Any], *, data=None, tracking: dict[str, st
     client.set_tag(run_id, "ray_node_id", ray.get_runtime_context().get_node_id())
     client.set_tag(run_id, DEVICE_TAG, device)
 
-    stage_ends = config.stage_end_epochs()
-
     checkpoint = tune.get_checkpoint()
     # Not in the trial's Ray folder, which Ray copies to the storage path while trials write:
     # what lasts is reported as checkpoints and logged to MLflow.
@@ -121,7 +120,7 @@ def run_trial(trial_params: dict[str, Any], *, data=None, tracking: dict[str, st
         record = TrialRecord(client, run_id, config, Path(output_dir))
         held_back: list[tuple[dict[str, Any], str]] = []
 
-        def end_epoch(metrics: dict[str, Any], checkpoint_dir: str) -> None:
+        def end_evaluation(metrics: dict[str, Any], checkpoint_dir: str) -> None:
             """The end of every epoch, after its checkpoint is written, in this order:
 
             1. Stop if Ray has let go of the trial: an interrupted search ends the sessions of
@@ -134,11 +133,10 @@ def run_trial(trial_params: dict[str, Any], *, data=None, tracking: dict[str, st
             """
             if tune.get_context().get_trial_id() != trial_id:  # `None` once the session ended
                 raise SystemExit(f"trial {trial_id} stopped by Ray after epoch {metrics['epoch']}")
-            record.log_epoch(metrics)
+            record.log_evaluation(metrics)
             metrics = {k: metrics[k] for k in LIVE_TABLE_KEYS} | metrics
             metrics |= {BUDGET_KEY: config.epochs}
-            if config.traces_front:
-                metrics[STAGE_END_KEY] = metrics["epoch"] in stage_ends
+            metrics[COMPARABLE_KEY] = metrics["stage_end"] or not config.traces_front
             if metrics["epoch"] == config.epochs:
                 # Held back until the run is complete: a scheduler may stop a trial at its last
                 # epoch (ASHA at max_t), and Ray stops it inside the report.
@@ -149,7 +147,7 @@ def run_trial(trial_params: dict[str, Any], *, data=None, tracking: dict[str, st
         with record.open():
             result = train_trial(
                 config,
-                report=end_epoch,
+                report=end_evaluation,
                 output_dir=output_dir,
                 data=data,
                 resume_from=resume_from,
@@ -157,7 +155,7 @@ def run_trial(trial_params: dict[str, Any], *, data=None, tracking: dict[str, st
             )
         record.close(result)
         for metrics, checkpoint_dir in held_back:
-            points = stage_points(result["history"], stage_ends)
+            points = stage_points(result["history"])
             tune.report(
                 metrics | ({STAGE_POINTS_KEY: points} if points else {}),
                 checkpoint=tune.Checkpoint.from_directory(checkpoint_dir),

@@ -14,7 +14,7 @@ def test_linear_stages_and_dense_phase():
     assert schedule.values() == pytest.approx([1e-5, 4e-5, 7e-5, 1e-4])
     stages = [schedule.stage_at(e) for e in range(12)]
     assert stages == [0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 3, 3]
-    assert schedule.total_epochs == 3 + 3 * 2
+    assert schedule.length == 3 + 3 * 2
 
 
 def test_geometric_is_even_on_a_log_scale():

@@ -101,7 +101,7 @@ def test_a_front_tracing_trial_meets_a_rung_at_a_stage_end():
     trial = SimpleNamespace(trial_id="t")
 
     def report(epoch: int, stage_end: bool) -> str:
-        result = {"epoch": epoch, "val_score": 0.8, "retained_params": 100, "stage_end": stage_end}
+        result = {"epoch": epoch, "val_score": 0.8, "retained_params": 100, "comparable": stage_end}
         return scheduler.on_trial_result(None, trial, result)
 
     report(1, stage_end=False)
