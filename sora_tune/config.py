@@ -180,9 +180,7 @@ class TrialConfig:
     # On large data an epoch is long (MNLI at batch 8: ~49,000 steps), so stages and evaluations
     # can be counted in optimizer steps instead.
     xi_every_steps: int | None = None  # optimizer steps per ξ stage, instead of xi_every epochs
-    dense_steps: int | None = (
-        None  # steps at the first ξ, with xi_every_steps; none: xi_every_steps
-    )
+    dense_steps: int | None = None  # steps at ξ0 before the first raise; none: xi_every_steps
     eval_steps: int | None = None  # score, checkpoint and report every N steps; none: every epoch
     lr: float = 8e-4  # AdamW learning rate of adapter and head; the paper: 8e-4
     weight_decay: float = 0.1  # AdamW decay of adapter and head weights
