@@ -176,7 +176,7 @@ class TrialConfig:
     xi_stages: int | None = None  # K stages, the first included (linear, geometric)
     xi_delta: float | None = None  # ξ (or xi_total) added per stage (increment)
     xi_every: int = 1  # epochs per ξ stage
-    dense_epochs: int | None = None  # epochs at the first ξ; none: xi_every
+    dense_epochs: int | None = None  # epochs at the first ξ, 0: none; none: xi_every
     # On large data an epoch is long (MNLI at batch 8: ~49,000 steps), so stages and evaluations
     # can be counted in optimizer steps instead.
     xi_every_steps: int | None = None  # optimizer steps per ξ stage, instead of xi_every epochs

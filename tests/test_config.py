@@ -92,3 +92,13 @@ def test_for_schedule_takes_epochs_from_the_schedule_and_refuses_others():
     assert TrialConfig.for_schedule(values | {"epochs": 4}).epochs == 4
     with pytest.raises(ValueError, match="the xi schedule runs for 4 epochs, but epochs is 7"):
         TrialConfig.for_schedule(values | {"epochs": 7})
+
+
+def test_no_dense_phase_starts_at_the_first_raise():
+    # dense_epochs 0: stage 0 (ξ0) never trains; the first epoch is already at stage 1.
+    config = TrialConfig(
+        xi_total=0.1, xi_schedule="linear", xi_max=0.5, xi_stages=3, dense_epochs=0, epochs=3
+    )
+    assert config.stage_spans() == {1: range(0, 1), 2: range(1, 3)}
+    assert config.stage_xis(10) == pytest.approx({1: 0.3 / 10, 2: 0.5 / 20})
+    assert config.stage_end_epochs() == {1: 1, 3: 2}

@@ -98,6 +98,11 @@ def commands(inputs: dict, tmp_path: Path) -> dict[str, list[str]]:
             "--config",
             space(trial | {"xi": {"type": "uniform", "low": -1e-4, "high": 1e-3}}),
         ],
+        "fractional-epochs": [
+            "search",
+            "--config",
+            space(trial | {"epochs": {"type": "uniform", "low": 1, "high": 4}}),
+        ],
         "bad-flag-value": [*search, "--r-max", "eight"],
         "unknown-sampler": [*search, "--sampler", "bayes"],
         "gpus-per-trial": [*search, "--gpus-per-trial", "2"],

@@ -33,6 +33,7 @@ class XiSchedule:
         every: Epochs per stage after the dense phase; ≥ 1. (A trial with its stages in steps
             builds the schedule in optimizer steps: `every` and `dense_epochs` are then steps.)
         dense_epochs: Epochs at ξ0 before the first raise (train to convergence first); ≥ 0.
+            0: no dense phase, training starts at stage 1 and ξ0 only anchors the values.
             `None` means `every`, so ξ0 lasts as long as every other stage.
     """
 

@@ -262,7 +262,7 @@ def _make_tuner(config: SearchConfig, tracking: dict[str, str], data, resume):
     if config.max_concurrent:
         searcher = ConcurrencyLimiter(searcher, max_concurrent=config.max_concurrent)
     scheduler = None
-    max_epochs = max(space.values("epochs"))
+    max_epochs = space.largest("epochs")  # trials may differ in budget: rungs go up to the most
     if config.early_stop == "pareto":
         scheduler = ParetoSuccessiveHalving(
             config.directions,

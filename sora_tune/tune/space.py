@@ -21,7 +21,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import yaml
 
@@ -34,6 +34,10 @@ DISTRIBUTIONS = {
     "choice": ("values",),
 }
 TOP_LEVEL_KEYS = ("parameters", "points_to_evaluate")
+# Settings that take whole numbers (epochs, r_max, ...): searched as `int` or `choice` only.
+WHOLE_NUMBERS = {
+    name for name, hint in get_type_hints(TrialConfig).items() if hint in (int, int | None)
+}
 
 
 @dataclass
@@ -60,6 +64,12 @@ class SearchSpace:
         if name in self.distributions:
             return list(self.distributions[name].get("values", []))
         return [self.fixed.get(name, getattr(TrialConfig, name))]
+
+    def largest(self, name: str) -> Any:
+        """The largest value setting `name` takes in this space's trials: its high bound, its
+        largest choice, or its fixed value (`epochs`: the search's budget)."""
+        spec = self.distributions.get(name)
+        return spec["high"] if spec and "high" in spec else max(self.values(name))
 
     def representative(self) -> dict[str, Any]:
         """The fixed values, with every searched parameter at its first candidate (its first
@@ -154,6 +164,8 @@ def _check_distribution(source: str, name: str, spec: Any) -> None:
     kind = spec["type"]
     if kind not in DISTRIBUTIONS:
         raise ValueError(f"{where}: unknown type {kind!r} (one of {', '.join(DISTRIBUTIONS)})")
+    if kind in ("uniform", "loguniform") and name in WHOLE_NUMBERS:
+        raise ValueError(f"{where}: {name} takes whole numbers: use type int or choice")
     extra = sorted(set(spec) - {"type", *DISTRIBUTIONS[kind]})
     if extra:
         raise ValueError(f"{where}: unknown key(s) {extra} for type {kind}")

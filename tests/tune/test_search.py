@@ -9,8 +9,14 @@ import mlflow
 import pytest
 
 from sora_tune.tune import resume_search, run_search
+from sora_tune.tune.schedulers import RUNGS_FILE
 from sora_tune.tune.search import make_sampler
-from sora_tune.tune.state import SEARCH_STATE_FILE, read_search_state, write_search_state
+from sora_tune.tune.state import (
+    SEARCH_STATE_FILE,
+    read_json,
+    read_search_state,
+    write_search_state,
+)
 from sora_tune.uris import check_tracking_uri
 from tests.tune.conftest import search_in, tiny_search_parameters
 
@@ -199,3 +205,30 @@ def test_asha_needs_a_single_objective(tiny_trial, write_space, tmp_path):
     _, space = write_space(tiny_search_parameters(tiny_trial))
     with pytest.raises(ValueError, match="asha early stopping needs a single objective"):
         search_in(tmp_path, space, "x", asha=True)
+
+
+def test_a_searched_budget_with_no_dense_phase(local_ray, tiny_trial, write_space, tmp_path):
+    """`epochs` searched as a range is each trial's budget, and the rungs of early stopping go up
+    to its high bound; a rising ξ schedule with `dense_epochs: 0` starts at its first raise."""
+    parameters = tiny_trial | {
+        "epochs": {"type": "int", "low": 1, "high": 3},
+        "xi_total": 0.1,
+        "xi_schedule": "linear",
+        "xi_max": 0.5,
+        "xi_stages": 2,
+        "dense_epochs": 0,
+        "r_max": {"type": "choice", "values": [2, 4]},
+    }
+    _, space = write_space(parameters)
+    config, uri = search_in(tmp_path, space, "budget", num_samples=3, early_stop="pareto")
+    result = run_search(config)
+    assert not result.results.errors
+    assert read_json(config.path, RUNGS_FILE)["rungs"] == [1]  # below the largest budget, 3
+    parents, children = child_runs(uri, "budget")
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
+    client = mlflow.MlflowClient(uri)
+    for run in children:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_score")]
+        assert steps == list(range(1, len(steps) + 1))
+        assert run.data.metrics["stage"] == 1  # two stages, the first with no epoch
