@@ -142,9 +142,10 @@ class TrialConfig:
             scored too. A report's `epoch` is then fractional (steps done / steps per epoch).
         lr, weight_decay, warmup_ratio, max_grad_norm: AdamW for the adapter and head, with linear
             warm-up and decay; gradients of all trainable tensors are clipped together.
-        precision: `auto` (bf16 on a CUDA device that supports it, else fp32), `bf16`, `fp16`
+        precision: `auto` (bf16 on a CUDA device with native bf16, else fp32), `bf16`, `fp16`
             (with a gradient scaler) or `fp32`: the autocast dtype of training and evaluation.
-            Weights stay fp32. A registered model predicts in the precision its trial used.
+            Weights stay fp32. A registered model predicts in it where it is native, else in
+            fp32 (see `sora_tune.serving.sora_pyfunc.serving_precision`).
         batch_size, eval_batch_size, epochs, max_length: The usual sizes.
         max_train_samples, max_eval_samples: Seeded subsamples for CPU-sized runs.
         val_size: Hold-out of the training file used as `val`: a fraction in (0, 1), or a whole
@@ -190,7 +191,7 @@ class TrialConfig:
     # blind to a gradient's scale, gave the same scores (81.4/81.9/77.4 against 81.4/82.0/77.4):
     # we keep the authors' value.
     max_grad_norm: float = 0.1  # clip norm over all trainable tensors, gates included; 0: off
-    precision: Precision = "auto"  # autocast dtype; auto: bf16 on a capable GPU, else fp32
+    precision: Precision = "auto"  # autocast dtype; auto: bf16 on a GPU with it natively, else fp32
     batch_size: int = 8  # training sequences per step; the authors ran GLUE at 8
     eval_batch_size: int = 64  # sequences per evaluation batch
     epochs: int = 3  # passes over the training split

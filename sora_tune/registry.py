@@ -268,8 +268,8 @@ def _model_info(run: Run, *, pickled: bool) -> dict[str, Any]:
         "label_names": list(task.label_names) if task.label_names else None,
         "max_length": int(params["max_length"]),
         "base_model": _base_model_reference(_base_model(run)),
-        # The registered model predicts in the precision its trial scored in, so the version's
-        # tags are the scores a user gets. Runs of older versions trained in fp32.
+        # The precision its trial scored in (runs of older versions trained in fp32); the model
+        # predicts in it where that is native (sora_pyfunc.serving_precision).
         "precision": run.data.tags.get(PRECISION_TAG, "fp32"),
     }
     if pickled:
@@ -310,8 +310,8 @@ def register(
     model as a new version of `name`, with the alias `champion` moved to it.
 
     Version tags: `task`, `val_score`, `test_score`, `retained_params`, `rank_pattern` (JSON,
-    cut at 5000 characters), `source_run_id`, `stage` (of a front-tracing trial, or `final`) and
-    `selection_rule`.
+    cut at 5000 characters), `source_run_id`, `stage` (of a front-tracing trial, or `final`),
+    `selection_rule` and `precision` (the one the scores were measured in).
 
     Args:
         experiment_name: The MLflow experiment of the search.
@@ -375,6 +375,7 @@ def _version_tags(result: ParetoResult, info: ModelInfo, ranks: dict[str, int]) 
         "source_run_id": result.selected_run_id,
         "stage": "final" if result.selected_stage is None else str(result.selected_stage),
         "selection_rule": result.rule,
+        "precision": info.metadata["precision"],  # the scores' (see sora_pyfunc: serving's)
     }
 
 

