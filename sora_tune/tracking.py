@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 
 from .config import TrialConfig
 
@@ -107,9 +107,10 @@ class TrialRecord:
     logged_steps: set[int] = dataclasses.field(default_factory=set)
 
     @contextlib.contextmanager
-    def open(self) -> Iterator[None]:
-        """Mark the run RUNNING (new, or reopened by a resumed trial) with the trial's params,
-        for the block that trains it.
+    def open(self, precision: str) -> Iterator[None]:
+        """Mark the run RUNNING (new, or reopened by a resumed trial) with the trial's params
+        and the `precision` it trains and scores in, for the block that trains it. Tagged now,
+        not at the end: a trial a scheduler stops leaves points (its stages) scored in it.
 
         A trial that raises ends its run FAILED with the reason in `failure_reason`; one
         interrupted by Ctrl-C ends KILLED. A trial that Ray stops between epochs (`SystemExit`
@@ -118,7 +119,7 @@ class TrialRecord:
         """
         self.client.update_run(self.run_id, status="RUNNING")
         params = [Param(k, v) for k, v in trial_params(self.config).items()]
-        self.client.log_batch(self.run_id, params=params)
+        self.client.log_batch(self.run_id, params=params, tags=[RunTag(PRECISION_TAG, precision)])
         history = self.client.get_metric_history(self.run_id, "evaluation")
         self.logged_steps = {int(metric.step) for metric in history}
         try:
@@ -160,7 +161,6 @@ class TrialRecord:
         pruned adapter, its rank pattern and `head_params`, then FINISHED. Returns `result` with
         `mlflow_run_id`."""
         result["mlflow_run_id"] = self.run_id
-        self.client.set_tag(self.run_id, PRECISION_TAG, result["precision"])
         if result["status"] != "finished":
             end_run(self.client, self.run_id, "FAILED", f"trial {result['status']}")
             return result
@@ -190,15 +190,16 @@ def tracked_trial(
     """Run `train_trial` in the MLflow run `run_id` and record it (`TrialRecord`): params,
     every evaluation's metrics at `step=evaluation` (then `report`, if given), the pruned adapter, its rank
     pattern and the precision used."""
-    from .train import train_trial  # torch, only where a trial runs
+    from .train import resolve_device, resolve_precision, train_trial  # torch: only here
 
     record = TrialRecord(MlflowClient(tracking_uri), run_id, config, Path(output_dir))
+    device = resolve_device(train_kwargs.get("device"))
 
     def end_evaluation(metrics: dict[str, Any], checkpoint: str) -> None:
         record.log_evaluation(metrics)
         if report is not None:
             report(metrics, checkpoint)
 
-    with record.open():
+    with record.open(resolve_precision(config.precision, device)):
         result = train_trial(config, report=end_evaluation, output_dir=output_dir, **train_kwargs)
     return record.close(result)

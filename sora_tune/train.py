@@ -79,6 +79,11 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device a trial trains on: `device`, or `default_device()` when it is `None`."""
+    return torch.device(device) if device is not None else default_device()
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """`bf16`, `fp16` or `fp32` for a trial on `device`: `auto` is bf16 on a CUDA device with
     native bf16 (Ampere and newer) and fp32 elsewhere: on older GPUs (T4, V100), which only
@@ -524,7 +529,7 @@ def train_trial(
     if checkpoint is not None:
         check_checkpoint_config(checkpoint, config)
     task = get_task(config.task)
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     precision = resolve_precision(config.precision, device)
     seed_everything(config.seed)
 

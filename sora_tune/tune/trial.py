@@ -100,7 +100,7 @@ def run_trial(trial_params: dict[str, Any], *, data=None, tracking: dict[str, st
     import ray
     from ray import tune
 
-    from ..train import train_trial  # torch, only where a trial runs
+    from ..train import resolve_device, resolve_precision, train_trial  # torch: only here
 
     trial_id = tune.get_context().get_trial_id()
     config = TrialConfig.from_dict(trial_params)
@@ -144,7 +144,7 @@ def run_trial(trial_params: dict[str, Any], *, data=None, tracking: dict[str, st
                 return
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
 
-        with record.open():
+        with record.open(resolve_precision(config.precision, resolve_device(device))):
             result = train_trial(
                 config,
                 report=end_evaluation,

@@ -1,0 +1,51 @@
+"""A trial's MLflow record (`tracking.TrialRecord` through `tracked_trial`), in a real sqlite
+store."""
+
+import shutil
+
+import pytest
+from mlflow import MlflowClient
+
+from sora_tune.config import TrialConfig
+from sora_tune.tracking import PRECISION_TAG, create_trial_run, tracked_trial
+from sora_tune.train import latest_checkpoint
+from tests.conftest import stop_after
+
+
+def test_the_precision_is_tagged_when_the_trial_starts(tiny_trial, tmp_path):
+    """A trial a scheduler stops after an epoch leaves points scored in its precision: the run
+    says which from the start, not only once training returns."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = create_trial_run(uri, "precision")
+    client = MlflowClient(uri)
+    tagged = []
+
+    def report(metrics, checkpoint):  # where Ray may stop the trial
+        tagged.append(client.get_run(run_id).data.tags.get(PRECISION_TAG))
+
+    config = TrialConfig.from_dict(tiny_trial | {"epochs": 1, "precision": "bf16"})
+    tracked_trial(
+        config, run_id=run_id, tracking_uri=uri, output_dir=tmp_path / "run", report=report
+    )
+    assert tagged == ["bf16"]
+
+
+def test_an_epoch_trained_again_is_logged_once(tiny_trial, tmp_path):
+    """A trial that logged epoch 2 but whose checkpoint of it did not last (a search stopped
+    before Ray kept it) trains epoch 2 again when it resumes: every step keeps one value."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = create_trial_run(uri, "again")
+    config = TrialConfig.from_dict(tiny_trial)
+    output = tmp_path / "run"
+    Stop, report = stop_after(2)
+    with pytest.raises(Stop):
+        tracked_trial(config, run_id=run_id, tracking_uri=uri, output_dir=output, report=report)
+    shutil.rmtree(latest_checkpoint(output))  # epoch 2's checkpoint is lost: start again
+    result = tracked_trial(config, run_id=run_id, tracking_uri=uri, output_dir=output)
+    client = MlflowClient(uri)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    for key in ("epoch", "val_score", "train_time_s", "head_params"):
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert sorted(steps) == ([3] if key == "head_params" else [1, 2, 3]), key
+    logged = {m.step: m.value for m in client.get_metric_history(run_id, "val_score")}
+    assert logged[3] == pytest.approx(result["val_score"])
