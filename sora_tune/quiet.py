@@ -1,13 +1,27 @@
 """Library chatter kept off a user's terminal: transformers' load reports, Hugging Face and MLflow
-progress bars, MLflow's INFO logs, and library deprecation warnings. A trial gets these settings
-as its environment; `pareto`, `register` and `predict` apply them to themselves unless `--debug`
-is given, so their output is the table, the registered version or the predictions. A user's own
-setting wins."""
+progress bars, MLflow's INFO logs, and the library warnings known to be harmless here
+(`HARMLESS_WARNINGS`); every other warning shows, such as torch's autocast and device fallbacks.
+A trial gets these settings as its environment; `pareto`, `register` and `predict` apply them to
+themselves unless `--debug` is given, so their output is the table, the registered version or the
+predictions. A user's own setting wins."""
 
 from __future__ import annotations
 
 import os
+import re
 import warnings
+
+# (start of the message, category): the warnings a user cannot act on and need not see.
+HARMLESS_WARNINGS = (
+    # The libraries' deprecations: for their authors, not for a user of sora-tune.
+    ("", FutureWarning),
+    ("", DeprecationWarning),
+    # fp16: the gradient scaler skips the optimizer step of a batch that overflowed (the first
+    # ones, while it finds its scale); the learning-rate schedule steps on, as it should.
+    ("Detected call of `lr_scheduler.step()` before `optimizer.step()`", UserWarning),
+    # A trial of an interrupted search asks Ray whether its session still runs (tune/trial.py).
+    ("`get_trial_id` is meant to only be called inside a function", UserWarning),
+)
 
 QUIET_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
@@ -15,7 +29,10 @@ QUIET_ENV = {
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "MLFLOW_LOGGING_LEVEL": "WARNING",
-    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning",
+    # Python's -W syntax, action:message:category; the message is matched from its start.
+    "PYTHONWARNINGS": ",".join(
+        f"ignore:{message}:{category.__name__}" for message, category in HARMLESS_WARNINGS
+    ),
 }
 
 
@@ -25,5 +42,5 @@ def quiet_this_process() -> None:
         os.environ.setdefault(name, value)
     # PYTHONWARNINGS is read when an interpreter starts: this one needs the filters themselves.
     if os.environ["PYTHONWARNINGS"] == QUIET_ENV["PYTHONWARNINGS"]:
-        for category in (FutureWarning, DeprecationWarning, UserWarning):
-            warnings.filterwarnings("ignore", category=category)
+        for message, category in HARMLESS_WARNINGS:
+            warnings.filterwarnings("ignore", message=re.escape(message), category=category)

@@ -1,0 +1,42 @@
+"""Quiet trials and read commands still show the warnings that matter: only the library chatter
+known to be harmless (`HARMLESS_WARNINGS`) is silenced, in a trial's environment (a new
+interpreter, as Ray starts one) and in a command's own process."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sora_tune.quiet import QUIET_ENV
+
+WARN = """
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+{quiet}
+with torch.autocast("cpu", dtype=torch.float64):  # not a CPU autocast dtype: torch falls back
+    pass
+parameter = torch.nn.Parameter(torch.zeros(1))
+LambdaLR(torch.optim.SGD([parameter], lr=0.1), lambda step: 1.0).step()  # fp16's skipped step
+import warnings
+warnings.warn("a deprecation", DeprecationWarning)
+"""
+
+
+@pytest.mark.parametrize("where", ["nowhere", "trial environment", "command process"])
+def test_torch_fallback_warnings_show_and_chatter_does_not(where):
+    quiet = "from sora_tune.quiet import quiet_this_process; quiet_this_process()"
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_ENV}
+    if where == "trial environment":
+        env |= QUIET_ENV
+    code = WARN.format(quiet=quiet if where == "command process" else "")
+    done = subprocess.run(
+        [sys.executable, "-c", code],  # DeprecationWarning shows by default in __main__
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "In CPU autocast, but the target dtype is not supported" in done.stderr
+    chatter = ("lr_scheduler.step()", "a deprecation")
+    assert [c in done.stderr for c in chatter] == [where == "nowhere"] * 2, done.stderr
