@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# What a single-GPU machine can show in under 8 minutes, offline (the packaged MiniLM and the
-# GLUE TSVs in ../shared/data/glue or $SORA_TUNE_DATA_DIR):
+# What a single-GPU machine can show, offline (the packaged MiniLM and the GLUE TSVs in
+# ../shared/data/glue or $SORA_TUNE_DATA_DIR), in an estimated 8 minutes (not yet timed on a GPU):
 #   1. pytest -m gpu: device choice, every precision, a resume across devices, two trials on one
 #      GPU at 0.5 each, bench_step on CUDA;
 #   2. scripts/bench_step.py on CUDA: ms per step of SoRA, PEFT LoRA and PEFT AdaLoRA (batch 32,

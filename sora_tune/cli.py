@@ -313,7 +313,9 @@ def add_selection_flags(parser: argparse.ArgumentParser) -> None:
     selection = parser.add_argument_group("selection")
     selection.add_argument("--experiment", required=True, help="MLflow experiment of the search")
     selection.add_argument(
-        "--parent-run-id", help="only the trials of this search run (default: every trial)"
+        "--parent-run-id",
+        help="the trials of this search run (default: the experiment's newest search, or every "
+        "run of an experiment that holds no search)",
     )
     selection.add_argument(
         "--objectives",

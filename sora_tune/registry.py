@@ -130,8 +130,9 @@ def choose_trial(
 
     Args:
         experiment_name: The MLflow experiment of the search.
-        parent_run_id: Only the trials of this search run (in `experiment_name`); `None`: every
-            trial of the experiment.
+        parent_run_id: Only the trials of this search run (in `experiment_name`); `None`: the
+            experiment's newest search (every run of an experiment with no search; see
+            `load_trial_runs`).
         tracking_uri: MLflow tracking URI; `None`: MLflow's current one.
         objectives: Of the front and its hypervolume: val_score, retained_params and optionally
             train_time_s.

@@ -104,9 +104,9 @@ def resolve_tracking_uri(uri: str) -> str:
 
 
 def existing_store(uri: str) -> str:
-    """`uri` made absolute (`resolve_tracking_uri`), for commands that only read a store
-    (`pareto`, `register`, `predict`): a local store that does not exist is refused, where MLflow
-    would create an empty one.
+    """`uri` made absolute (`resolve_tracking_uri`), for commands that work on a search's store
+    and must not create one (`pareto`, `register`, `predict`): a local store that does not exist
+    is refused, where MLflow would create an empty one.
 
     Raises:
         FileNotFoundError: naming the file looked for and the stores that are there.

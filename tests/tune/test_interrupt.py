@@ -13,6 +13,7 @@ import mlflow
 import pytest
 import yaml
 
+from sora_tune.tune.search import stop_gracefully_on_signals
 from tests.conftest import write_tiny_glue
 from tests.tune.conftest import tiny_search_parameters
 
@@ -26,7 +27,22 @@ def trial_runs(client: mlflow.MlflowClient, experiment: str):
     return client.search_runs([found.experiment_id], "tags.`sora_tune.role` = 'trial'")
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_sigterm_stops_a_search_as_sigint_does():
+    """Both signals go to Ray Tune's handler (which it installs for SIGUSR1 when `fit` starts);
+    a second one stops at once. The slow SIGTERM run below shows the same end to end."""
+    handled, before = [], signal.getsignal(signal.SIGTERM)
+    with stop_gracefully_on_signals() as received:
+        signal.signal(signal.SIGUSR1, lambda signum, frame: handled.append(signum))
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert received == ["SIGTERM", "SIGINT"] and handled == [signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) == before  # restored
+
+
+@pytest.mark.parametrize(
+    "stop", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)]
+)
 def test_an_interrupted_search_resumes_into_the_same_runs(stop, tiny_trial, tmp_path):
     # Epochs of a second or so, so that the signal comes while a trial runs.
     glue = write_tiny_glue(tmp_path / "long-glue", n_train=400, n_dev=16)
