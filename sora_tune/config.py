@@ -170,7 +170,7 @@ class TrialConfig:
     gate_mode: Literal["official", "paper"] = "official"  # official: authors' code; paper: eq. 10
     eta: float | None = None  # gate step; none: lr (official, their --sparse_lr), 0.1 (paper)
     lam: float = 0.1  # weight of mean|g| in the loss; Table 7's best (their scripts: 10)
-    xi: float | None = None  # soft threshold per gate step; none: 1e-4 (Table 6: 1e-5 … 1e-3)
+    xi: float | None = None  # soft threshold per gate step; none: 1e-4 (Table 6; their script 3e-4)
     xi_total: float | None = None  # ξ × gate steps of a stage, instead of --xi; ~0.1 … 2
     xi_schedule: Literal["constant", "linear", "geometric", "increment"] = "constant"  # ξ's rise
     xi_max: float | None = None  # last stage's ξ (or xi_total) of a rising schedule

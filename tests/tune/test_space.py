@@ -4,7 +4,7 @@ import pytest
 from ray import tune
 
 from sora_tune.tune import SearchConfig
-from sora_tune.tune.space import load_search_space
+from sora_tune.tune.space import SearchSpace, load_search_space
 from tests.tune.conftest import tiny_search_parameters
 
 SPACES = Path(__file__).parents[2] / "search_spaces"
@@ -119,3 +119,16 @@ def test_model_based_samplers_run_a_quarter_of_the_trials_at_once(tiny_trial, wr
     assert SearchConfig(space=space, num_samples=4, sampler="nsga2").max_concurrent == 2
     assert SearchConfig(space=space, num_samples=32, sampler="random").max_concurrent is None
     assert SearchConfig(space=space, num_samples=32, max_concurrent=16).max_concurrent == 16
+
+
+@pytest.mark.parametrize(
+    "epochs, largest",
+    [(3, 3), ({"type": "int", "low": 1, "high": 4}, 4), ({"type": "choice", "values": [2, 5]}, 5)],
+)
+def test_the_budget_is_the_largest_epochs_of_the_space(epochs, largest):
+    """What the schedulers' rungs go up to, however `epochs` is given."""
+    space = SearchSpace(
+        distributions={"epochs": epochs} if isinstance(epochs, dict) else {},
+        fixed={} if isinstance(epochs, dict) else {"epochs": epochs},
+    )
+    assert space.largest("epochs") == largest

@@ -1,0 +1,36 @@
+"""The serving rule of a registered model's precision (`sora_pyfunc.serving_precision`); the
+capability query is stubbed, so the GPU cases run here too. tests/test_registry.py serves a bf16
+trial's model on the CPU end to end."""
+
+import pytest
+import torch
+
+from sora_tune.serving.sora_pyfunc import PRECISION_ENV, serving_precision
+
+
+@pytest.mark.parametrize(
+    "trained, device, capability, asked, served",
+    [
+        ("bf16", "cpu", None, None, "fp32"),  # slower than fp32 on most CPUs
+        ("fp16", "cpu", None, None, "fp32"),
+        ("bf16", "cuda:0", (8, 0), None, "bf16"),  # Ampere: native bf16
+        ("bf16", "cuda:0", (7, 5), None, "fp32"),  # a T4 only emulates it
+        ("fp16", "cuda:0", (7, 0), None, "fp16"),
+        ("fp32", "cuda:0", (9, 0), None, "fp32"),
+        ("bf16", "cpu", None, "trial", "bf16"),  # the precision of the recorded scores
+        ("fp32", "cpu", None, "BF16", "bf16"),
+    ],
+)
+def test_the_serving_precision_rule(trained, device, capability, asked, served, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    if asked is None:
+        monkeypatch.delenv(PRECISION_ENV, raising=False)
+    else:
+        monkeypatch.setenv(PRECISION_ENV, asked)
+    assert serving_precision(trained, torch.device(device)) == served
+
+
+def test_an_unknown_serving_precision_is_refused(monkeypatch):
+    monkeypatch.setenv(PRECISION_ENV, "int8")
+    with pytest.raises(ValueError, match="SORA_TUNE_SERVING_PRECISION must be trial, bf16"):
+        serving_precision("fp32", torch.device("cpu"))
