@@ -99,6 +99,6 @@ def test_no_dense_phase_starts_at_the_first_raise():
     config = TrialConfig(
         xi_total=0.1, xi_schedule="linear", xi_max=0.5, xi_stages=3, dense_epochs=0, epochs=3
     )
-    assert config.stage_spans() == {1: range(0, 1), 2: range(1, 3)}
+    assert config.stage_steps(10) == {1: range(0, 10), 2: range(10, 30)}
     assert config.stage_xis(10) == pytest.approx({1: 0.3 / 10, 2: 0.5 / 20})
-    assert config.stage_end_epochs() == {1: 1, 3: 2}
+    assert config.stage_ends(10) == {10: 1, 30: 2}
