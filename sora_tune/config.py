@@ -152,6 +152,8 @@ class TrialConfig:
             number of rows.
         train_eval_samples: Size of the fixed training subset scored as `train_score`.
         group_by_length: Batch similar lengths together (less padding).
+        gradient_checkpointing: Keep only each block's input in the forward pass and recompute
+            the rest in the backward pass: less activation memory, more time.
         seed: Seeds data order, subsampling, initialisation and dropout.
         cache_dir: Tokenisation cache; `None`: `SORA_TUNE_CACHE` or ~/.cache/sora_tune.
         adalora_target_r: AdaLoRA's target average rank; `None`: 2/3 of r_max.
@@ -164,8 +166,8 @@ class TrialConfig:
     r_max: int = 8  # rank before pruning; the paper: 8
     alpha: float = 16.0  # scaling alpha / r_max; the authors' code: 16
     dropout: float = 0.0  # adapter input dropout, [0, 1)
-    target_modules: str | list[str] | None = None  # names a,b or a regex; none: all encoder linears
-    modules_to_save: list[str] | None = None  # trained in full; none: the classifier and pooler
+    target_modules: str | list[str] = "all"  # preset all, attention, qkv, qk; names a,b; a regex
+    modules_to_save: list[str] | None = None  # trained in full; none: the task head and pooler
     gate_init: Literal["normal", "ones"] = "normal"  # gate's start; the authors' code: normal
     gate_mode: Literal["official", "paper"] = "official"  # official: authors' code; paper: eq. 10
     eta: float | None = None  # gate step; none: lr (official, their --sparse_lr), 0.1 (paper)
@@ -201,6 +203,10 @@ class TrialConfig:
     val_size: float = 0.1  # hold-out of the training file: a fraction, or whole rows
     train_eval_samples: int = 512  # fixed train subset scored for memorization
     group_by_length: bool = False  # batch similar lengths together (less padding)
+    # Recompute each block's activations in the backward pass instead of keeping them: activation
+    # memory falls from every layer's to about one block's, for roughly one more forward pass of
+    # time (transformers' gradient_checkpointing_enable). For large models on a GPU; off by default.
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower
     seed: int = 0  # data order, subsamples, initialisation, dropout
     cache_dir: str | None = None  # tokenisation cache; none: $SORA_TUNE_CACHE or ~/.cache
     adalora_target_r: int | None = None  # AdaLoRA's target average rank; none: 2/3 r_max

@@ -23,6 +23,8 @@ import types
 import typing
 from typing import Any, Literal
 
+from .sora.config import PRESETS
+
 _COMMENT = re.compile(r"^    (\w+): [^#]*#\s*(.+)$")
 
 
@@ -40,8 +42,11 @@ def _parse_list(value: str) -> list[str]:
 
 
 def parse_target_modules(value: str) -> str | list[str]:
-    """A regular expression if it has regex syntax, else a comma-separated list of names."""
-    return value if re.search(r"[*\\\[\](|^$+?]", value) else _parse_list(value)
+    """A preset's name (`all`, `attention`, `qkv`, `qk`) or a regular expression (regex syntax) as
+    given, else a comma-separated list of names."""
+    if value in PRESETS or re.search(r"[*\\\[\](|^$+?]", value):
+        return value
+    return _parse_list(value)
 
 
 def _kind(annotation: Any) -> tuple[Any, tuple | None]:

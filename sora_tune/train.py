@@ -117,14 +117,47 @@ def seed_everything(seed: int) -> None:
 def load_tokenizer(config: TrialConfig):
     """The backbone's tokenizer; the first thing a trial or a search loads from the model.
 
+    Ready to pad batches for a classifier: a decoder's tokenizer without a pad token pads with
+    its end-of-sequence token (`use_eos_as_pad`), and every tokenizer pads on the right.
+
     Raises:
-        ValueError: the model cannot be loaded (e.g. a Hub id that does not exist).
+        ValueError: the model cannot be loaded (e.g. a Hub id that does not exist), or its
+            tokenizer has neither a pad nor an end-of-sequence token.
     """
     try:
-        return AutoTokenizer.from_pretrained(config.model or default_model())
+        tokenizer = AutoTokenizer.from_pretrained(config.model or default_model())
     except (OSError, ValueError) as err:  # transformers says ValueError for a folder of no model
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"model {config.model!r} cannot be loaded: {reason}") from None
+    use_eos_as_pad(tokenizer)
+    # Right padding keeps every real token at the position it has unpadded (decoders number
+    # positions from the first slot, pads included); transformers' sequence classifiers read the
+    # last token that is not a pad on either side.
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+PAD_FROM_EOS = "pad_from_eos"  # the tokenizer attribute that records `use_eos_as_pad`'s choice
+
+
+def use_eos_as_pad(tokenizer) -> bool:
+    """Give a tokenizer without a pad token its end-of-sequence token as pad, as decoders are run
+    as classifiers (transformers' `run_classification.py` does the same). The choice is recorded
+    as the tokenizer's `pad_from_eos` attribute, for the trial to log. Returns it.
+
+    Raises:
+        ValueError: the tokenizer has neither a pad nor an end-of-sequence token.
+    """
+    needed = tokenizer.pad_token is None
+    if needed and tokenizer.eos_token is None:
+        raise ValueError(
+            f"tokenizer of {tokenizer.name_or_path!r} has neither a pad nor an end-of-sequence "
+            "token to pad batches with"
+        )
+    if needed:
+        tokenizer.pad_token = tokenizer.eos_token
+    setattr(tokenizer, PAD_FROM_EOS, needed)
+    return needed
 
 
 def prepare_data(config: TrialConfig, tokenizer=None) -> DatasetDict:
@@ -174,13 +207,26 @@ def make_loaders(config: TrialConfig, data: DatasetDict, tokenizer):
     return train_loader, eval_loaders
 
 
-def build_model(config: TrialConfig, total_steps: int) -> torch.nn.Module:
+def build_model(config: TrialConfig, total_steps: int, *, tokenizer=None) -> torch.nn.Module:
+    """The backbone with a classification head and the trial's adapter, ready to train.
+
+    The model's `pad_token_id` is the tokenizer's (`load_tokenizer`'s, by default), which is
+    how a decoder's classifier finds each row's last real token to classify.
+    """
     task = get_task(config.task)
+    tokenizer = tokenizer or load_tokenizer(config)
     # fp32 master weights whatever the checkpoint holds (transformers 5 loads its dtype):
     # `precision` is the autocast dtype of the computation.
     model = AutoModelForSequenceClassification.from_pretrained(
         config.model or default_model(), num_labels=task.num_labels, dtype=torch.float32
     )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False  # one forward pass per batch: a decoder's KV cache only costs
+    if config.gradient_checkpointing:
+        # Non-reentrant checkpointing works with a frozen backbone (no input needs a gradient).
+        # transformers 5.24 renamed gradient_checkpointing_enable, an alias until v6.
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
     if config.method == "adalora":
         return add_adalora(
             model, config.sora_config(), total_steps=total_steps, target_r=config.adalora_target_r
@@ -541,7 +587,9 @@ def train_trial(
     config.check_steps(steps_per_epoch)  # stages in steps that the epochs never reach
 
     # Model and optimizers
-    model = build_model(config, total_steps=steps_per_epoch * config.epochs).to(device)
+    model = build_model(
+        config, total_steps=steps_per_epoch * config.epochs, tokenizer=tokenizer
+    ).to(device)
     optimization = configure_optimization(
         model, config, steps_per_epoch=steps_per_epoch, device=device, precision=precision
     )

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
         after_optimizer_step,
         load_adalora_state,
     )
-    from .config import ENCODER_LINEARS, SoRAConfig, lora_config
+    from .config import PRESETS, SoRAConfig, lora_config
     from .layer import SoRALinear, soft_threshold
     from .model import (
         adapter_state_dict,
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     )
     from .optimizer import ProximalGateOptimizer
     from .schedule import XiSchedule
+    from .targets import resolve_targets, task_heads, transformer_blocks
 
 __all__, __getattr__, __dir__ = lazy_exports(
     __name__,
@@ -46,7 +47,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
             "after_optimizer_step",
             "load_adalora_state",
         ),
-        "config": ("ENCODER_LINEARS", "SoRAConfig", "lora_config"),
+        "config": ("PRESETS", "SoRAConfig", "lora_config"),
         "layer": ("SoRALinear", "soft_threshold"),
         "model": (
             "adapter_state_dict",
@@ -65,5 +66,6 @@ __all__, __getattr__, __dir__ = lazy_exports(
         ),
         "optimizer": ("ProximalGateOptimizer",),
         "schedule": ("XiSchedule",),
+        "targets": ("resolve_targets", "task_heads", "transformer_blocks"),
     },
 )

@@ -11,8 +11,9 @@ from peft import AdaLoraConfig, PeftModel, get_peft_model
 from peft.tuners.adalora import AdaLoraModel
 from torch import nn
 
-from .config import ENCODER_LINEARS, SoRAConfig
+from .config import SoRAConfig
 from .model import resolve_heads
+from .targets import resolve_targets
 
 
 def add_adalora(
@@ -31,15 +32,15 @@ def add_adalora(
     """
     if total_steps < 2:
         raise ValueError(f"AdaLoRA needs total_steps >= 2, got {total_steps}")
-    target_modules = config.target_modules if config.target_modules is not None else ENCODER_LINEARS
+    heads = resolve_heads(model, config)
     adalora = AdaLoraConfig(
         task_type="SEQ_CLS",
         init_r=config.r_max,
         target_r=target_r or max(1, round(config.r_max * 2 / 3)),
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
-        target_modules=target_modules,
-        modules_to_save=resolve_heads(model, config),
+        target_modules=resolve_targets(model, config.target_modules, exclude=heads),
+        modules_to_save=heads,
         total_step=total_steps,
         tinit=total_steps // 10,
         tfinal=total_steps // 5,

@@ -7,18 +7,10 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-# Every linear layer inside the encoder blocks: attention q/k/v (BERT/RoBERTa `query`, DeBERTa-v2/v3
-# `query_proj`), the attention output projection and both feed-forward linears. Anchored on
-# `encoder.layer.N.` so poolers and classification heads (which also contain `dense`) stay out.
-ENCODER_LINEARS = (
-    r".*encoder\.layer\.\d+\."
-    r"(attention\.self\.(query|key|value)(_proj)?|attention\.output\.dense|intermediate\.dense|output\.dense)"
-)
-
-# Task heads that are trained in full (PEFT's `modules_to_save`): the sequence-classification head
-# and the pooler that feeds it (BERT's `bert.pooler`, DeBERTa's freshly initialised `pooler`). A
-# frozen pooler keeps a pretraining objective's projection between the adapted encoder and the head.
-DEFAULT_HEADS = ("classifier", "score")
+# Named sets of target modules, after the paper's Table 3 (which parts of the blocks to adapt):
+# `all` every linear layer inside the transformer blocks (the default), `attention` the q, k, v and
+# output projections, `qkv` and `qk`. `targets.py` finds them in each family's own module names.
+PRESETS = ("all", "attention", "qkv", "qk")
 
 GateInit = Literal["normal", "ones"]
 
@@ -31,11 +23,12 @@ class SoRAConfig:
         r_max: Rank of every adapter before sparsification (the paper's r_max); ≥ 1. Typical: 4-32.
         alpha: Scaling numerator: the low-rank update is multiplied by `alpha / r_max`. Typical: r_max.
         dropout: Dropout on the adapter's input, in [0, 1).
-        target_modules: Which linear layers get an adapter. A string is a regular expression that must
-            match a module's full name (PEFT's convention); a list matches names equal to an entry or
-            ending in `.entry`. `None` means every linear of the encoder blocks (`ENCODER_LINEARS`).
-        modules_to_save: Modules trained in full and saved with the adapter (the task head). `None`
-            means the classification head (`classifier` / `score`) and the model's `pooler`.
+        target_modules: Which linear layers get an adapter: a preset (`PRESETS`: `all`, every linear
+            layer inside the transformer blocks; `attention`, `qkv`, `qk`), a regular expression
+            that must match a module's full name (PEFT's convention), or a list that matches names
+            equal to an entry or ending in `.entry`. See `targets.py`.
+        modules_to_save: Modules trained in full and saved with the adapter. `None` means the task
+            head: what the task model adds to its backbone, and the backbone's pooler.
         gate_init: `"normal"` draws the gate from N(0, 1) like the authors' code; `"ones"` starts it
             at 1 (the adapter then starts as a plain LoRA).
         trainable_gate: `False` freezes the gate at its initial value. With `gate_init="ones"` this is
@@ -45,8 +38,8 @@ class SoRAConfig:
     r_max: int = 8  # rank before pruning; the paper uses 8
     alpha: float = 8.0  # scaling = alpha / r_max; 8 with r_max 8 gives scaling 1
     dropout: float = 0.0  # adapter input dropout, [0, 1)
-    target_modules: str | list[str] | None = None  # None: every encoder linear
-    modules_to_save: list[str] | None = None  # None: the classification head
+    target_modules: str | list[str] = "all"  # a preset, a regex or names; all: every block linear
+    modules_to_save: list[str] | None = None  # None: the task head and the backbone's pooler
     gate_init: GateInit = "normal"  # "normal" (authors' code) or "ones"
     trainable_gate: bool = True  # False + gate_init "ones" = the LoRA baseline
 
@@ -59,30 +52,19 @@ class SoRAConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.gate_init not in ("normal", "ones"):
             raise ValueError(f"gate_init must be 'normal' or 'ones', got {self.gate_init!r}")
-        if isinstance(self.target_modules, str):
+        if isinstance(self.target_modules, str) and self.target_modules not in PRESETS:
             try:
                 re.compile(self.target_modules)
             except re.error as err:
                 raise ValueError(
                     f"target_modules is not a valid regular expression: {self.target_modules!r} ({err})"
                 ) from err
-        elif self.target_modules is not None and not self.target_modules:
+        elif not self.target_modules:
             raise ValueError("target_modules must not be an empty list")
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.r_max
-
-    def is_target(self, module_name: str) -> bool:
-        """Whether the module with this full name gets an adapter (linear layers only are asked)."""
-        if self.target_modules is None:
-            return re.fullmatch(ENCODER_LINEARS, module_name) is not None
-        if isinstance(self.target_modules, str):
-            return re.fullmatch(self.target_modules, module_name) is not None
-        return any(
-            module_name == target or module_name.endswith("." + target)
-            for target in self.target_modules
-        )
 
     def to_dict(self) -> dict:
         return asdict(self)

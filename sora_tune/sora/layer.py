@@ -4,6 +4,8 @@
 
 W_d is `sora_A` (r × in, Kaiming-uniform), W_u is `sora_B` (out × r, zeros) and g is `sora_gate` (r).
 Every trainable tensor starts with `sora_`, so freezing, optimizer groups and export are name filters.
+The base layer is an `nn.Linear` or GPT-2's `Conv1D`, whose weight is stored transposed (in × out):
+only `merge` sees the difference (PEFT's `fan_in_fan_out`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .config import GateInit
 
@@ -28,11 +31,11 @@ def soft_threshold(x: torch.Tensor, xi: float) -> torch.Tensor:
 
 
 class SoRALinear(nn.Module):
-    """A frozen `nn.Linear` (`base_layer`) with a gated low-rank adapter beside it."""
+    """A frozen `nn.Linear` or `Conv1D` (`base_layer`) with a gated low-rank adapter beside it."""
 
     def __init__(
         self,
-        base_layer: nn.Linear,
+        base_layer: nn.Linear | Conv1D,
         *,
         r_max: int,
         alpha: float,
@@ -46,10 +49,11 @@ class SoRALinear(nn.Module):
         if base_layer.bias is not None:
             base_layer.bias.requires_grad_(False)
         weight = base_layer.weight
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)  # weight is in × out
         self.scaling = alpha / r_max
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.sora_A = nn.Parameter(weight.new_empty(r_max, base_layer.in_features))
-        self.sora_B = nn.Parameter(weight.new_zeros(base_layer.out_features, r_max))
+        self.sora_A = nn.Parameter(weight.new_empty(r_max, self.in_features))
+        self.sora_B = nn.Parameter(weight.new_zeros(self.out_features, r_max))
         nn.init.kaiming_uniform_(
             self.sora_A, a=math.sqrt(5)
         )  # as LoRA: B = 0 makes ΔW = 0 at start
@@ -64,14 +68,15 @@ class SoRALinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base_layer.in_features
+        return self.base_layer.weight.shape[0 if self.fan_in_fan_out else 1]
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
+        return self.base_layer.weight.shape[1 if self.fan_in_fan_out else 0]
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = s · W_u diag(g) W_d, the dense update that `merge` adds to the base weight."""
+        """ΔW = s · W_u diag(g) W_d (out × in), the dense update that `merge` adds to the base
+        weight (transposed for a `Conv1D`)."""
         return (self.sora_B * (self.scaling * self.sora_gate)) @ self.sora_A
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,15 +92,20 @@ class SoRALinear(nn.Module):
         """Add ΔW into the base weight, so inference costs one matmul."""
         if self.merged:
             raise RuntimeError("SoRALinear is already merged")
-        self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
+        self.base_layer.weight += self._stored_delta()
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             raise RuntimeError("SoRALinear is not merged")
-        self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
+        self.base_layer.weight -= self._stored_delta()
         self.merged = False
+
+    def _stored_delta(self) -> torch.Tensor:
+        """ΔW laid out and typed as the base weight is stored."""
+        delta = self.delta_weight()
+        return (delta.T if self.fan_in_fan_out else delta).to(self.base_layer.weight.dtype)
 
     @torch.no_grad()
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,8 +16,9 @@ from peft.tuners.adalora import SVDLinear
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import DEFAULT_HEADS, SoRAConfig
+from .config import SoRAConfig
 from .layer import PREFIX, SoRALinear
+from .targets import resolve_targets, task_heads
 
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for a model wrapped in PeftModel
 
@@ -39,36 +40,24 @@ def resolve_heads(model: nn.Module, config: SoRAConfig) -> list[str]:
         if missing:
             raise ValueError(f"modules_to_save names modules the model does not have: {missing}")
         return list(config.modules_to_save)
-    poolers = [h for h in names if h.rpartition(".")[2] == "pooler" and h.count(".") <= 1]
-    return [h for h in DEFAULT_HEADS if h in names] + poolers
+    return task_heads(model)
 
 
 def add_sora(model: nn.Module, config: SoRAConfig) -> nn.Module:
-    """Freeze the model, wrap every targeted `nn.Linear` in a `SoRALinear`, unfreeze the head.
+    """Freeze the model, wrap every targeted linear layer in a `SoRALinear`, unfreeze the head.
 
     Works in place and returns the model. The resolved config (with `modules_to_save` filled in) is
     kept as `model.sora_config`.
 
     Raises:
         RuntimeError: the model already has SoRA layers.
-        ValueError: no linear layer matches `target_modules`, or a head is not found.
+        ValueError: `target_modules` selects no linear layer or does not fit the model (see
+            `targets.resolve_targets`), or a head is not found.
     """
     if sora_layers(model):
         raise RuntimeError("the model already has SoRA layers")
     heads = resolve_heads(model, config)
-    targets = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-        and config.is_target(name)
-        and not any(name == h or name.startswith(h + ".") for h in heads)
-    ]
-    if not targets:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        raise ValueError(
-            f"target_modules={config.target_modules!r} matches no linear layer; "
-            f"the model's linear layers include {linears[:6]}"
-        )
+    targets = resolve_targets(model, config.target_modules, exclude=heads)
     model.requires_grad_(False)
     for name in targets:
         parent_name, _, child_name = name.rpartition(".")
@@ -236,6 +225,8 @@ def export_peft(model: nn.Module, folder: str | os.PathLike) -> dict[str, int]:
         alpha_pattern={key: float(rank) for key, rank in patterns.items()},
         modules_to_save=list(heads),
         lora_dropout=model.sora_config.dropout,
+        # PEFT's flag for a transposed (in × out) base weight such as GPT-2's Conv1D
+        fan_in_fan_out=any(sora_layers(model)[name].fan_in_fan_out for name in ranks),
         base_model_name_or_path=getattr(model, "name_or_path", None),
     )
     folder = Path(folder)

@@ -6,7 +6,6 @@ from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
-from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
 from sora_tune import SoRAConfig, add_sora, export_peft, prune, retained_params
 from sora_tune.sora import (
@@ -29,22 +28,6 @@ BERT_LAYER_LINEARS = {
     "intermediate.dense",
     "output.dense",
 }
-
-
-def tiny_deberta() -> DebertaV2ForSequenceClassification:
-    torch.manual_seed(0)
-    config = DebertaV2Config(
-        vocab_size=128,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        relative_attention=True,
-        pos_att_type=["p2c", "c2p"],
-        num_labels=3,
-    )
-    return DebertaV2ForSequenceClassification(config).eval()
 
 
 def randomise_adapter(model: nn.Module, zero_fraction: float = 0.5, seed: int = 0) -> None:
@@ -71,16 +54,6 @@ def test_default_targets_bert_encoder_linears_only(tiny_model):
     }
     assert trainable == {f"{m}.sora_{t}" for m in expected for t in ("A", "B", "gate")} | head
     assert tiny_model.sora_config.modules_to_save == ["classifier", "bert.pooler"]
-
-
-def test_default_targets_deberta_v2_and_its_pooler():
-    model = add_sora(tiny_deberta(), SoRAConfig(r_max=2))
-    names = {"attention.self.query_proj", "attention.self.key_proj", "attention.self.value_proj"}
-    names |= {"attention.output.dense", "intermediate.dense", "output.dense"}
-    expected = {f"deberta.encoder.layer.{i}.{n}" for i in range(2) for n in names}
-    assert set(sora_layers(model)) == expected
-    assert model.sora_config.modules_to_save == ["classifier", "pooler"]
-    assert all(p.requires_grad for p in model.pooler.parameters())
 
 
 def test_user_list_and_regex_targets(tiny_model):
