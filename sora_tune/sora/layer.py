@@ -84,7 +84,9 @@ class SoRALinear(nn.Module):
         if self.merged or self.rank == 0:
             return result
         down = F.linear(self.dropout(x).to(self.sora_A.dtype), self.sora_A)
-        update = F.linear(down * self.sora_gate, self.sora_B) * self.scaling
+        # s · g scales the r-wide code, not the out-wide update: one multiply of tokens × r
+        # instead of a second one of tokens × out (PEFT's LoRA pays that one), same product.
+        update = F.linear(down * (self.sora_gate * self.scaling), self.sora_B)
         return result + update.to(result.dtype)
 
     @torch.no_grad()
