@@ -47,6 +47,8 @@ from .sora import (
     param_groups,
     prune,
     rank_pattern,
+    resolve_heads,
+    resolve_targets,
     retained_params,
     save_adapter,
 )
@@ -127,14 +129,18 @@ def load_tokenizer(config: TrialConfig):
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.model or default_model())
     except (OSError, ValueError) as err:  # transformers says ValueError for a folder of no model
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"model {config.model!r} cannot be loaded: {reason}") from None
+        raise _cannot_load(config, err) from None
     use_eos_as_pad(tokenizer)
     # Right padding keeps every real token at the position it has unpadded (decoders number
     # positions from the first slot, pads included); transformers' sequence classifiers read the
     # last token that is not a pad on either side.
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def _cannot_load(config: TrialConfig, err: Exception) -> ValueError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ValueError(f"model {config.model!r} cannot be loaded: {reason}")
 
 
 PAD_FROM_EOS = "pad_from_eos"  # the tokenizer attribute that records `use_eos_as_pad`'s choice
@@ -232,6 +238,29 @@ def build_model(config: TrialConfig, total_steps: int, *, tokenizer=None) -> tor
             model, config.sora_config(), total_steps=total_steps, target_r=config.adalora_target_r
         )
     return add_sora(model, config.sora_config())
+
+
+def check_targets(config: TrialConfig) -> None:
+    """Refuse `target_modules` (or `modules_to_save`) that does not fit the model, before any data
+    or weights are loaded: the model is built from its configuration on the meta device (shapes,
+    no memory) and its targets resolved as `add_sora` resolves them.
+
+    Raises:
+        ValueError: the model cannot be loaded, or its targets are refused as `add_sora` would
+            refuse them (a preset that does not fit the model, names that match nothing).
+    """
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(
+            config.model or default_model(), num_labels=get_task(config.task).num_labels
+        )
+    except (OSError, ValueError) as err:
+        raise _cannot_load(config, err) from None
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(model_config)
+    sora_config = config.sora_config()
+    resolve_targets(model, sora_config.target_modules, exclude=resolve_heads(model, sora_config))
 
 
 @dataclass

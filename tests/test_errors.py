@@ -56,6 +56,13 @@ def inputs(tiny_trial, tmp_path):
         (wrong_columns / f"{split}.tsv").write_text("label\tsentence\n1\tA sentence.\n")
     (tmp_path / "empty-folder").mkdir()
 
+    # A GPT-2 whose q, k and v are one fused layer (with the packaged tokenizer: shapes only).
+    from transformers import AutoTokenizer, GPT2Config, GPT2Model
+
+    gpt2 = tmp_path / "tiny-gpt2"
+    GPT2Model(GPT2Config(vocab_size=30522, n_embd=32, n_layer=2, n_head=2)).save_pretrained(gpt2)
+    AutoTokenizer.from_pretrained(tiny_trial["model"]).save_pretrained(gpt2)
+
     mlflow.MlflowClient(f"sqlite:///{tmp_path / 'other.db'}").create_experiment("sora-sst2")
     malformed = tmp_path / "malformed.yaml"
     malformed.write_text("parameters:\n  xi: {type: loguniform, low: 1.0e-5\n  r_max: 8\n")
@@ -67,6 +74,7 @@ def inputs(tiny_trial, tmp_path):
         "malformed": str(malformed),
         "wrong_columns": str(wrong_columns.parent),
         "empty_folder": str(tmp_path / "empty-folder"),
+        "gpt2": str(gpt2),
     }
 
 
@@ -142,6 +150,8 @@ def commands(inputs: dict, tmp_path: Path) -> dict[str, list[str]]:
             "sqlite:///other.db",
         ],
         "model-cannot-load": [*search, "--model", inputs["empty_folder"]],
+        "targets-match-nothing": [*search, "--target-modules", "query_proj,value_proj"],
+        "targets-fused-qk": [*search, "--model", inputs["gpt2"], "--target-modules", "qk"],
         "registered-model-name": [
             "register",
             "--experiment",

@@ -29,7 +29,7 @@ from ..data import load_glue
 from ..front import OBJECTIVES
 from ..quiet import QUIET_ENV
 from ..tracking import ROLE_TAG, experiment_id_of
-from ..train import load_tokenizer, prepare_data
+from ..train import check_targets, load_tokenizer, prepare_data
 from ..uris import (
     check_no_password,
     check_tracking_uri,
@@ -203,6 +203,9 @@ def _check_inputs(config: SearchConfig) -> DatasetDict | None:
     if config.baseline == LORA_LADDER:
         for values in ladder_trials(space, config.baseline_seeds):
             TrialConfig.from_dict(values)  # a ladder trial that cannot run fails here
+    for model in space.values("model"):  # every backbone takes every target_modules choice
+        for targets in space.values("target_modules"):
+            check_targets(dataclasses.replace(fixed_trial, model=model, target_modules=targets))
     if not set(DATA_FIELDS) & set(space.distributions):
         return in_memory(prepare_data(fixed_trial, load_tokenizer(fixed_trial)))
     for task in space.values("task"):  # read every task's files once, to check them
