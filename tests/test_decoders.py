@@ -262,3 +262,9 @@ def test_the_published_smollm2_count_is_the_real_models(smollm2_dir):
     script = _load_script("adapter_params")
     real = AutoModelForSequenceClassification.from_pretrained(smollm2_dir, num_labels=2)
     assert script.adapter_counts(real) == script.published_counts("SmolLM2-135M")
+
+
+def test_the_readme_states_the_scripts_counts(capsys):
+    _load_script("adapter_params").main([])
+    table = capsys.readouterr().out.strip()
+    assert table in (REPO / "README.md").read_text()

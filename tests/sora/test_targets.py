@@ -226,3 +226,17 @@ def test_conv1d_layer_matches_its_linear_twin_and_merges():
     torch.testing.assert_close(layers[0](x), before, atol=1e-6, rtol=0)
     layers[0].unmerge()
     torch.testing.assert_close(conv.weight, linear.weight.T)
+
+
+def test_a_search_space_searches_the_presets(tmp_path):
+    from sora_tune.tune.space import load_search_space
+
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        "parameters:\n  target_modules: {type: choice, values: [all, attention, qkv, qk]}\n"
+    )
+    space = load_search_space(path)
+    assert space.values("target_modules") == ["all", "attention", "qkv", "qk"]
+    path.write_text("parameters:\n  target_modules: {type: choice, values: [all, '(']}\n")
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        load_search_space(path)
