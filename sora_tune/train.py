@@ -147,9 +147,10 @@ PAD_FROM_EOS = "pad_from_eos"  # the tokenizer attribute that records `use_eos_a
 
 
 def use_eos_as_pad(tokenizer) -> bool:
-    """Give a tokenizer without a pad token its end-of-sequence token as pad, as decoders are run
-    as classifiers (transformers' `run_classification.py` does the same). The choice is recorded
-    as the tokenizer's `pad_from_eos` attribute, for the trial to log. Returns it.
+    """Give a tokenizer without a pad token (most decoders') its end-of-sequence token as pad.
+    The classifier then reads each row's last token that is not eos: the text's last (or the one
+    before an eos the tokenizer appends, the same in training and serving). The choice is
+    recorded as the tokenizer's `pad_from_eos` attribute, for the trial to log. Returns it.
 
     Raises:
         ValueError: the tokenizer has neither a pad nor an end-of-sequence token.

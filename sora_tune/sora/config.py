@@ -60,7 +60,10 @@ class SoRAConfig:
                     f"target_modules is not a valid regular expression: {self.target_modules!r} ({err})"
                 ) from err
         elif not self.target_modules:
-            raise ValueError("target_modules must not be an empty list")
+            raise ValueError(
+                f"target_modules must be a preset ({', '.join(PRESETS)}), a regular expression or "
+                f"a non-empty list of names, got {self.target_modules!r}"
+            )
 
     @property
     def scaling(self) -> float:

@@ -81,7 +81,8 @@ def test_injection_errors(tiny_model):
         ({"dropout": 1.0}, "dropout must be"),
         ({"gate_init": "zeros"}, "gate_init must be"),
         ({"target_modules": "("}, "not a valid regular expression"),
-        ({"target_modules": []}, "must not be an empty list"),
+        ({"target_modules": []}, "a non-empty list of names, got \\[\\]"),
+        ({"target_modules": None}, "must be a preset .*, got None"),
     ],
 )
 def test_bad_config_is_refused(kwargs, message):
