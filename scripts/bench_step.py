@@ -142,9 +142,11 @@ def main(argv: list[str] | None = None) -> dict:
     precision = resolve_precision(args.precision, torch.device(device))
     built = {m: build(m, args.model, args.rank, total_steps, device) for m in methods}
     generator = torch.Generator().manual_seed(0)
+    # Ordinary tokens: past the special ones at the start of the vocabulary, and none a pad.
+    vocab = built[methods[0]][0].config.vocab_size
     batch = {
         "input_ids": torch.randint(
-            1000, 30000, (args.batch_size, args.length), generator=generator
+            min(1000, vocab // 2), vocab, (args.batch_size, args.length), generator=generator
         ),
         "attention_mask": torch.ones(args.batch_size, args.length, dtype=torch.long),
         "labels": torch.randint(0, 2, (args.batch_size,), generator=generator),

@@ -268,3 +268,13 @@ def test_the_readme_states_the_scripts_counts(capsys):
     _load_script("adapter_params").main([])
     table = capsys.readouterr().out.strip()
     assert table in (REPO / "README.md").read_text()
+
+
+def test_bench_step_runs_on_a_decoder(tiny_decoder_dir, tmp_path):
+    output = tmp_path / "step.json"
+    argv = ["--model", tiny_decoder_dir, "--methods", "sora,lora", "--rounds", "2", "--steps", "1"]
+    argv += ["--batch-size", "2", "--length", "8", "--output", str(output)]
+    result = _load_script("bench_step").main(argv)
+    assert set(result["median_ms"]) == set(result["median_cpu_ms"]) == {"sora", "lora"}
+    assert set(result["ratios"]) == set(result["cpu_ratios"]) == {"sora_over_lora"}
+    assert json.loads(output.read_text())["samples_cpu_ms"]["sora"]
