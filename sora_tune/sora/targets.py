@@ -1,9 +1,9 @@
 """Which modules get an adapter and which are trained in full, read from the model's structure.
 
 - The **blocks** are the repeated transformer layers: every outermost `nn.ModuleList` whose items
-  are all of one class and hold linear layers (BERT's `encoder.layer`, Llama's `model.layers`,
-  GPT-2's `transformer.h`; an encoder-decoder has two). Embeddings, poolers and heads sit outside
-  them, whatever a family calls them.
+  each hold linear layers (BERT's `encoder.layer`, Llama's `model.layers`, GPT-2's
+  `transformer.h`; an encoder-decoder has two, and a hybrid stack may mix layer classes).
+  Embeddings, poolers and heads sit outside them, whatever a family calls them.
 - The **heads** are what a task model adds to its backbone (`model.base_model`): each of its other
   top-level modules with weights (`classifier`, `score`, DistilBERT's `pre_classifier`,
   ModernBERT's `head`, DeBERTa's `pooler`), and the backbone's own `pooler` (BERT's).
@@ -42,17 +42,16 @@ def _inside(name: str, prefixes: Iterable[str]) -> bool:
 
 
 def transformer_blocks(model: nn.Module) -> list[str]:
-    """The names of the model's block lists: outermost `nn.ModuleList`s of one class of module
-    that holds linear layers."""
+    """The names of the model's block lists: outermost `nn.ModuleList`s whose items are modules
+    that hold linear layers (not a list of bare linear layers)."""
     found: list[str] = []
     for name, module in model.named_modules():  # parents come before their children
         if not isinstance(module, nn.ModuleList) or len(module) == 0 or _inside(name, found):
             continue
-        first = module[0]
-        if (
-            len({type(item) for item in module}) == 1
-            and not isinstance(first, LINEAR_TYPES)
-            and any(isinstance(m, LINEAR_TYPES) for m in first.modules())
+        if all(
+            not isinstance(item, LINEAR_TYPES)
+            and any(isinstance(m, LINEAR_TYPES) for m in item.modules())
+            for item in module
         ):
             found.append(name)
     return found

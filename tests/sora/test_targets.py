@@ -187,15 +187,23 @@ def test_presets_name_each_familys_projections(family, preset):
     assert set(resolve_targets(model, preset)) == expected_targets(family, roles)
 
 
-def test_a_preset_refuses_a_model_without_that_role():
+def test_blocks_of_a_hybrid_stack_and_a_preset_without_its_role():
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
             self.mix = nn.Linear(4, 4)
 
+    class OtherBlock(nn.Module):  # a hybrid stack mixes layer classes
+        def __init__(self):
+            super().__init__()
+            self.scan = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+
     model = nn.Sequential()
-    model.layers = nn.ModuleList([Block(), Block()])
-    assert resolve_targets(model, "all") == ["layers.0.mix", "layers.1.mix"]
+    model.layers = nn.ModuleList([Block(), OtherBlock()])
+    model.norms = nn.ModuleList([nn.LayerNorm(4), nn.LayerNorm(4)])  # no linear layers
+    model.heads = nn.ModuleList([nn.Linear(4, 2), nn.Linear(4, 2)])  # bare linears, not blocks
+    assert transformer_blocks(model) == ["layers"]
+    assert resolve_targets(model, "all") == ["layers.0.mix", "layers.1.scan.0"]
     with pytest.raises(ValueError, match="no q projection found in the blocks"):
         resolve_targets(model, "attention")
 
