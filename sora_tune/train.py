@@ -22,16 +22,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import DatasetDict
+from datasets import ClassLabel, DatasetDict
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from .config import TrialConfig, default_model
 from .data import (
+    GlueTask,
     compute_metrics,
     get_task,
     load_glue,
+    load_own_data,
     make_dataloader,
     make_splits,
+    own_task,
     tokenize_splits,
 )
 from .sora import (
@@ -127,23 +130,64 @@ def load_tokenizer(config: TrialConfig):
         raise ValueError(f"model {config.model!r} cannot be loaded: {reason}") from None
 
 
+def own_data_settings(config: TrialConfig) -> dict[str, Any]:
+    """The settings naming the user's own data, as `load_own_data` and `data_sources` take them."""
+    names = ("train_file", "validation_file", "test_file", "dataset", "dataset_config")
+    names += ("train_split", "validation_split", "test_split")
+    return {name: getattr(config, name) for name in names}
+
+
+def data_task(config: TrialConfig, data: DatasetDict) -> GlueTask:
+    """The task of a trial's tokenised data: the GLUE task, or the user's own data described by
+    the settings and the class names the data carry (`labels` is a `ClassLabel`, or float
+    scores for regression); `metric` is the primary."""
+    if not config.own_data:
+        task = get_task(config.task)
+        return dataclasses.replace(task, primary=config.metric or task.primary)
+    labels = data["train"].features["labels"]
+    names = tuple(labels.names) if isinstance(labels, ClassLabel) else None
+    return own_task(config.data_name, config.text_fields, names, config.metric)
+
+
 def prepare_data(config: TrialConfig, tokenizer=None) -> DatasetDict:
-    """Load, split and tokenise the task (cached on disk): `train`, `val`, `test`, `train_eval`.
+    """Load, split and tokenise the data (cached on disk): `train`, `val`, `test` (when there
+    is a test set), `train_eval`. The user's own data are keyed in the cache by their files'
+    digests, not by hashing their rows.
 
     The search calls this once and shares the result with every trial.
     """
     tokenizer = tokenizer or load_tokenizer(config)
-    raw = load_glue(config.task, config.data_dir)
+    digests = None
+    if config.own_data:
+        own = load_own_data(
+            **own_data_settings(config),
+            text_columns=config.text_fields,
+            label_column=config.label_column,
+            problem_type=config.problem_type,
+            metric=config.metric,
+        )
+        raw, task = own.raw, own.task
+        split_settings = [config.val_size, config.seed]
+        split_settings += [config.max_train_samples, config.max_eval_samples]
+        base = [[s.digest for s in own.sources], repr(task), split_settings]
+        digests = {name: json.dumps([*base, name]) for name in ("train", "val", "test")}
+    else:
+        raw, task = load_glue(config.task, config.data_dir), get_task(config.task)
     splits = make_splits(
         raw,
-        config.task,
+        task,
         val_size=int(config.val_size) if config.val_size >= 1 else config.val_size,
         seed=config.seed,
         max_train_samples=config.max_train_samples,
         max_eval_samples=config.max_eval_samples,
     )
     data = tokenize_splits(
-        splits, config.task, tokenizer, max_length=config.max_length, cache_dir=config.cache_dir
+        splits,
+        task,
+        tokenizer,
+        max_length=config.max_length,
+        cache_dir=config.cache_dir,
+        digests=digests,
     )
     train = data["train"]
     subset = min(config.train_eval_samples, len(train))

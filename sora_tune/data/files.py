@@ -24,7 +24,14 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 from sora_tune.data.tasks import GlueTask, own_task
 
-__all__ = ["FILE_FORMATS", "DataSource", "OwnData", "check_data_file", "load_own_data"]
+__all__ = [
+    "FILE_FORMATS",
+    "DataSource",
+    "OwnData",
+    "check_data_file",
+    "data_sources",
+    "load_own_data",
+]
 
 # The `datasets` packaged loader of each extension (and its options), as run_classification.py
 # picks them; `.json` is read as JSON Lines, one object per line.
@@ -51,7 +58,6 @@ class DataSource:
         source_type: ``local`` (a file or folder) or ``hugging_face`` (a Hub id), MLflow's names.
         digest: SHA-256 of the file's bytes (first 16 hex digits), or the split's `datasets`
             fingerprint.
-        rows: Rows in the split as read.
     """
 
     split: str
@@ -59,7 +65,6 @@ class DataSource:
     source: str
     source_type: str
     digest: str
-    rows: int
 
 
 @dataclass(frozen=True)
@@ -185,6 +190,32 @@ def load_own_data(
     return OwnData(DatasetDict(splits), task, tuple(sources))
 
 
+def data_sources(
+    *,
+    train_file: str | None = None,
+    validation_file: str | None = None,
+    test_file: str | None = None,
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    train_split: str = "train",
+    validation_split: str | None = None,
+    test_split: str | None = None,
+) -> tuple[DataSource, ...]:
+    """Where each split of the user's data comes from, with its digest, without reading the
+    rows (a file's digest is computed once per process, and :func:`load_own_data` computes it
+    while reading)."""
+    if dataset is not None:
+        splits = {"train": train_split, "validation": validation_split, "test": test_split}
+        named = _read_dataset(dataset, dataset_config, splits)
+        return tuple(source for _, source in named.values())
+    files = {"train": train_file, "validation": validation_file, "test": test_file}
+    return tuple(
+        DataSource(split, Path(path).name, path, "local", file_digest(path))
+        for split, path in files.items()
+        if path is not None
+    )
+
+
 def _read_file(role: str, path: str) -> tuple[Dataset, DataSource]:
     check_data_file(f"{role}_file", path)
     digest = file_digest(path)  # refuses a text file that is not UTF-8
@@ -198,7 +229,7 @@ def _read_file(role: str, path: str) -> tuple[Dataset, DataSource]:
         raise ValueError(f"{path}: cannot be read as {builder}: {reason}") from None
     if len(split) == 0:
         raise ValueError(f"{path}: the file is empty (a header, no rows)")
-    return split, DataSource(role, Path(path).name, path, "local", digest, len(split))
+    return split, DataSource(role, Path(path).name, path, "local", digest)
 
 
 def _read_dataset(
@@ -230,7 +261,6 @@ def _read_dataset(
             dataset,
             "local" if local else "hugging_face",
             part._fingerprint,  # datasets' own content fingerprint of the split
-            len(part),
         )
         named[where] = (part, source)
     return named
