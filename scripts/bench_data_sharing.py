@@ -147,11 +147,12 @@ def main_file(argv: list[str], args: argparse.Namespace) -> dict:
         for variant in FILE_VARIANTS:
             child = subprocess.run(
                 [sys.executable, __file__, *argv, *extra, "--variant", variant],
-                check=True,
                 capture_output=True,
                 text=True,
                 env=env,
             )
+            if child.returncode:
+                sys.exit(f"the {variant} run failed:\n{child.stderr[-3000:]}")
             results[variant] = json.loads(child.stdout.strip().splitlines()[-1])
     result = {
         "benchmark": "data_file",

@@ -220,15 +220,17 @@ def _read_file(role: str, path: str) -> tuple[Dataset, DataSource]:
     check_data_file(f"{role}_file", path)
     digest = file_digest(path)  # refuses a text file that is not UTF-8
     if os.path.getsize(path) == 0:
-        raise ValueError(f"{path}: the file is empty")
+        raise ValueError(f"{path}: the file is empty (no rows)")
     builder, options = FILE_FORMATS[Path(path).suffix.lower()]
     try:
         split = datasets.load_dataset(builder, data_files=path, split="train", **options)
     except Exception as err:  # the loaders raise many kinds; the first line says what failed
+        if "corresponds to no data" in str(err):  # how datasets says that no rows were read
+            raise ValueError(f"{path}: the file is empty (no rows)") from None
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path}: cannot be read as {builder}: {reason}") from None
     if len(split) == 0:
-        raise ValueError(f"{path}: the file is empty (a header, no rows)")
+        raise ValueError(f"{path}: the file is empty (no rows)")
     return split, DataSource(role, Path(path).name, path, "local", digest)
 
 

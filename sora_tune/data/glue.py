@@ -318,7 +318,7 @@ def _split_rows(
     dataset: Dataset, task: GlueTask, size: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw ``size`` rows, stratified where possible; return the (rest, drawn) row indices."""
-    labels = dataset.with_format("numpy")["label"]  # from Arrow, not a list of Python ints
+    labels = dataset.with_format("arrow")["label"].to_numpy()  # not a list of Python ints
     if task.is_regression:
         # Stratify scores by quintile so every part keeps the score distribution.
         labels = np.digitize(labels, np.quantile(labels, [0.2, 0.4, 0.6, 0.8]))
