@@ -17,6 +17,7 @@ from typing import Any
 from . import __version__
 from .config import TrialConfig
 from .flags import add_dataclass_flags, flag, given
+from .front import NO_TEST_SCORE, test_score_text
 from .quiet import quiet_this_process
 from .tune.config import SEARCH_GROUPS, SearchConfig
 from .uris import check_tracking_uri, default_tracking_uri, resolve_tracking_uri
@@ -130,7 +131,7 @@ def _summary(result: dict[str, Any]) -> str:
 def _print_epoch(metrics: dict[str, Any], checkpoint: str) -> None:
     print(
         f"epoch {metrics['epoch']}: loss {metrics['train_loss']:.4f} train {metrics['train_score']:.4f} "
-        f"val {metrics['val_score']:.4f} test {metrics['test_score']:.4f} "
+        f"val {metrics['val_score']:.4f} test {test_score_text(metrics.get('test_score'))} "
         f"params {metrics['retained_params']} ({metrics['epoch_time_s']:.0f} s)",
         flush=True,
     )
@@ -165,7 +166,7 @@ def sparsify_command(args: argparse.Namespace) -> int:
     for row in rows:
         print(
             f"{row['stage']:>5} {row['xi']:>9.2e} {row['retained_params']:>9} {row['train_score']:>7.4f} "
-            f"{row['val_score']:>7.4f} {row['test_score']:>7.4f}"
+            f"{row['val_score']:>7.4f} {test_score_text(row.get('test_score')):>7}"
         )
     print(f"wrote {Path(args.output_dir) / 'sparsify.csv'}, sparsify.png, ranks.png")
     return 0
@@ -284,6 +285,8 @@ def search_summary(search) -> str:
         f"{name} {value:.4g}"
         for name, value in zip(report.objectives, report.reference, strict=True)
     )
+    if report.front["test_score"].isna().all():
+        lines.append(f"test_score: {NO_TEST_SCORE}: give --test-file to score the trials on one")
     lines += ["", f"hypervolume {report.hypervolume:.6g} (reference {reference})"]
     lines += ladder_lines(report)
     if report.left_out:
@@ -403,7 +406,7 @@ def register_command(args: argparse.Namespace) -> int:
     print(
         f"registered {registered.name} version {registered.version} from run {registered.run_id}: "
         f"val_score {registered.val_score:.4f}, retained_params {registered.retained_params}, "
-        f"test_score {registered.test_score:.4f}"
+        f"test_score {test_score_text(registered.test_score)}"
     )
     print(f"models:/{registered.name}@{CHAMPION}")
     return 0

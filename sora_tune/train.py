@@ -27,9 +27,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from .config import TrialConfig, default_model
 from .data import (
+    DataSource,
     GlueTask,
     OwnData,
     compute_metrics,
+    data_sources,
     get_task,
     load_glue,
     load_own_data,
@@ -161,6 +163,23 @@ def data_task(config: TrialConfig, data: DatasetDict) -> GlueTask:
     return own_task(config.data_name, config.text_fields, names, config.metric)
 
 
+def data_lineage(config: TrialConfig) -> tuple[DataSource, ...]:
+    """Where the trial's own data come from, with content digests (none for GLUE)."""
+    return data_sources(**own_data_settings(config)) if config.own_data else ()
+
+
+def trial_data(
+    config: TrialConfig,
+    data: DatasetDict | None = None,
+    sources: tuple[DataSource, ...] | None = None,
+) -> tuple[DatasetDict, GlueTask, tuple[DataSource, ...]]:
+    """A trial's tokenised data, their task and their sources: as the search shares them, or
+    prepared here (`train`, or a search whose data settings are searched)."""
+    data = data if data is not None else prepare_data(config)
+    sources = sources if sources is not None else data_lineage(config)
+    return data, data_task(config, data), sources
+
+
 def prepare_data(config: TrialConfig, tokenizer=None) -> DatasetDict:
     """Load, split and tokenise the data (cached on disk): `train`, `val`, `test` (when there
     is a test set), `train_eval`. The user's own data are keyed in the cache by their files'
@@ -202,7 +221,8 @@ def prepare_data(config: TrialConfig, tokenizer=None) -> DatasetDict:
 
 
 def make_loaders(config: TrialConfig, data: DatasetDict, tokenizer):
-    """The shuffled training loader and the evaluation loaders (`train_eval`, `val`, `test`)."""
+    """The shuffled training loader and the evaluation loaders (`train_eval`, `val`, and `test`
+    when there is a test set)."""
     train_loader = make_dataloader(
         data["train"],
         tokenizer,
@@ -220,12 +240,12 @@ def make_loaders(config: TrialConfig, data: DatasetDict, tokenizer):
             group_by_length=True,
         )
         for split in ("train_eval", "val", "test")
+        if split in data
     }
     return train_loader, eval_loaders
 
 
-def build_model(config: TrialConfig, total_steps: int) -> torch.nn.Module:
-    task = get_task(config.task)
+def build_model(config: TrialConfig, task: GlueTask, total_steps: int) -> torch.nn.Module:
     # fp32 master weights whatever the checkpoint holds (transformers 5 loads its dtype):
     # `precision` is the autocast dtype of the computation.
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -438,20 +458,20 @@ def score_epoch(
     model, eval_loaders, task, device, precision: str, progress: bool = False
 ) -> dict[str, float]:
     """Memorization (`train_score` on a fixed training subset), `val_score` (selection) and
-    `test_score` (GLUE dev, reported only), with `val_<metric>` and `test_<metric>`."""
+    `test_score` (GLUE dev or the test file, reported only; none without a test set), with
+    `val_<metric>` and `test_<metric>`."""
     scores = {
         split: evaluate(
             model, _progress(loader, progress, f"scoring {split}"), task, device, precision
         )
         for split, loader in eval_loaders.items()
     }
-    return {
-        "train_score": scores["train_eval"]["score"],
-        "val_score": scores["val"]["score"],
-        "test_score": scores["test"]["score"],
-        **{f"val_{k}": v for k, v in scores["val"].items() if k != "score"},
-        **{f"test_{k}": v for k, v in scores["test"].items() if k != "score"},
-    }
+    scored = {"train_score": scores["train_eval"]["score"], "val_score": scores["val"]["score"]}
+    if "test" in scores:
+        scored["test_score"] = scores["test"]["score"]
+    for split in ("val", "test"):
+        scored |= {f"{split}_{k}": v for k, v in scores.get(split, {}).items() if k != "score"}
+    return scored
 
 
 CHECKPOINT_PREFIX = "checkpoint-step"
@@ -578,7 +598,6 @@ def train_trial(
     checkpoint = Path(resume_from) if resume_from else latest_checkpoint(output_dir)
     if checkpoint is not None:
         check_checkpoint_config(checkpoint, config)
-    task = get_task(config.task)
     device = resolve_device(device)
     precision = resolve_precision(config.precision, device)
     seed_everything(config.seed)
@@ -586,12 +605,13 @@ def train_trial(
     # Data
     tokenizer = load_tokenizer(config)
     data = data if data is not None else prepare_data(config, tokenizer)
+    task = data_task(config, data)
     train_loader, eval_loaders = make_loaders(config, data, tokenizer)
     steps_per_epoch = len(train_loader)
     config.check_steps(steps_per_epoch)  # stages in steps that the epochs never reach
 
     # Model and optimizers
-    model = build_model(config, total_steps=steps_per_epoch * config.epochs).to(device)
+    model = build_model(config, task, total_steps=steps_per_epoch * config.epochs).to(device)
     optimization = configure_optimization(
         model, config, steps_per_epoch=steps_per_epoch, device=device, precision=precision
     )

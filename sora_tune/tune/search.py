@@ -29,7 +29,7 @@ from ..data import load_glue
 from ..front import OBJECTIVES
 from ..quiet import QUIET_ENV
 from ..tracking import ROLE_TAG, experiment_id_of
-from ..train import load_tokenizer, own_data, prepare_data
+from ..train import data_lineage, load_tokenizer, own_data, prepare_data
 from ..uris import (
     check_no_password,
     check_tracking_uri,
@@ -146,6 +146,10 @@ def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None)
     import ray
 
     data = _check_inputs(config)
+    # Shared data come with their sources, hashed on the driver (the digests of the files just
+    # read); otherwise every trial reads its own.
+    representative = TrialConfig.from_dict(config.space.representative())
+    sources = data_lineage(representative) if data is not None else None
     if not ray.is_initialized():
         # Trials' library chatter would flood the driver's terminal through Ray's log stream;
         # errors still reach it, and every trial's full log stays in Ray's session folder.
@@ -173,7 +177,7 @@ def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None)
     }
     with stop_gracefully_on_signals() as received:
         try:
-            results = _make_tuner(config, tracking, data, resume).fit()
+            results = _make_tuner(config, tracking, data, sources, resume).fit()
         except KeyboardInterrupt:  # a second signal, or one before Ray Tune started
             client.set_terminated(parent_run_id, status="KILLED")
             raise
@@ -231,13 +235,13 @@ def _check_cluster(config: SearchConfig, *, shares_data: bool) -> None:
     )
 
 
-def _make_tuner(config: SearchConfig, tracking: dict[str, str], data, resume):
+def _make_tuner(config: SearchConfig, tracking: dict[str, str], data, sources, resume):
     """The Tuner of a new search, or the restored one of an interrupted search."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, data=data, tracking=tracking),
+        tune.with_parameters(run_trial, data=data, sources=sources, tracking=tracking),
         {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
     )
     if resume is not None:
