@@ -43,7 +43,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import mlflow  # noqa: E402
 
 import sora_tune.tune.search as search_module  # noqa: E402
-from sora_tune.data import get_task  # noqa: E402
 from sora_tune.train import TrialConfig, build_model, default_model  # noqa: E402
 from sora_tune.tune import SearchConfig, SearchSpace, run_search  # noqa: E402
 
@@ -177,8 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         config = search_config(args, Path(tmp))
         # One model load, as every trial does it (the search does not share models).
         start = time.perf_counter()
-        trial = TrialConfig.from_dict(config.space.fixed | {"r_max": 8})
-        build_model(trial, get_task(trial.task), total_steps=10)
+        build_model(TrialConfig.from_dict(config.space.fixed | {"r_max": 8}), total_steps=10)
         model_load_s = time.perf_counter() - start
         timing = time_search(config, num_cpus=args.num_cpus)
 

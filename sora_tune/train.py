@@ -245,7 +245,12 @@ def make_loaders(config: TrialConfig, data: DatasetDict, tokenizer):
     return train_loader, eval_loaders
 
 
-def build_model(config: TrialConfig, task: GlueTask, total_steps: int) -> torch.nn.Module:
+def build_model(
+    config: TrialConfig, total_steps: int, task: GlueTask | None = None
+) -> torch.nn.Module:
+    """The backbone with its classification head (sized to `task`: the data's task from
+    `data_task`; `None`: the GLUE task of `config`) and the adapter."""
+    task = task or get_task(config.task)
     # fp32 master weights whatever the checkpoint holds (transformers 5 loads its dtype):
     # `precision` is the autocast dtype of the computation.
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -611,7 +616,7 @@ def train_trial(
     config.check_steps(steps_per_epoch)  # stages in steps that the epochs never reach
 
     # Model and optimizers
-    model = build_model(config, task, total_steps=steps_per_epoch * config.epochs).to(device)
+    model = build_model(config, steps_per_epoch * config.epochs, task).to(device)
     optimization = configure_optimization(
         model, config, steps_per_epoch=steps_per_epoch, device=device, precision=precision
     )
