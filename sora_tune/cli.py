@@ -423,7 +423,8 @@ def predict_command_parser(subparsers) -> None:
     parser.add_argument(
         "--input",
         required=True,
-        help="CSV, TSV or JSONL file with the task's text columns; - reads JSON Lines from stdin",
+        help="CSV, TSV, JSONL or Parquet file with the model's text columns; - reads JSON Lines "
+        "from stdin",
     )
     add_tracking_flag(parser, "MLflow tracking (and registry) URI")
     parser.set_defaults(command=predict_command)
