@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from .data.locations import CACHE_ENV, DATA_DIR_ENV
-from .data.tasks import get_task
+from .data.tasks import data_name, get_task
 from .sora.config import SoRAConfig, lora_config
 from .sora.schedule import XiSchedule
 
@@ -73,8 +73,6 @@ PATH_FIELDS = {
 # Path settings that may also name something on the Hub: they stay as given unless they exist.
 HUB_OR_PATH_FIELDS = ("model", "dataset")
 FILE_FIELDS = ("train_file", "validation_file", "test_file")
-# The splits of a dataset, which the files stand for.
-SPLIT_FIELDS = ("train_split", "validation_split", "test_split")
 # A search scores the user's own data with these; the first of a problem type is its default.
 OWN_METRICS = ("accuracy", "macro_f1", "matthews", "pearson", "spearman")
 # Settings that only describe own data (refused with a GLUE task).
@@ -104,18 +102,6 @@ def resolve_paths(values: dict[str, Any]) -> dict[str, Any]:
         if resolved.get(name) is None and variable and os.environ.get(variable):
             resolved[name] = os.environ[variable]
     return {name: absolute_path(name, value) for name, value in resolved.items()}
-
-
-def data_name(
-    *, task: str | None = None, train_file: str | None = None, dataset: str | None = None
-) -> str:
-    """What a trial's data are called, in experiment names: the training file's stem, the
-    dataset id (`/` as `-`; a save_to_disk folder's name), or the GLUE task (default mrpc)."""
-    if train_file is not None:
-        return Path(train_file).stem
-    if dataset is not None:
-        return Path(dataset).name if os.path.isdir(dataset) else dataset.replace("/", "-")
-    return get_task(task or "mrpc").name
 
 
 def default_model() -> str:

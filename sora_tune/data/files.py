@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
-from sora_tune.data.tasks import GlueTask, own_task
+from sora_tune.data.tasks import GlueTask, data_name, own_task
 
 __all__ = [
     "FILE_FORMATS",
@@ -43,7 +43,6 @@ FILE_FORMATS: dict[str, tuple[str, dict]] = {
     ".parquet": ("parquet", {}),
 }
 TEXT_FORMATS = {".csv", ".tsv", ".jsonl", ".json"}  # read as UTF-8 text
-SPLITS = ("train", "validation", "test")
 _CHUNK = 1 << 20  # bytes per read while hashing a file
 
 
@@ -98,7 +97,11 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     """SHA-256 of the file, checking on the way that a text file is valid UTF-8 (size and
     modification time are part of the cache key: a rewritten file is hashed again)."""
     digest = hashlib.sha256()
-    decoder = codecs.getincrementaldecoder("utf-8")() if Path(path).suffix in TEXT_FORMATS else None
+    decoder = (
+        codecs.getincrementaldecoder("utf-8")()
+        if Path(path).suffix.lower() in TEXT_FORMATS
+        else None
+    )
     lines = 1
     with open(path, "rb") as file:
         while chunk := file.read(_CHUNK):
@@ -169,19 +172,17 @@ def load_own_data(
             dataset, dataset_config, {"train": train_split, "validation": validation_split,
                                       "test": test_split},
         )  # fmt: skip
-        name = Path(dataset).name if os.path.isdir(dataset) else dataset.replace("/", "-")
     else:
         files = {"train": train_file, "validation": validation_file, "test": test_file}
         named = {path: _read_file(split, path) for split, path in files.items() if path is not None}
-        name = Path(train_file).stem
     for where, (split, _) in named.items():
         _check_columns(where, split, [*text_columns, label_column])
         for column in text_columns:
             _check_text(where, split, column)
-    (train_where, train), *others = named.items()
-    train = train[0]
+    train_where, (train, _) = next(iter(named.items()))
     kind = problem_type or _infer_problem_type(train_where, train, label_column)
     label_names = None if kind == "regression" else _label_names(train_where, train, label_column)
+    name = data_name(train_file=train_file, dataset=dataset)
     task = own_task(name, tuple(text_columns), label_names, metric)
     splits, sources = {}, []
     for where, (split, source) in named.items():

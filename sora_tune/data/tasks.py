@@ -8,13 +8,16 @@ the official TSV files and data from the Hub are interchangeable (e.g. MNLI's ``
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 __all__ = [
     "CLASSIFICATION_METRICS",
     "REGRESSION_METRICS",
     "TASKS",
     "GlueTask",
+    "data_name",
     "get_task",
     "own_task",
 ]
@@ -141,3 +144,16 @@ def own_task(
             f"metric {primary!r} does not score {kind}: use one of {', '.join(metrics)}"
         )
     return GlueTask(name, "", text_fields, label_names, metrics, primary)
+
+
+def data_name(
+    *, task: str | None = None, train_file: str | None = None, dataset: str | None = None
+) -> str:
+    """What a trial's data are called, in experiment names and model info: the training file's
+    stem, the dataset id (`/` as `-`; a save_to_disk folder's name), or the GLUE task (default
+    mrpc)."""
+    if train_file is not None:
+        return Path(train_file).stem
+    if dataset is not None:
+        return Path(dataset).name if os.path.isdir(dataset) else dataset.replace("/", "-")
+    return get_task(task or "mrpc").name

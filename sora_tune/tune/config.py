@@ -8,7 +8,8 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from ..config import data_name, literal_choices
+from ..config import literal_choices
+from ..data.tasks import data_name
 from ..front import OBJECTIVES
 from ..uris import default_tracking_uri, local_store_path, resolve_tracking_uri
 from .cluster import check_client_storage, check_tracking_for_cluster
