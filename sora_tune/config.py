@@ -330,11 +330,9 @@ class TrialConfig:
         return data_name(task=self.task, train_file=self.train_file, dataset=self.dataset)
 
     def _check_data(self) -> None:
-        """GLUE or own data, not both, and own data's settings fit together. Cheap, no file is
-        read: a file must exist and have a known extension; its content is checked where the
-        data are loaded (`sora_tune.data.load_own_data`)."""
-        from .data.files import check_data_file
-
+        """GLUE or own data, not both, and own data's settings fit together. No file is
+        touched: a trial on another node, given the data by the search, may not see them. The
+        files are checked where they are read (`sora_tune.data.load_own_data`, on the driver)."""
         files = [n for n in FILE_FIELDS if getattr(self, n) is not None]
         if self.train_file is None and files:
             raise ValueError(f"{', '.join(files)} without train_file: give the training file too")
@@ -360,8 +358,6 @@ class TrialConfig:
                 f"task {self.task!r} is a GLUE task and {given} gives your own data: leave task "
                 "out to train on your data, or leave the data out to train on GLUE"
             )
-        for name in files:
-            check_data_file(name, getattr(self, name))
         if not 1 <= len(self.text_fields) <= 2:
             raise ValueError(
                 f"text_columns names one column, or two read as a pair; got {self.text_columns!r}"

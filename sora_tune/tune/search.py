@@ -24,7 +24,7 @@ import mlflow
 from datasets import Dataset, DatasetDict
 
 from .. import __version__
-from ..config import DATA_FIELDS, TrialConfig
+from ..config import DATA_FIELDS, FILE_FIELDS, TrialConfig
 from ..data import load_glue
 from ..front import OBJECTIVES
 from ..quiet import QUIET_ENV
@@ -226,7 +226,8 @@ def _check_cluster(config: SearchConfig, *, shares_data: bool) -> None:
     nodes = sum(node.get("Alive", False) for node in ray.nodes())
     if nodes <= 1 and not config.address:
         return
-    settings = ["model"] + ([] if shares_data else ["data_dir"])
+    # Shared data reach the trials through Ray: then only the driver reads the data files.
+    settings = ["model"] + ([] if shares_data else [*FILE_FIELDS, "dataset", "data_dir"])
     check_paths_on_nodes(
         {
             name: [v for v in config.space.values(name) if v and os.path.isabs(v)]
