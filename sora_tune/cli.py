@@ -17,6 +17,7 @@ from typing import Any
 from . import __version__
 from .config import TrialConfig
 from .flags import add_dataclass_flags, flag, given
+from .front import NO_TEST_SCORE, test_score_text
 from .quiet import quiet_this_process
 from .tune.config import SEARCH_GROUPS, SearchConfig
 from .uris import check_tracking_uri, default_tracking_uri, resolve_tracking_uri
@@ -67,7 +68,8 @@ def train_command_parser(subparsers) -> None:
         "--mlflow-uri", type=resolve_tracking_uri, help="log the run to this MLflow tracking URI"
     )
     tracking.add_argument(
-        "--experiment-name", help="MLflow experiment, with --mlflow-uri (default: sora-<task>)"
+        "--experiment-name",
+        help="MLflow experiment, with --mlflow-uri (default: sora-<task or file stem>)",
     )
     add_trial_flags(parser)
     parser.set_defaults(command=train_command)
@@ -84,7 +86,7 @@ def train_command(args: argparse.Namespace) -> int:
     if args.mlflow_uri:
         from .tracking import create_trial_run, tracked_trial
 
-        experiment = args.experiment_name or f"sora-{config.task}"
+        experiment = args.experiment_name or f"sora-{config.data_name}"
         run_id = create_trial_run(args.mlflow_uri, experiment)
         result = tracked_trial(
             config,
@@ -131,7 +133,7 @@ def _summary(result: dict[str, Any]) -> str:
 def _print_epoch(metrics: dict[str, Any], checkpoint: str) -> None:
     print(
         f"epoch {metrics['epoch']}: loss {metrics['train_loss']:.4f} train {metrics['train_score']:.4f} "
-        f"val {metrics['val_score']:.4f} test {metrics['test_score']:.4f} "
+        f"val {metrics['val_score']:.4f} test {test_score_text(metrics.get('test_score'))} "
         f"params {metrics['retained_params']} ({metrics['epoch_time_s']:.0f} s)",
         flush=True,
     )
@@ -166,7 +168,7 @@ def sparsify_command(args: argparse.Namespace) -> int:
     for row in rows:
         print(
             f"{row['stage']:>5} {row['xi']:>9.2e} {row['retained_params']:>9} {row['train_score']:>7.4f} "
-            f"{row['val_score']:>7.4f} {row['test_score']:>7.4f}"
+            f"{row['val_score']:>7.4f} {test_score_text(row.get('test_score')):>7}"
         )
     print(f"wrote {Path(args.output_dir) / 'sparsify.csv'}, sparsify.png, ranks.png")
     return 0
@@ -285,6 +287,8 @@ def search_summary(search) -> str:
         f"{name} {value:.4g}"
         for name, value in zip(report.objectives, report.reference, strict=True)
     )
+    if report.front["test_score"].isna().all():
+        lines.append(f"test_score: {NO_TEST_SCORE}: give --test-file to score the trials on one")
     lines += ["", f"hypervolume {report.hypervolume:.6g} (reference {reference})"]
     lines += ladder_lines(report)
     if report.left_out:
@@ -404,7 +408,7 @@ def register_command(args: argparse.Namespace) -> int:
     print(
         f"registered {registered.name} version {registered.version} from run {registered.run_id}: "
         f"val_score {registered.val_score:.4f}, retained_params {registered.retained_params}, "
-        f"test_score {registered.test_score:.4f}"
+        f"test_score {test_score_text(registered.test_score)}"
     )
     print(f"models:/{registered.name}@{CHAMPION}")
     return 0
@@ -421,7 +425,8 @@ def predict_command_parser(subparsers) -> None:
     parser.add_argument(
         "--input",
         required=True,
-        help="CSV, TSV or JSONL file with the task's text columns; - reads JSON Lines from stdin",
+        help="CSV, TSV, JSONL or Parquet file with the model's text columns; - reads JSON Lines "
+        "from stdin",
     )
     add_tracking_flag(parser, "MLflow tracking (and registry) URI")
     parser.set_defaults(command=predict_command)

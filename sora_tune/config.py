@@ -12,15 +12,16 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from .data.locations import CACHE_ENV, DATA_DIR_ENV
-from .data.tasks import get_task
+from .data.tasks import data_name, get_task
 from .sora.config import SoRAConfig, lora_config
 from .sora.schedule import XiSchedule
 
 Method = Literal["sora", "lora", "adalora"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+ProblemType = Literal["single_label_classification", "regression"]  # transformers' names
 
 # ξ when neither `xi` nor `xi_total` is given (official mode): inside Table 6's best range
 # (5e-5 … 3e-4); the authors' no-schedule GLUE script passes --sparse_lambda_2 3e-4.
@@ -36,6 +37,17 @@ HUB_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 DATA_FIELDS = (
     "task",
     "data_dir",
+    "train_file",
+    "validation_file",
+    "test_file",
+    "dataset",
+    "dataset_config",
+    "train_split",
+    "validation_split",
+    "test_split",
+    "text_columns",
+    "label_column",
+    "problem_type",
     "model",
     "max_length",
     "max_train_samples",
@@ -49,16 +61,37 @@ DATA_FIELDS = (
 # Settings that name files, with the environment variable that stands in when one is not given.
 # They are made absolute where the config is built (the user's folder, on the driver): Ray starts
 # every trial in a folder of its own, where a relative path would name other files.
-PATH_FIELDS = {"data_dir": DATA_DIR_ENV, "model": None, "cache_dir": CACHE_ENV}
+PATH_FIELDS = {
+    "data_dir": DATA_DIR_ENV,
+    "train_file": None,
+    "validation_file": None,
+    "test_file": None,
+    "dataset": None,
+    "model": None,
+    "cache_dir": CACHE_ENV,
+}
+# Path settings that may also name something on the Hub: they stay as given unless they exist.
+HUB_OR_PATH_FIELDS = ("model", "dataset")
+FILE_FIELDS = ("train_file", "validation_file", "test_file")
+# A search scores the user's own data with these; the first of a problem type is its default.
+OWN_METRICS = ("accuracy", "macro_f1", "matthews", "pearson", "spearman")
+# Settings that only describe own data (refused with a GLUE task).
+OWN_DATA_FIELDS = (
+    "dataset_config",
+    "validation_split",
+    "test_split",
+    "text_columns",
+    "problem_type",
+)
 
 
 def absolute_path(name: str, value: Any) -> Any:
     """The value of setting `name` as an absolute path when it is a path setting (`PATH_FIELDS`).
-    A `model` that is not a local folder is a Hub id and stays as it is."""
+    A `model` or `dataset` that is not a local folder is a Hub id and stays as it is."""
     if name not in PATH_FIELDS or value is None:
         return value
     path = os.path.abspath(os.path.expanduser(value))
-    return path if name != "model" or os.path.exists(path) else value
+    return path if name not in HUB_OR_PATH_FIELDS or os.path.exists(path) else value
 
 
 def resolve_paths(values: dict[str, Any]) -> dict[str, Any]:
@@ -114,8 +147,21 @@ class TrialConfig:
     """Everything one trial needs. Field names are shared by the CLI, search spaces and MLflow.
 
     Args:
-        task: GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, mnli-mm, qnli, rte, wnli).
+        task: GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, mnli-mm, qnli, rte, wnli); `None`:
+            mrpc, unless the user's own data are given (files or a dataset), which replace it.
         data_dir: Folder in the official GLUE layout; `None`: `SORA_TUNE_DATA_DIR`, else the Hub.
+        train_file, validation_file, test_file: The user's own data, in CSV, TSV, JSON Lines or
+            Parquet by extension (the columns of transformers' `run_classification.py`). Without
+            a validation file `val` is a seeded, stratified hold-out of train (`val_size`);
+            without a test file there is no `test_score`.
+        dataset, dataset_config, train_split, validation_split, test_split: Instead of files, a
+            Hub dataset id or a `datasets.save_to_disk` folder and the splits to read.
+        text_columns: The text column, or two read as a pair (never joined).
+        label_column: The labels: integers or strings (classification, classes named by the
+            sorted distinct training labels) or floats (regression).
+        problem_type: `single_label_classification` or `regression`; `None`: from the labels.
+        metric: The primary metric, reported as `val_score`: accuracy, macro_f1 or matthews
+            (classification), pearson or spearman (regression); `None`: accuracy or pearson.
         model: Backbone name or path; `None`: the packaged all-MiniLM-L6-v2.
         method: `sora`, or the baselines `lora` (same layer, gate fixed at 1) and `adalora` (PEFT).
         r_max, alpha, dropout, target_modules, modules_to_save, gate_init: see `SoRAConfig`.
@@ -159,8 +205,22 @@ class TrialConfig:
         adalora_target_r: AdaLoRA's target average rank; `None`: 2/3 of r_max.
     """
 
-    task: str = "mrpc"  # cola, sst2, mrpc, qqp, stsb, mnli, mnli-mm, qnli, rte, wnli
+    task: str | None = None  # GLUE task: cola, sst2, mrpc, …; none: mrpc, unless own data given
     data_dir: str | None = None  # GLUE folder; none: $SORA_TUNE_DATA_DIR, else the Hub
+    train_file: str | None = None  # own data: a .csv, .tsv, .jsonl or .parquet training file
+    validation_file: str | None = None  # none: a seeded, stratified hold-out of train (val_size)
+    test_file: str | None = None  # none: no test score
+    dataset: str | None = None  # own data: a Hub dataset id or a save_to_disk folder
+    dataset_config: str | None = None  # the Hub dataset's configuration (subset)
+    train_split: str = "train"  # the dataset's split to train on
+    validation_split: str | None = None  # none: a seeded, stratified hold-out of train
+    test_split: str | None = None  # none: no test score
+    text_columns: list[str] | None = None  # own data: one column, or two read as a pair; none: text
+    label_column: str = "label"  # own data: the labels' column
+    # Inferred from the training labels, as transformers' run_classification.py does: integers
+    # or strings are classes, floats are scores.
+    problem_type: ProblemType | None = None  # none: inferred from the training labels
+    metric: str | None = None  # primary metric, the val_score; none: accuracy, pearson (regression)
     model: str | None = None  # backbone folder or Hub id; none: the packaged all-MiniLM-L6-v2
     method: Method = "sora"  # sora, or a baseline: lora (gate fixed at 1), adalora (PEFT)
     r_max: int = 8  # rank before pruning; the paper: 8
@@ -212,9 +272,9 @@ class TrialConfig:
     adalora_target_r: int | None = None  # AdaLoRA's target average rank; none: 2/3 r_max
 
     def __post_init__(self) -> None:
-        get_task(self.task)  # raises ValueError naming an unknown task
         for name, value in resolve_paths({n: getattr(self, n) for n in PATH_FIELDS}).items():
             setattr(self, name, value)
+        self._check_data()
         if self.model is not None:
             check_model(self.model)  # a missing folder fails here, not deep inside transformers
         for name in ("method", "gate_mode", "precision"):
@@ -259,6 +319,61 @@ class TrialConfig:
             )
         self.sora_config()  # validates r_max, alpha, dropout, target_modules, gate_init
         self._check_schedule()
+
+    @property
+    def own_data(self) -> bool:
+        """The user's own files or dataset, not a GLUE task."""
+        return self.train_file is not None or self.dataset is not None
+
+    @property
+    def text_fields(self) -> tuple[str, ...]:
+        """The text columns of own data (`text` when not given)."""
+        return tuple(self.text_columns or ["text"])
+
+    @property
+    def data_name(self) -> str:
+        """What the data are called (see `data_name`)."""
+        return data_name(task=self.task, train_file=self.train_file, dataset=self.dataset)
+
+    def _check_data(self) -> None:
+        """GLUE or own data, not both, and own data's settings fit together. No file is
+        touched: a trial on another node, given the data by the search, may not see them. The
+        files are checked where they are read (`sora_tune.data.load_own_data`, on the driver)."""
+        files = [n for n in FILE_FIELDS if getattr(self, n) is not None]
+        if self.train_file is None and files:
+            raise ValueError(f"{', '.join(files)} without train_file: give the training file too")
+        if self.train_file is not None and self.dataset is not None:
+            raise ValueError("give train_file or dataset, not both")
+        if not self.own_data:
+            own = [n for n in OWN_DATA_FIELDS if getattr(self, n) is not None]
+            if own:
+                raise ValueError(
+                    f"{', '.join(own)} describe your own data: give train_file or dataset too"
+                )
+            task = get_task(self.task or "mrpc")  # raises ValueError naming an unknown task
+            self.task = task.name
+            if self.metric is not None and self.metric not in task.metrics:
+                raise ValueError(
+                    f"metric {self.metric!r} is not reported for {task.name}: use one of "
+                    f"{', '.join(task.metrics)}"
+                )
+            return
+        if self.task is not None:
+            given = "train_file" if self.train_file is not None else "dataset"
+            raise ValueError(
+                f"task {self.task!r} is a GLUE task and {given} gives your own data: leave task "
+                "out to train on your data, or leave the data out to train on GLUE"
+            )
+        if not 1 <= len(self.text_fields) <= 2:
+            raise ValueError(
+                f"text_columns names one column, or two read as a pair; got {self.text_columns!r}"
+            )
+        if self.problem_type not in (None, *get_args(ProblemType)):
+            raise ValueError(
+                f"problem_type must be one of {', '.join(get_args(ProblemType))}, got {self.problem_type!r}"
+            )
+        if self.metric not in (None, *OWN_METRICS):
+            raise ValueError(f"metric must be one of {', '.join(OWN_METRICS)}, got {self.metric!r}")
 
     def _check_schedule(self) -> None:
         schedule = self.xi_plan()  # validates the schedule's own settings

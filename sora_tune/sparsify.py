@@ -61,7 +61,7 @@ def run_sparsify(
         if metrics["stage_end"]
     ]
     write_curve(rows, output_dir / "sparsify.csv")
-    plot_curve(rows, output_dir / "sparsify.png", task=config.task)
+    plot_curve(rows, output_dir / "sparsify.png", task=config.data_name)
     if result.get("rank_pattern"):
         plot_rank_heatmap(result["rank_pattern"], output_dir / "ranks.png", r_max=config.r_max)
     return rows

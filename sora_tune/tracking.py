@@ -13,21 +13,29 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from .config import TrialConfig
+from .data.tasks import GlueTask
+
+if TYPE_CHECKING:
+    from .data.files import DataSource
 
 ROLE_TAG = "sora_tune.role"  # "search" on a search's parent run, "trial" on its trials
 FAILURE_TAG = "failure_reason"  # why a run did not finish
 PRECISION_TAG = "sora_tune.precision"  # the autocast dtype the trial trained and scored in
 DEVICE_TAG = "sora_tune.device"  # where the trial ran: cpu, cuda:0, ...
 STOPPED_TAG = "sora_tune.stopped_at_epoch"  # a scheduler stopped the trial after this epoch
+# The trial's data as JSON: name, text columns, label names, problem type, metrics and the primary
+# one (what `register` writes into the model's model_info).
+DATA_TAG = "sora_tune.data"
 # A front-tracing trial logs each stage's point as `stage_<key>` at step = the stage, and the
 # stage's pruned adapter under `adapters/stage-<k>/`.
 STAGE_PREFIX = "stage_"
@@ -42,6 +50,18 @@ STAGE_KEYS = (
     "xi",
     "xi_total",
 )
+
+
+def data_description(task: GlueTask) -> dict[str, Any]:
+    """The `DATA_TAG` of a trial on `task`."""
+    return {
+        "name": task.name,
+        "text_fields": list(task.text_fields),
+        "label_names": list(task.label_names) if task.label_names is not None else None,
+        "problem_type": "regression" if task.is_regression else "single_label_classification",
+        "metrics": list(task.metrics),
+        "metric": task.primary,
+    }
 
 
 def stage_artifact(stage: int) -> str:
@@ -131,6 +151,33 @@ class TrialRecord:
             end_run(self.client, self.run_id, "KILLED", "interrupted")
             raise
 
+    def log_data(self, task: GlueTask, sources: Sequence[DataSource]) -> None:
+        """What the trial trains on: `DATA_TAG`, and each split's file or dataset as an MLflow
+        dataset input (name, source, content digest; context `train`, `validation` or `test`),
+        so a run shows which version of a file trained its adapter. Logging the same input again
+        (a resumed trial) adds nothing."""
+        self.client.set_tag(self.run_id, DATA_TAG, json.dumps(data_description(task)))
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    name=source.name,
+                    digest=source.digest,
+                    source_type=source.source_type,
+                    # The source as MLflow's own LocalArtifactDatasetSource and
+                    # HuggingFaceDatasetSource write it.
+                    source=json.dumps(
+                        {"uri": source.source}
+                        if source.source_type == "local"
+                        else {"path": source.source, "split": source.name.rsplit(":", 1)[-1]}
+                    ),
+                ),
+                tags=[InputTag(MLFLOW_DATASET_CONTEXT, source.split)],
+            )
+            for source in sources
+        ]
+        if inputs:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+
     def log_evaluation(self, metrics: dict[str, Any]) -> None:
         """An evaluation's metrics at `step=evaluation` (the epoch, when the trial evaluates
         every epoch), and the stage's point if it ends one. Every step holds one value: an
@@ -147,7 +194,9 @@ class TrialRecord:
         if metrics["stage_end"]:  # a point of the front the trial traces
             stage = metrics["stage"]
             logged += [
-                Metric(f"{STAGE_PREFIX}{k}", float(metrics[k]), now, stage) for k in STAGE_KEYS
+                Metric(f"{STAGE_PREFIX}{k}", float(metrics[k]), now, stage)
+                for k in STAGE_KEYS
+                if k in metrics  # no test_score without a test set
             ]
             adapter = stage_adapter_dir(self.output_dir, stage)
             if adapter.exists():
@@ -187,10 +236,10 @@ def tracked_trial(
     report: Callable[[dict[str, Any], str], None] | None = None,
     **train_kwargs: Any,
 ) -> dict[str, Any]:
-    """Run `train_trial` in the MLflow run `run_id` and record it (`TrialRecord`): params,
-    every evaluation's metrics at `step=evaluation` (then `report`, if given), the pruned adapter, its rank
-    pattern and the precision used."""
-    from .train import resolve_device, resolve_precision, train_trial  # torch: only here
+    """Run `train_trial` in the MLflow run `run_id` and record it (`TrialRecord`): params, its
+    data, every evaluation's metrics at `step=evaluation` (then `report`, if given), the pruned
+    adapter, its rank pattern and the precision used."""
+    from .train import resolve_device, resolve_precision, train_trial, trial_data  # torch: here
 
     record = TrialRecord(MlflowClient(tracking_uri), run_id, config, Path(output_dir))
     device = resolve_device(train_kwargs.get("device"))
@@ -201,5 +250,9 @@ def tracked_trial(
             report(metrics, checkpoint)
 
     with record.open(resolve_precision(config.precision, device)):
-        result = train_trial(config, report=end_evaluation, output_dir=output_dir, **train_kwargs)
+        data, task, sources = trial_data(config, train_kwargs.pop("data", None))
+        record.log_data(task, sources)
+        result = train_trial(
+            config, report=end_evaluation, output_dir=output_dir, data=data, **train_kwargs
+        )
     return record.close(result)

@@ -22,16 +22,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import DatasetDict
+from datasets import ClassLabel, DatasetDict
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from .config import TrialConfig, default_model
 from .data import (
+    DataSource,
+    GlueTask,
+    OwnData,
     compute_metrics,
+    data_sources,
     get_task,
     load_glue,
+    load_own_data,
     make_dataloader,
     make_splits,
+    own_task,
     tokenize_splits,
 )
 from .sora import (
@@ -167,23 +173,86 @@ def use_eos_as_pad(tokenizer) -> bool:
     return needed
 
 
+def own_data_settings(config: TrialConfig) -> dict[str, Any]:
+    """The settings naming the user's own data, as `load_own_data` and `data_sources` take them."""
+    names = ("train_file", "validation_file", "test_file", "dataset", "dataset_config")
+    names += ("train_split", "validation_split", "test_split")
+    return {name: getattr(config, name) for name in names}
+
+
+def own_data(config: TrialConfig) -> OwnData:
+    """The user's own data of a trial, read and checked (`load_own_data`)."""
+    return load_own_data(
+        **own_data_settings(config),
+        text_columns=config.text_fields,
+        label_column=config.label_column,
+        problem_type=config.problem_type,
+        metric=config.metric,
+    )
+
+
+def data_task(config: TrialConfig, data: DatasetDict) -> GlueTask:
+    """The task of a trial's tokenised data: the GLUE task, or the user's own data described by
+    the settings and the class names the data carry (`labels` is a `ClassLabel`, or float
+    scores for regression); `metric` is the primary."""
+    if not config.own_data:
+        task = get_task(config.task)
+        return dataclasses.replace(task, primary=config.metric or task.primary)
+    labels = data["train"].features["labels"]
+    names = tuple(labels.names) if isinstance(labels, ClassLabel) else None
+    return own_task(config.data_name, config.text_fields, names, config.metric)
+
+
+def data_lineage(config: TrialConfig) -> tuple[DataSource, ...]:
+    """Where the trial's own data come from, with content digests (none for GLUE)."""
+    return data_sources(**own_data_settings(config)) if config.own_data else ()
+
+
+def trial_data(
+    config: TrialConfig,
+    data: DatasetDict | None = None,
+    sources: tuple[DataSource, ...] | None = None,
+) -> tuple[DatasetDict, GlueTask, tuple[DataSource, ...]]:
+    """A trial's tokenised data, their task and their sources: as the search shares them, or
+    prepared here (`train`, or a search whose data settings are searched)."""
+    data = data if data is not None else prepare_data(config)
+    sources = sources if sources is not None else data_lineage(config)
+    return data, data_task(config, data), sources
+
+
 def prepare_data(config: TrialConfig, tokenizer=None) -> DatasetDict:
-    """Load, split and tokenise the task (cached on disk): `train`, `val`, `test`, `train_eval`.
+    """Load, split and tokenise the data (cached on disk): `train`, `val`, `test` (when there
+    is a test set), `train_eval`. The user's own data are keyed in the cache by their files'
+    digests, not by hashing their rows.
 
     The search calls this once and shares the result with every trial.
     """
     tokenizer = tokenizer or load_tokenizer(config)
-    raw = load_glue(config.task, config.data_dir)
+    digests = None
+    if config.own_data:
+        own = own_data(config)
+        raw, task = own.raw, own.task
+        split_settings = [config.val_size, config.seed]
+        split_settings += [config.max_train_samples, config.max_eval_samples]
+        base = [[s.digest for s in own.sources], repr(task), split_settings]
+        digests = {name: json.dumps([*base, name]) for name in ("train", "val", "test")}
+    else:
+        raw, task = load_glue(config.task, config.data_dir), get_task(config.task)
     splits = make_splits(
         raw,
-        config.task,
+        task,
         val_size=int(config.val_size) if config.val_size >= 1 else config.val_size,
         seed=config.seed,
         max_train_samples=config.max_train_samples,
         max_eval_samples=config.max_eval_samples,
     )
     data = tokenize_splits(
-        splits, config.task, tokenizer, max_length=config.max_length, cache_dir=config.cache_dir
+        splits,
+        task,
+        tokenizer,
+        max_length=config.max_length,
+        cache_dir=config.cache_dir,
+        digests=digests,
     )
     train = data["train"]
     subset = min(config.train_eval_samples, len(train))
@@ -192,7 +261,8 @@ def prepare_data(config: TrialConfig, tokenizer=None) -> DatasetDict:
 
 
 def make_loaders(config: TrialConfig, data: DatasetDict, tokenizer):
-    """The shuffled training loader and the evaluation loaders (`train_eval`, `val`, `test`)."""
+    """The shuffled training loader and the evaluation loaders (`train_eval`, `val`, and `test`
+    when there is a test set)."""
     train_loader = make_dataloader(
         data["train"],
         tokenizer,
@@ -210,17 +280,21 @@ def make_loaders(config: TrialConfig, data: DatasetDict, tokenizer):
             group_by_length=True,
         )
         for split in ("train_eval", "val", "test")
+        if split in data
     }
     return train_loader, eval_loaders
 
 
-def build_model(config: TrialConfig, total_steps: int, *, tokenizer=None) -> torch.nn.Module:
-    """The backbone with a classification head and the trial's adapter, ready to train.
+def build_model(
+    config: TrialConfig, total_steps: int, task: GlueTask | None = None, *, tokenizer=None
+) -> torch.nn.Module:
+    """The backbone with its classification head (sized to `task`: the data's task from
+    `data_task`; `None`: the GLUE task of `config`) and the adapter, ready to train.
 
     The model's `pad_token_id` is the tokenizer's (`load_tokenizer`'s, by default), which is
     how a decoder's classifier finds each row's last real token to classify.
     """
-    task = get_task(config.task)
+    task = task or get_task(config.task)
     tokenizer = tokenizer or load_tokenizer(config)
     # fp32 master weights whatever the checkpoint holds (transformers 5 loads its dtype):
     # `precision` is the autocast dtype of the computation.
@@ -253,9 +327,8 @@ def check_targets(config: TrialConfig) -> None:
     from transformers import AutoConfig
 
     try:
-        model_config = AutoConfig.from_pretrained(
-            config.model or default_model(), num_labels=get_task(config.task).num_labels
-        )
+        # The head's size does not decide the targets: the config's default number of labels.
+        model_config = AutoConfig.from_pretrained(config.model or default_model())
     except (OSError, ValueError) as err:
         raise _cannot_load(config, err) from None
     with torch.device("meta"):
@@ -464,20 +537,20 @@ def score_epoch(
     model, eval_loaders, task, device, precision: str, progress: bool = False
 ) -> dict[str, float]:
     """Memorization (`train_score` on a fixed training subset), `val_score` (selection) and
-    `test_score` (GLUE dev, reported only), with `val_<metric>` and `test_<metric>`."""
+    `test_score` (GLUE dev or the test file, reported only; none without a test set), with
+    `val_<metric>` and `test_<metric>`."""
     scores = {
         split: evaluate(
             model, _progress(loader, progress, f"scoring {split}"), task, device, precision
         )
         for split, loader in eval_loaders.items()
     }
-    return {
-        "train_score": scores["train_eval"]["score"],
-        "val_score": scores["val"]["score"],
-        "test_score": scores["test"]["score"],
-        **{f"val_{k}": v for k, v in scores["val"].items() if k != "score"},
-        **{f"test_{k}": v for k, v in scores["test"].items() if k != "score"},
-    }
+    scored = {"train_score": scores["train_eval"]["score"], "val_score": scores["val"]["score"]}
+    if "test" in scores:
+        scored["test_score"] = scores["test"]["score"]
+    for split in ("val", "test"):
+        scored |= {f"{split}_{k}": v for k, v in scores.get(split, {}).items() if k != "score"}
+    return scored
 
 
 CHECKPOINT_PREFIX = "checkpoint-step"
@@ -604,7 +677,6 @@ def train_trial(
     checkpoint = Path(resume_from) if resume_from else latest_checkpoint(output_dir)
     if checkpoint is not None:
         check_checkpoint_config(checkpoint, config)
-    task = get_task(config.task)
     device = resolve_device(device)
     precision = resolve_precision(config.precision, device)
     seed_everything(config.seed)
@@ -612,14 +684,15 @@ def train_trial(
     # Data
     tokenizer = load_tokenizer(config)
     data = data if data is not None else prepare_data(config, tokenizer)
+    task = data_task(config, data)
     train_loader, eval_loaders = make_loaders(config, data, tokenizer)
     steps_per_epoch = len(train_loader)
     config.check_steps(steps_per_epoch)  # stages in steps that the epochs never reach
 
     # Model and optimizers
-    model = build_model(
-        config, total_steps=steps_per_epoch * config.epochs, tokenizer=tokenizer
-    ).to(device)
+    model = build_model(config, steps_per_epoch * config.epochs, task, tokenizer=tokenizer).to(
+        device
+    )
     optimization = configure_optimization(
         model, config, steps_per_epoch=steps_per_epoch, device=device, precision=precision
     )

@@ -102,3 +102,33 @@ def test_no_dense_phase_starts_at_the_first_raise():
     assert config.stage_steps(10) == {1: range(0, 10), 2: range(10, 30)}
     assert config.stage_xis(10) == pytest.approx({1: 0.3 / 10, 2: 0.5 / 20})
     assert config.stage_ends(10) == {10: 1, 30: 2}
+
+
+def test_task_defaults_to_mrpc_unless_own_data_are_given(tmp_path):
+    from sora_tune.config import TrialConfig
+
+    (tmp_path / "tickets.csv").write_text("text,label\na,x\nb,y\n")
+    assert TrialConfig().task == "mrpc"
+    own = TrialConfig(train_file="tickets.csv")
+    assert own.task is None and own.own_data
+    assert own.train_file == str(tmp_path / "tickets.csv")  # absolute, from the user's folder
+    assert own.data_name == "tickets" and own.text_fields == ("text",)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"test_file": "tickets.csv"}, "test_file without train_file"),
+        ({"train_file": "tickets.csv", "dataset": "imdb"}, "train_file or dataset, not both"),
+        ({"text_columns": ["a"]}, "text_columns describe your own data"),
+        ({"metric": "pearson"}, "metric 'pearson' is not reported for mrpc"),
+        ({"train_file": "tickets.csv", "metric": "f1"}, "metric must be one of accuracy"),
+        ({"train_file": "tickets.csv", "text_columns": ["a", "b", "c"]}, "one column, or two"),
+    ],
+)
+def test_own_data_settings_that_do_not_fit_are_refused(tmp_path, values, message):
+    from sora_tune.config import TrialConfig
+
+    (tmp_path / "tickets.csv").write_text("text,label\na,x\nb,y\n")
+    with pytest.raises(ValueError, match=message):
+        TrialConfig(**values)

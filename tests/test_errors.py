@@ -55,6 +55,24 @@ def inputs(tiny_trial, tmp_path):
     for split in ("train", "dev"):
         (wrong_columns / f"{split}.tsv").write_text("label\tsentence\n1\tA sentence.\n")
     (tmp_path / "empty-folder").mkdir()
+    rows = [("How do I pay?", "By card.", "answered"), ("Where is it?", "No idea.", "no")] * 4
+    own_files = {
+        "good.csv": rows,
+        "gaps.csv": rows[:2] + [("Is it open?", "", "answered")] + rows[3:],
+        "one.csv": [(q, r, "answered") for q, r, _ in rows],
+        "test.csv": [("Is it open?", "Maybe.", "unsure")],
+    }
+    for name, content in own_files.items():
+        lines = ["question,reply,outcome", *(",".join(row) for row in content)]
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+    (tmp_path / "rows.txt").write_text("question,reply,outcome\n")
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "latin1.csv").write_bytes(
+        "question,reply,outcome\nCafé?,Oui.,no\n".encode("latin-1")
+    )
+    (tmp_path / "multi.jsonl").write_text(
+        "".join(f'{{"question": "{q}", "reply": "{r}", "outcome": ["{o}"]}}\n' for q, r, o in rows)
+    )
 
     # A GPT-2 whose q, k and v are one fused layer (with the packaged tokenizer: shapes only).
     from transformers import AutoTokenizer, GPT2Config, GPT2Model
@@ -83,6 +101,8 @@ def commands(inputs: dict, tmp_path: Path) -> dict[str, list[str]]:
     space, trial = inputs["space"], inputs["trial"]
     good = space(trial | {"xi": {"type": "loguniform", "low": 1e-5, "high": 1e-3}}, "good.yaml")
     search = ["search", "--config", good, *inputs["data"], *inputs["model"]]
+    columns = ["--text-columns", "question,reply", "--label-column", "outcome"]
+    own = ["search", "--config", good, *inputs["model"], *columns, "--train-file"]
     train = ["train", "--output-dir", str(tmp_path / "run")]
     return {
         "malformed-yaml": ["search", "--config", inputs["malformed"]],
@@ -132,6 +152,16 @@ def commands(inputs: dict, tmp_path: Path) -> dict[str, list[str]]:
         "missing-task-folder": [*search, "--data-dir", inputs["empty_folder"]],
         "tsv-wrong-columns": [*search, "--data-dir", inputs["wrong_columns"]],
         "no-data-offline": ["search", "--config", good, "--task", "mrpc", *inputs["model"]],
+        "data-file-missing": [*own, "no-such.csv"],
+        "data-file-extension": [*own, "rows.txt"],
+        "data-file-empty": [*own, "empty.csv"],
+        "data-column-missing": [*own, "good.csv", "--text-columns", "question,answer"],
+        "data-text-empty": [*own, "gaps.csv"],
+        "data-single-class": [*own, "one.csv"],
+        "data-multi-label": [*own, "multi.jsonl"],
+        "data-unseen-label": [*own, "good.csv", "--test-file", "test.csv"],
+        "data-not-utf8": [*own, "latin1.csv"],
+        "data-task-and-file": [*own, "good.csv", "--task", "rte"],
         "missing-model-path": [*search, "--model", "./no-such-model"],
         "hub-model-offline": [*search, "--model", "no-such-owner/no-such-model"],
         "mlflow-unreachable": [*search, "--mlflow-uri", f"http://127.0.0.1:{free_port()}"],

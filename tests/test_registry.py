@@ -216,6 +216,8 @@ def test_the_model_holds_no_pickle_and_only_safetensors_weights(store, tmp_path)
         "task": "mrpc",
         "text_fields": ["sentence1", "sentence2"],
         "label_names": MRPC_LABELS,
+        "problem_type": "single_label_classification",
+        "metric": "accuracy",
         "max_length": 32,
         "base_model": store["settings"]["model"],
         "precision": "fp32",
@@ -304,8 +306,8 @@ def test_predict_file_reads_csv_tsv_and_jsonl(store, model, suffix, tmp_path, mo
 
 
 def test_predict_file_errors(store, tmp_path):
-    with pytest.raises(ValueError, match="expected a .csv, .tsv, .jsonl file"):
-        predict_file(store["model_uri"], tmp_path / "rows.parquet", tracking_uri=store["uri"])
+    with pytest.raises(ValueError, match="expected a .csv, .tsv, .jsonl, .json, .parquet file"):
+        predict_file(store["model_uri"], tmp_path / "rows.txt", tracking_uri=store["uri"])
     with pytest.raises(FileNotFoundError, match="no such file"):
         predict_file(store["model_uri"], tmp_path / "missing.csv", tracking_uri=store["uri"])
     pd.DataFrame({"sentence1": ["a"], "second": ["b"]}).to_csv(tmp_path / "rows.csv", index=False)

@@ -13,13 +13,13 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
 import torch
-from datasets import Dataset, DatasetDict, load_from_disk
+from datasets import ClassLabel, Dataset, DatasetDict, load_from_disk
 from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import get_length_grouped_indices
@@ -30,7 +30,7 @@ from sora_tune.data.tasks import GlueTask, get_task
 __all__ = ["CACHE_ENV", "EpochSampler", "make_dataloader", "padding_ratio", "tokenize_splits"]
 
 # Bump when the tokenized layout changes, so caches written by older code are not reused.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: `labels` keeps the class names (a ClassLabel)
 # The columns a model takes; everything else stays out of the batches.
 _MODEL_COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "labels")
 
@@ -42,6 +42,7 @@ def tokenize_splits(
     *,
     max_length: int = 128,
     cache_dir: str | os.PathLike | None = None,
+    digests: Mapping[str, str] | None = None,
 ) -> DatasetDict:
     """Tokenize every split, reusing an on-disk cache written by earlier calls.
 
@@ -56,10 +57,13 @@ def tokenize_splits(
         tokenizer: A Hugging Face tokenizer.
         max_length: Longest sequence in tokens; longer inputs are truncated, none are padded.
         cache_dir: Cache folder; default ``$SORA_TUNE_CACHE`` or ``~/.cache/sora_tune/tokenized``.
+        digests: A digest of each split's content when the caller knows it (own files: the
+            files' digests and the split settings), which spares hashing every row.
 
     Returns:
         The splits with ``input_ids``, ``attention_mask``, ``token_type_ids`` if the tokenizer
-        makes them, and ``labels`` (int64, or float32 for regression), loaded from the cache.
+        makes them, and ``labels`` (class ids as a ``ClassLabel`` of the task's label names, or
+        float32 for regression), loaded from the cache.
 
     Raises:
         ValueError: If ``max_length`` is not positive or a split lacks a needed column.
@@ -79,9 +83,8 @@ def tokenize_splits(
     tokenizer_key = _tokenizer_fingerprint(tokenizer)
     tokenized = {}
     for name, split in splits.items():
-        key = _digest(
-            _CACHE_VERSION, task.name, tokenizer_key, max_length, _content_hash(split, columns)
-        )
+        content = digests[name] if digests and name in digests else _content_hash(split, columns)
+        key = _digest(_CACHE_VERSION, task.name, tokenizer_key, max_length, content)
         path = root / f"{task.name}-{name}-{key[:16]}"
         if not path.is_dir():
             _save_atomically(_tokenize(split, task, tokenizer, max_length, key), path)
@@ -126,7 +129,7 @@ def _tokenize(
         return encoded
 
     # The cache key is the fingerprint, which also spares datasets from hashing the tokenizer.
-    return split.map(
+    tokenized = split.map(
         encode,
         batched=True,
         remove_columns=split.column_names,
@@ -134,6 +137,10 @@ def _tokenize(
         new_fingerprint=key,
         desc=f"Tokenizing {task.name}",
     )
+    if task.label_names is None:
+        return tokenized
+    # The class names travel with the data: a trial given the tokenised splits reads them here.
+    return tokenized.cast_column("labels", ClassLabel(names=list(task.label_names)))
 
 
 def _save_atomically(dataset: Dataset, path: Path) -> None:

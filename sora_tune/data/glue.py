@@ -245,14 +245,17 @@ def make_splits(
 ) -> DatasetDict:
     """Split a loaded task into ``train``, ``val`` and ``test`` for honest model selection.
 
-    ``val`` is a seeded hold-out of ``raw["train"]``, stratified by label (by score quintile for
-    regression); ``train`` is the rest; ``test`` is ``raw["dev"]``. Subsampling happens after the
+    ``val`` is ``raw["validation"]`` when given (own data), else a seeded hold-out of
+    ``raw["train"]``, stratified by label (by score quintile for regression), and ``train`` is
+    the rest; ``test`` is ``raw["dev"]`` (GLUE) or ``raw["test"]``, and is left out when there is
+    neither. Subsampling happens after the
     hold-out, so ``val`` never overlaps ``train``. Subsamples are stratified too, except where a
     class is too rare to stratify, and keep the original row order. The result depends only on
     the data and the arguments.
 
     Args:
-        raw: Output of :func:`load_glue`, with ``train`` and ``dev``.
+        raw: Output of :func:`load_glue` (``train``, ``dev``) or of :func:`load_own_data`
+            (``train``, and ``validation`` and ``test`` when given).
         task: The task or its name.
         val_size: Share of ``raw["train"]`` held out (0 < x < 1), or a number of rows.
         seed: Seed of the hold-out and the subsamples.
@@ -263,9 +266,8 @@ def make_splits(
         ValueError: If ``raw`` lacks a split or an argument is out of range (the message names it).
     """
     task = get_task(task)
-    missing = {"train", "dev"} - set(raw)
-    if missing:
-        raise ValueError(f"raw lacks the split(s) {sorted(missing)}; it has {list(raw)}")
+    if "train" not in raw:
+        raise ValueError(f"raw lacks the split 'train'; it has {list(raw)}")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     limits = {"max_train_samples": max_train_samples, "max_eval_samples": max_eval_samples}
@@ -273,7 +275,24 @@ def make_splits(
         if value is not None and not _is_count(value):
             raise ValueError(f"{name} must be a positive int or None, got {value!r}")
 
-    n_rows = len(raw["train"])
+    test = raw["dev"] if "dev" in raw else raw.get("test")
+    splits = {"train": raw["train"], "val": raw.get("validation")}
+    if splits["val"] is None:
+        splits["train"], splits["val"] = _hold_out(raw["train"], task, val_size, seed)
+    if test is not None:
+        splits["test"] = test
+    limits = {"train": max_train_samples, "val": max_eval_samples, "test": max_eval_samples}
+    for name, split in splits.items():
+        if limits[name] is not None and limits[name] < len(split):
+            splits[name] = split.select(_split_rows(split, task, limits[name], seed)[1])
+    return DatasetDict(splits)
+
+
+def _hold_out(
+    train: Dataset, task: GlueTask, val_size: float | int, seed: int
+) -> tuple[Dataset, Dataset]:
+    """``train`` without its stratified, seeded hold-out, and the hold-out."""
+    n_rows = len(train)
     if _is_count(val_size):
         n_val = val_size
     elif isinstance(val_size, float) and 0 < val_size < 1:
@@ -287,17 +306,8 @@ def make_splits(
             f"val_size={val_size!r} holds out {n_val} of {n_rows} rows: none left to train on"
         )
 
-    train_rows, val_rows = _split_rows(raw["train"], task, n_val, seed)
-    splits = {
-        "train": raw["train"].select(train_rows),
-        "val": raw["train"].select(val_rows),
-        "test": raw["dev"],
-    }
-    limits = {"train": max_train_samples, "val": max_eval_samples, "test": max_eval_samples}
-    for name, limit in limits.items():
-        if limit is not None and limit < len(splits[name]):
-            splits[name] = splits[name].select(_split_rows(splits[name], task, limit, seed)[1])
-    return DatasetDict(splits)
+    train_rows, val_rows = _split_rows(train, task, n_val, seed)
+    return train.select(train_rows), train.select(val_rows)
 
 
 def _is_count(value: object) -> bool:
@@ -308,7 +318,7 @@ def _split_rows(
     dataset: Dataset, task: GlueTask, size: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw ``size`` rows, stratified where possible; return the (rest, drawn) row indices."""
-    labels = np.asarray(dataset["label"])
+    labels = dataset.with_format("arrow")["label"].to_numpy()  # not a list of Python ints
     if task.is_regression:
         # Stratify scores by quintile so every part keeps the score distribution.
         labels = np.digitize(labels, np.quantile(labels, [0.2, 0.4, 0.6, 0.8]))

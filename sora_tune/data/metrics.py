@@ -1,4 +1,4 @@
-"""GLUE metrics from model outputs, computed with scikit-learn and SciPy."""
+"""GLUE (and own-data) metrics from model outputs, computed with scikit-learn and SciPy."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ _METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "accuracy": lambda p, y: float(accuracy_score(y, p)),
     # Binary F1 of the positive class (paraphrase / duplicate), as GLUE reports it.
     "f1": lambda p, y: float(f1_score(y, p, zero_division=0.0)),
+    # Every class weighs the same, however rare (the user's own data: any number of classes).
+    "macro_f1": lambda p, y: float(f1_score(y, p, average="macro", zero_division=0.0)),
     "matthews": lambda p, y: float(matthews_corrcoef(y, p)),
     "pearson": lambda p, y: _correlation(pearsonr, p, y),
     "spearman": lambda p, y: _correlation(spearmanr, p, y),

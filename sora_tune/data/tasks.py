@@ -1,4 +1,5 @@
-"""The GLUE tasks: text fields, label names and metrics of each, in one table.
+"""The GLUE tasks: text fields, label names and metrics of each, in one table; and the same
+description of a user's own data (`own_task`).
 
 Text fields and label ids follow the Hugging Face Hub's ``nyu-mll/glue`` dataset, so data read from
 the official TSV files and data from the Hub are interchangeable (e.g. MNLI's ``premise`` and
@@ -7,18 +8,34 @@ the official TSV files and data from the Hub are interchangeable (e.g. MNLI's ``
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
-__all__ = ["TASKS", "GlueTask", "get_task"]
+__all__ = [
+    "CLASSIFICATION_METRICS",
+    "REGRESSION_METRICS",
+    "TASKS",
+    "GlueTask",
+    "data_name",
+    "get_task",
+    "own_task",
+]
+
+# What a search scores on the user's own data: every metric of its problem type; the first is
+# the default primary (accuracy, or Pearson as GLUE's STS-B). Macro-F1 weighs every class alike.
+CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "matthews")
+REGRESSION_METRICS = ("pearson", "spearman")
 
 
 @dataclass(frozen=True)
 class GlueTask:
-    """One GLUE task.
+    """One GLUE task, or the user's own data described the same way (see :func:`own_task`).
 
     Args:
-        name: Short task name, e.g. ``"mrpc"``.
-        folder: The task's folder in the official GLUE layout, e.g. ``"MRPC"``.
+        name: Short task name, e.g. ``"mrpc"``; for own data, the file stem or dataset id.
+        folder: The task's folder in the official GLUE layout, e.g. ``"MRPC"``; ``""`` for own
+            data.
         text_fields: Names of the text columns: one for single-sentence tasks, two for pairs.
         label_names: Class names in label-id order; ``None`` for regression (STS-B).
         metrics: Metric names that :func:`sora_tune.data.compute_metrics` reports for the task.
@@ -104,3 +121,39 @@ def get_task(name: str | GlueTask) -> GlueTask:
     if key not in TASKS:
         raise ValueError(f"Unknown GLUE task {name!r}; known tasks: {', '.join(TASKS)}")
     return TASKS[key]
+
+
+def own_task(
+    name: str,
+    text_fields: tuple[str, ...],
+    label_names: tuple[str, ...] | None,
+    metric: str | None = None,
+) -> GlueTask:
+    """The task of the user's own data: its text columns, its label names (``None`` for
+    regression), every metric of its problem type, and ``metric`` as the primary (``None``:
+    accuracy, or Pearson for regression).
+
+    Raises:
+        ValueError: ``metric`` does not score this problem type (the message lists those that do).
+    """
+    metrics = REGRESSION_METRICS if label_names is None else CLASSIFICATION_METRICS
+    primary = metric or metrics[0]
+    if primary not in metrics:
+        kind = "regression" if label_names is None else "classification"
+        raise ValueError(
+            f"metric {primary!r} does not score {kind}: use one of {', '.join(metrics)}"
+        )
+    return GlueTask(name, "", text_fields, label_names, metrics, primary)
+
+
+def data_name(
+    *, task: str | None = None, train_file: str | None = None, dataset: str | None = None
+) -> str:
+    """What a trial's data are called, in experiment names and model info: the training file's
+    stem, the dataset id (`/` as `-`; a save_to_disk folder's name), or the GLUE task (default
+    mrpc)."""
+    if train_file is not None:
+        return Path(train_file).stem
+    if dataset is not None:
+        return Path(dataset).name if os.path.isdir(dataset) else dataset.replace("/", "-")
+    return get_task(task or "mrpc").name

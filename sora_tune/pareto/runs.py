@@ -33,6 +33,7 @@ from ..front import (
     hypervolume_over_time,
     is_pareto_front,
     select,
+    test_score_text,
 )
 from ..tracking import FAILURE_TAG, ROLE_TAG, STAGE_PREFIX, STOPPED_TAG
 from ..uris import existing_store
@@ -613,7 +614,8 @@ def format_table(result: ParetoResult) -> str:
         f"hypervolume {result.hypervolume:.6g} (reference {reference})",
         f"selected {chosen['run_id']}{_stage_name(result.selected_stage)} by {result.rule}: "
         f"val_score {chosen['val_score']:.4f}, "
-        f"retained_params {chosen['retained_params']:.0f}, test_score {chosen['test_score']:.4f}",
+        f"retained_params {chosen['retained_params']:.0f}, "
+        f"test_score {test_score_text(chosen['test_score'])}",
     ]
     lines += ladder_lines(result)
     if result.left_out:

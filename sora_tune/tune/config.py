@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..config import literal_choices
+from ..data.tasks import data_name
 from ..front import OBJECTIVES
 from ..uris import default_tracking_uri, local_store_path, resolve_tracking_uri
 from .cluster import check_client_storage, check_tracking_for_cluster
@@ -58,7 +59,7 @@ class SearchConfig:
         mlflow_uri: MLflow tracking URI; by default `MLFLOW_TRACKING_URI`, else `./mlflow.db`.
             A relative local store is taken from the current folder. A cluster needs a server
             that serves artifacts.
-        experiment_name: MLflow experiment; `None`: `sora-<task>`, one per task.
+        experiment_name: MLflow experiment; `None`: `sora-<task, file stem or dataset id>`.
         optuna_storage: Where Optuna keeps the study, so `optuna-dashboard` and
             `optuna.load_study` read it: an RDB URL. `None`: `optuna.db` beside a local MLflow
             store, else in memory (Ray still saves the sampler's state for `--resume`).
@@ -87,7 +88,7 @@ class SearchConfig:
     storage_path: str | None = None  # Ray experiment storage; shared (NFS, s3://) on a cluster
     # tracking
     mlflow_uri: str | None = None  # none: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
-    experiment_name: str | None = None  # MLflow experiment; none: sora-<task>, one per task
+    experiment_name: str | None = None  # MLflow experiment; none: sora-<task, file stem or dataset>
     optuna_storage: str | None = None  # Optuna RDB URL; none: optuna.db beside a local store
 
     def __post_init__(self) -> None:
@@ -170,11 +171,14 @@ def default_max_concurrent(sampler: Sampler, num_samples: int) -> int | None:
 
 
 def default_experiment(space: SearchSpace) -> str:
-    """One MLflow experiment per task: `sora-<task>` (`sora-<task>-<task>…` when the task is
-    searched), so that selecting from an experiment never mixes tasks."""
-    from ..data.tasks import get_task
-
-    return "sora-" + "-".join(get_task(task).name for task in space.values("task"))
+    """One MLflow experiment per data: `sora-<task>`, `sora-<training file stem>` or
+    `sora-<dataset id>` (joined with `-` when the data are searched), so that selecting from an
+    experiment never mixes tasks."""
+    own = [("train_file", v) for v in space.values("train_file") if v is not None]
+    own += [("dataset", v) for v in space.values("dataset") if v is not None]
+    if own:
+        return "sora-" + "-".join(data_name(**{name: value}) for name, value in own)
+    return "sora-" + "-".join(data_name(task=task) for task in space.values("task"))
 
 
 # The command line's groups of SearchConfig's fields (`space` comes from --config).

@@ -24,12 +24,12 @@ import mlflow
 from datasets import Dataset, DatasetDict
 
 from .. import __version__
-from ..config import DATA_FIELDS, TrialConfig
+from ..config import DATA_FIELDS, FILE_FIELDS, TrialConfig
 from ..data import load_glue
 from ..front import OBJECTIVES
 from ..quiet import QUIET_ENV
 from ..tracking import ROLE_TAG, experiment_id_of
-from ..train import check_targets, load_tokenizer, prepare_data
+from ..train import check_targets, data_lineage, load_tokenizer, own_data, prepare_data
 from ..uris import (
     check_no_password,
     check_tracking_uri,
@@ -146,6 +146,10 @@ def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None)
     import ray
 
     data = _check_inputs(config)
+    # Shared data come with their sources, hashed on the driver (the digests of the files just
+    # read); otherwise every trial reads its own.
+    representative = TrialConfig.from_dict(config.space.representative())
+    sources = data_lineage(representative) if data is not None else None
     if not ray.is_initialized():
         # Trials' library chatter would flood the driver's terminal through Ray's log stream;
         # errors still reach it, and every trial's full log stays in Ray's session folder.
@@ -173,7 +177,7 @@ def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None)
     }
     with stop_gracefully_on_signals() as received:
         try:
-            results = _make_tuner(config, tracking, data, resume).fit()
+            results = _make_tuner(config, tracking, data, sources, resume).fit()
         except KeyboardInterrupt:  # a second signal, or one before Ray Tune started
             client.set_terminated(parent_run_id, status="KILLED")
             raise
@@ -208,6 +212,9 @@ def _check_inputs(config: SearchConfig) -> DatasetDict | None:
             check_targets(dataclasses.replace(fixed_trial, model=model, target_modules=targets))
     if not set(DATA_FIELDS) & set(space.distributions):
         return in_memory(prepare_data(fixed_trial, load_tokenizer(fixed_trial)))
+    if fixed_trial.own_data:  # one candidate's data, read and checked; each trial reads its own
+        own_data(fixed_trial)
+        return None
     for task in space.values("task"):  # read every task's files once, to check them
         for data_dir in space.values("data_dir"):
             load_glue(task, data_dir)
@@ -222,7 +229,8 @@ def _check_cluster(config: SearchConfig, *, shares_data: bool) -> None:
     nodes = sum(node.get("Alive", False) for node in ray.nodes())
     if nodes <= 1 and not config.address:
         return
-    settings = ["model"] + ([] if shares_data else ["data_dir"])
+    # Shared data reach the trials through Ray: then only the driver reads the data files.
+    settings = ["model"] + ([] if shares_data else [*FILE_FIELDS, "dataset", "data_dir"])
     check_paths_on_nodes(
         {
             name: [v for v in config.space.values(name) if v and os.path.isabs(v)]
@@ -231,13 +239,13 @@ def _check_cluster(config: SearchConfig, *, shares_data: bool) -> None:
     )
 
 
-def _make_tuner(config: SearchConfig, tracking: dict[str, str], data, resume):
+def _make_tuner(config: SearchConfig, tracking: dict[str, str], data, sources, resume):
     """The Tuner of a new search, or the restored one of an interrupted search."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, data=data, tracking=tracking),
+        tune.with_parameters(run_trial, data=data, sources=sources, tracking=tracking),
         {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
     )
     if resume is not None:

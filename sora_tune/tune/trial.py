@@ -95,12 +95,15 @@ def trial_run(client: MlflowClient, tracking: dict[str, str], trial_id: str, nam
     return client.create_run(tracking["experiment_id"], tags=tags).info.run_id
 
 
-def run_trial(trial_params: dict[str, Any], *, data=None, tracking: dict[str, str]) -> None:
-    """The Ray Tune function trainable: one trial, its own MLflow child run, resumable."""
+def run_trial(
+    trial_params: dict[str, Any], *, data=None, sources=None, tracking: dict[str, str]
+) -> None:
+    """The Ray Tune function trainable: one trial, its own MLflow child run, resumable. `data`
+    and their `sources` are shared by the search (`None`: the trial prepares its own)."""
     import ray
     from ray import tune
 
-    from ..train import resolve_device, resolve_precision, train_trial  # torch: only here
+    from ..train import resolve_device, resolve_precision, train_trial, trial_data  # torch: here
 
     trial_id = tune.get_context().get_trial_id()
     config = TrialConfig.from_dict(trial_params)
@@ -134,7 +137,7 @@ def run_trial(trial_params: dict[str, Any], *, data=None, tracking: dict[str, st
             if tune.get_context().get_trial_id() != trial_id:  # `None` once the session ended
                 raise SystemExit(f"trial {trial_id} stopped by Ray after epoch {metrics['epoch']}")
             record.log_evaluation(metrics)
-            metrics = {k: metrics[k] for k in LIVE_TABLE_KEYS} | metrics
+            metrics = {k: metrics[k] for k in LIVE_TABLE_KEYS if k in metrics} | metrics
             metrics |= {BUDGET_KEY: config.epochs}
             metrics[COMPARABLE_KEY] = metrics["stage_end"] or not config.traces_front
             if metrics["epoch"] == config.epochs:
@@ -145,6 +148,8 @@ def run_trial(trial_params: dict[str, Any], *, data=None, tracking: dict[str, st
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
 
         with record.open(resolve_precision(config.precision, resolve_device(device))):
+            data, task, sources = trial_data(config, data, sources)
+            record.log_data(task, sources)
             result = train_trial(
                 config,
                 report=end_evaluation,

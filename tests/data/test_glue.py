@@ -355,6 +355,10 @@ def test_bad_arguments_are_named(kwargs, match):
         make_splits(_raw(), "mrpc", **kwargs)
 
 
-def test_missing_split_is_named():
-    with pytest.raises(ValueError, match=r"\['dev'\]"):
-        make_splits(DatasetDict(train=_raw()["train"]), "mrpc")
+def test_missing_train_split_is_named():
+    with pytest.raises(ValueError, match="raw lacks the split 'train'"):
+        make_splits(DatasetDict(dev=_raw()["dev"]), "mrpc")
+
+
+def test_without_dev_or_test_there_is_no_test_split():
+    assert list(make_splits(DatasetDict(train=_raw()["train"]), "mrpc")) == ["train", "val"]
