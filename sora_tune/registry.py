@@ -35,7 +35,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.types import ColSpec, DataType, Schema
-from transformers import AutoTokenizer
 
 from .config import default_model
 from .data import get_task
@@ -292,8 +291,10 @@ def _write_model_files(
     (staging / "adapter").mkdir()
     for name in (ADAPTER_CONFIG, weights):
         client.download_artifacts(run.info.run_id, f"{folder}/{name}", str(staging / "adapter"))
-    tokenizer = AutoTokenizer.from_pretrained(_base_model(run) or default_model())
-    tokenizer.save_pretrained(staging / "tokenizer")
+    from .train import classifier_tokenizer  # torch, only where a model is registered
+
+    # As the trial padded: a decoder's eos as its pad token, on the right.
+    classifier_tokenizer(_base_model(run) or default_model()).save_pretrained(staging / "tokenizer")
     (staging / "model_info.json").write_text(json.dumps(info, indent=1))
     return {name: str(staging / name) for name in ("adapter", "tokenizer")} | {
         "model_info": str(staging / "model_info.json")

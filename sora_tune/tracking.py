@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 ROLE_TAG = "sora_tune.role"  # "search" on a search's parent run, "trial" on its trials
 FAILURE_TAG = "failure_reason"  # why a run did not finish
 PRECISION_TAG = "sora_tune.precision"  # the autocast dtype the trial trained and scored in
+PAD_FROM_EOS_TAG = "sora_tune.pad_from_eos"  # "true": a decoder's eos padded its batches
 DEVICE_TAG = "sora_tune.device"  # where the trial ran: cpu, cuda:0, ...
 STOPPED_TAG = "sora_tune.stopped_at_epoch"  # a scheduler stopped the trial after this epoch
 # The trial's data as JSON: name, text columns, label names, problem type, metrics and the primary
@@ -210,6 +211,7 @@ class TrialRecord:
         pruned adapter, its rank pattern and `head_params`, then FINISHED. Returns `result` with
         `mlflow_run_id`."""
         result["mlflow_run_id"] = self.run_id
+        self.client.set_tag(self.run_id, PAD_FROM_EOS_TAG, str(result["pad_from_eos"]).lower())
         if result["status"] != "finished":
             end_run(self.client, self.run_id, "FAILED", f"trial {result['status']}")
             return result

@@ -133,9 +133,16 @@ def load_tokenizer(config: TrialConfig):
             tokenizer has neither a pad nor an end-of-sequence token.
     """
     try:
-        tokenizer = AutoTokenizer.from_pretrained(config.model or default_model())
+        return classifier_tokenizer(config.model or default_model())
     except (OSError, ValueError) as err:  # transformers says ValueError for a folder of no model
         raise _cannot_load(config, err) from None
+
+
+def classifier_tokenizer(model: str):
+    """The tokenizer of `model`, set to pad batches for a sequence classifier: eos as the pad
+    token where there is none (`use_eos_as_pad`), on the right. Trials and the registered model
+    (which saves it) both use it, so serving pads as training did."""
+    tokenizer = AutoTokenizer.from_pretrained(model)
     use_eos_as_pad(tokenizer)
     # Right padding keeps every real token at the position it has unpadded (decoders number
     # positions from the first slot, pads included); transformers' sequence classifiers read the
@@ -665,8 +672,9 @@ def train_trial(
         progress: Show progress bars for training and scoring.
 
     Returns:
-        The last epoch's metrics plus `status` (`finished` or `diverged`), `precision` (the one
-        used), `rank_pattern` and `head_params`.
+        The last evaluation's metrics plus `status` (`finished` or `diverged`), `precision` (the
+        one used), `pad_from_eos` (whether eos padded the batches), `rank_pattern` and
+        `head_params`.
 
     Raises:
         ValueError: bad configuration (before any data or model is loaded).
@@ -730,7 +738,8 @@ def train_trial(
             report(history[-1], str(checkpoint))
         done = end
 
-    return _finish(model, config, output_dir, history, status, precision)
+    result = {"precision": precision, "pad_from_eos": getattr(tokenizer, PAD_FROM_EOS)}
+    return _finish(model, config, output_dir, history, status, result)
 
 
 def stage_at_step(config: TrialConfig, step: int, steps_per_epoch: int) -> int:
@@ -810,12 +819,17 @@ def _progress(items, enabled: bool, description: str, total: int | None = None):
 
 
 def _finish(
-    model, config: TrialConfig, output_dir: Path, history: list[dict], status: str, precision: str
+    model,
+    config: TrialConfig,
+    output_dir: Path,
+    history: list[dict],
+    status: str,
+    how: dict[str, Any],
 ) -> dict:
-    """Prune, export the adapter in PEFT format and write `metrics.json` (atomically)."""
-    result: dict[str, Any] = dict(history[-1]) if history else {}
+    """Prune, export the adapter in PEFT format and write `metrics.json` (atomically), with
+    `how` the trial ran (its precision, whether eos padded its batches)."""
+    result: dict[str, Any] = (dict(history[-1]) if history else {}) | how
     result["status"] = status
-    result["precision"] = precision
     if status == "finished":
         if config.method == "adalora":
             model.save_pretrained(output_dir / "adapter")

@@ -278,3 +278,45 @@ def test_bench_step_runs_on_a_decoder(tiny_decoder_dir, tmp_path):
     assert set(result["median_ms"]) == set(result["median_cpu_ms"]) == {"sora", "lora"}
     assert set(result["ratios"]) == set(result["cpu_ratios"]) == {"sora_over_lora"}
     assert json.loads(output.read_text())["samples_cpu_ms"]["sora"]
+
+
+def test_a_registered_decoder_classifies_a_batch_as_each_row_alone(tiny_decoder_dir, tmp_path):
+    """The registered model pads as the trial did (eos, on the right, the model's pad id set), so
+    rows of different lengths in one batch get the scores each gets alone."""
+    import mlflow
+    import pandas as pd
+
+    from sora_tune.registry import register
+    from sora_tune.tracking import PAD_FROM_EOS_TAG, create_trial_run, tracked_trial
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    config = TrialConfig(
+        task="rte",
+        data_dir=str(write_tiny_rte(tmp_path / "glue")),
+        model=tiny_decoder_dir,
+        r_max=4,
+        epochs=1,
+        max_length=16,
+        val_size=8,
+        train_eval_samples=8,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    run_id = create_trial_run(uri, "decoder")
+    result = tracked_trial(config, run_id=run_id, tracking_uri=uri, output_dir=tmp_path / "trial")
+    assert result["pad_from_eos"] is True
+    assert mlflow.MlflowClient(uri).get_run(run_id).data.tags[PAD_FROM_EOS_TAG] == "true"
+    registered = register(
+        experiment_name="decoder", name="decoder", tracking_uri=uri, output_dir=tmp_path
+    )
+    model = mlflow.pyfunc.load_model(registered.model_uri)
+    rows = pd.DataFrame(
+        {
+            "sentence1": ["red blue", "small large quick slow happy", "sad"],
+            "sentence2": ["red blue", "bright", "sad sad sad red blue green"],
+        }
+    )
+    together = model.predict(rows)
+    alone = pd.concat([model.predict(rows.iloc[[i]]) for i in range(len(rows))])
+    columns = [c for c in together.columns if c.startswith("prob_")]
+    assert together[columns].to_numpy() == pytest.approx(alone[columns].to_numpy(), abs=1e-5)

@@ -99,14 +99,17 @@ class SoraAdapterModel(mlflow.pyfunc.PythonModel):
             raise FileNotFoundError(f"{adapter} has no adapter_model.safetensors")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.precision = serving_precision(info.get("precision", "fp32"), self.device)
+        # Saved as the trial padded (a decoder's eos as its pad token, on the right).
+        self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
         base = AutoModelForSequenceClassification.from_pretrained(
             resolve_base_model(info["base_model"]),
             num_labels=self.num_labels,
             use_safetensors=True,
             dtype=torch.float32,  # weights as the trial kept them; `precision` is the autocast
         )
+        # How a decoder's classifier finds each row's last real token, as in training.
+        base.config.pad_token_id = self.tokenizer.pad_token_id
         self.model = PeftModel.from_pretrained(base, str(adapter)).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
 
     # `model_input` is annotated with pd.DataFrame alone: MLflow reads the annotation, and any
     # other type makes it warn or try to infer a schema of its own.
