@@ -157,18 +157,23 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_decoder_dir):
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
 
 
-def test_a_decoder_trial_exports_an_adapter_peft_loads(tiny_decoder_dir, tmp_path):
-    config = TrialConfig(
+def tiny_decoder_trial(model: str, folder: Path) -> TrialConfig:
+    """A one-epoch RTE trial of the tiny decoder on a tiny RTE folder made in `folder`."""
+    return TrialConfig(
         task="rte",
-        data_dir=str(write_tiny_rte(tmp_path / "glue")),
-        model=tiny_decoder_dir,
+        data_dir=str(write_tiny_rte(folder / "glue")),
+        model=model,
         r_max=4,
         epochs=1,
         max_length=16,
         val_size=8,
         train_eval_samples=8,
-        cache_dir=str(tmp_path / "cache"),
+        cache_dir=str(folder / "cache"),
     )
+
+
+def test_a_decoder_trial_exports_an_adapter_peft_loads(tiny_decoder_dir, tmp_path):
+    config = tiny_decoder_trial(tiny_decoder_dir, tmp_path)
     result = train_trial(config, output_dir=tmp_path / "trial")
     assert result["status"] == "finished"
     adapter = tmp_path / "trial" / "adapter"
@@ -291,17 +296,7 @@ def test_a_registered_decoder_classifies_a_batch_as_each_row_alone(tiny_decoder_
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
-    config = TrialConfig(
-        task="rte",
-        data_dir=str(write_tiny_rte(tmp_path / "glue")),
-        model=tiny_decoder_dir,
-        r_max=4,
-        epochs=1,
-        max_length=16,
-        val_size=8,
-        train_eval_samples=8,
-        cache_dir=str(tmp_path / "cache"),
-    )
+    config = tiny_decoder_trial(tiny_decoder_dir, tmp_path)
     run_id = create_trial_run(uri, "decoder")
     result = tracked_trial(config, run_id=run_id, tracking_uri=uri, output_dir=tmp_path / "trial")
     assert result["pad_from_eos"] is True
