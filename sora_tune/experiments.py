@@ -8,13 +8,31 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from datasets import DatasetDict
+
 from .config import DATA_FIELDS, TrialConfig
-from .train import check_saved_config, load_tokenizer, prepare_data, train_trial
+from .train import (
+    build_model,
+    check_saved_config,
+    configure_optimization,
+    data_task,
+    load_tokenizer,
+    make_loaders,
+    prepare_data,
+    resolve_device,
+    resolve_precision,
+    score_epoch,
+    seed_everything,
+    train_steps,
+    train_trial,
+)
 
 # What a grid keeps of every run's final metrics.
 RESULT_KEYS = (
@@ -130,3 +148,87 @@ def paired_deltas(
 
     first, second = finished(a), finished(b)
     return [first[p] - second[p] for p in sorted(set(first) & set(second))]
+
+
+@dataclass(frozen=True)
+class TrialSpeed:
+    """How fast a trial's parts run on a device, measured as `train_trial` runs them."""
+
+    setup_s: float  # building the model, its adapter and the optimizers, and moving them there
+    step_s: float  # one optimizer step at the trial's batch size, on its own shuffled batches
+    eval_row_s: float  # scoring one row (val, test and the training subset are scored alike)
+    steps_per_epoch: int  # of the trial's training split at its batch size
+    eval_rows: int  # rows scored at every evaluation: train subset, val and test
+
+
+def measure_speed(
+    config: TrialConfig,
+    data: DatasetDict,
+    *,
+    steps: int = 20,
+    warmup: int = 3,
+    eval_rows: int = 64,
+    device: str | torch.device | None = None,
+) -> TrialSpeed:
+    """Time `steps` optimizer steps (after `warmup` untimed ones: kernels being picked, caches
+    filling) and the scoring of up to `eval_rows` rows of each evaluation split, with the model,
+    optimizers, batches and precision of the trial `config` on `device`: what a budget is sized
+    from. (Every step reads its loss, so the device has finished a step when its time is taken.)
+
+    Raises:
+        ValueError: the loss stopped being finite while measuring.
+    """
+    device = resolve_device(device)
+    precision = resolve_precision(config.precision, device)
+    seed_everything(config.seed)
+    tokenizer = load_tokenizer(config)
+    task = data_task(config, data)
+    train_loader, eval_loaders = make_loaders(config, data, tokenizer)
+    steps_per_epoch = len(train_loader)
+
+    began = time.perf_counter()
+    model = build_model(config, steps_per_epoch * config.epochs, task, tokenizer=tokenizer)
+    model = model.to(device)
+    optimization = configure_optimization(
+        model, config, steps_per_epoch=steps_per_epoch, device=device, precision=precision
+    )
+    _synchronize(device)
+    setup_s = time.perf_counter() - began
+
+    for start, end in ((0, warmup), (warmup, warmup + steps)):  # the warm-up, then the timed
+        stats = train_steps(
+            model,
+            train_loader,
+            optimization,
+            config=config,
+            start=start,
+            end=end,
+            device=device,
+            precision=precision,
+        )
+        if stats is None:
+            raise ValueError(f"the loss of {config.method} stopped being finite while measuring")
+
+    # Scoring is timed on the first rows of each evaluation split, batched as a trial batches them.
+    sample = DatasetDict(
+        {name: split.select(range(min(eval_rows, len(split)))) for name, split in data.items()}
+    )
+    _, sample_loaders = make_loaders(config, sample, tokenizer)
+    began = time.perf_counter()
+    score_epoch(model, sample_loaders, task, device, precision)
+    _synchronize(device)
+    eval_s = time.perf_counter() - began
+    sampled = sum(len(loader.dataset) for loader in sample_loaders.values())
+    return TrialSpeed(
+        setup_s=setup_s,
+        step_s=stats.seconds / max(steps, 1),
+        eval_row_s=eval_s / max(sampled, 1),
+        steps_per_epoch=steps_per_epoch,
+        eval_rows=sum(len(loader.dataset) for loader in eval_loaders.values()),
+    )
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that wall time measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

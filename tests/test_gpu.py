@@ -118,3 +118,18 @@ def test_the_step_benchmark_runs_on_cuda(tmp_path):
     )  # fmt: skip
     assert result["machine"]["device"] == torch.cuda.get_device_name("cuda")
     assert set(result["median_ms"]) == {"sora", "lora", "adalora"}
+
+
+def test_a_trial_is_timed_on_cuda_as_it_trains_there(tiny_trial):
+    """What `reproduce.py --preset gpu` sizes its batch from: a trial's speed on the GPU, in the
+    precision it would train in there."""
+    from sora_tune.config import TrialConfig
+    from sora_tune.experiments import measure_speed
+    from sora_tune.train import prepare_data
+
+    config = TrialConfig.from_dict(tiny_trial)
+    data = prepare_data(config)
+    speed = measure_speed(config, data, steps=3, warmup=1, device="cuda")
+    assert 0 < speed.step_s < 10 and 0 < speed.eval_row_s < 1 and speed.setup_s > 0
+    assert speed.steps_per_epoch == -(-len(data["train"]) // config.batch_size)
+    assert speed.eval_rows == len(data["train_eval"]) + len(data["val"]) + len(data["test"])

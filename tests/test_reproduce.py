@@ -97,3 +97,94 @@ def test_a_run_folder_with_other_settings_is_refused(reproduce_args):
     script.main([*reproduce_args, *one])
     with pytest.raises(ValueError, match="other settings .*epochs"):
         script.main([*reproduce_args, *one, "--epochs=2"])
+
+
+@pytest.fixture
+def gpu_preset_args(tiny_trial):
+    """`--preset gpu` on the tiny model and data, its grid cut to 3 runs a task, its outputs in
+    the test's folder."""
+    torch.set_num_threads(1)
+    return [
+        "--preset=gpu",
+        "--ladder-tasks=mrpc,stsb",
+        "--ladder-seeds=0",
+        "--ladder-ranks=1,4",
+        "--ladder-xi-totals=0.5",
+        "--r-max=4",
+        "--max-length=32",
+        f"--data-dir={tiny_trial['data_dir']}",
+        f"--model={tiny_trial['model']}",
+        "--cache-dir=cache",
+        "--runs-dir=runs/gpu",
+        "--output=docs/results/reproduce-gpu.json",
+        "--results-md=docs/results-gpu.md",
+        "--figure=docs/ladder-gpu.png",
+        "--threads=1",
+    ]
+
+
+def test_the_gpu_preset_sizes_its_batch_then_runs_the_ladder_on_full_data(
+    gpu_preset_args, tmp_path
+):
+    script = load_script("reproduce")
+    result = script.main(gpu_preset_args)
+
+    plan = result["plan"]
+    # The tiny grid fits 10 minutes at the first batch size tried: the smallest.
+    assert [t["batch_size"] for t in plan["tried"]] == [8] and plan["fits"]
+    assert result["settings"]["batch_size"] == 8 and result["settings"]["group_by_length"]
+    for task, entry in plan["tasks"].items():
+        # The full training file less the val hold-out (48 rows, 10%), in batches of 8.
+        assert entry["train_rows"] == 43 and entry["sora_steps_per_epoch"] == 6, task
+        assert entry["lora_step_s"] > 0 and entry["sora_step_s"] > 0 and entry["estimate_s"] > 0
+    assert plan["estimate_s"] == pytest.approx(sum(t["estimate_s"] for t in plan["tasks"].values()))
+    assert len(result["rows"]) == 2 * 3
+    assert all(r["status"] == "finished" for r in result["rows"])
+    assert set(result["analysis"]["ladder"]) == {"mrpc", "stsb"}
+
+    page = (tmp_path / "docs/results-gpu.md").read_text()
+    assert page.startswith("# The LoRA ladder against SoRA at full data, on one GPU\n")
+    assert "**Sized on cpu**" in page and "batch 8: " in page and "| mrpc | 43 | 6 |" in page
+    assert "](ladder-gpu.png)" in page and (tmp_path / "docs/ladder-gpu.png").stat().st_size > 0
+    # Only the ladder ran: LoRA r=4 is not a Table 2 of its own.
+    assert set(result["analysis"]) == {"ladder"} and "## Table 2" not in page
+    assert str(tmp_path) not in page + json.dumps(result["rows"])
+    assert not (tmp_path / "docs/results.md").exists(), "the CPU page is left alone"
+
+    # Resumed, the plan is read back (a new measurement could pick another batch size, and the
+    # runs already trained would no longer match it), and every run with it.
+    again = script.main(gpu_preset_args)
+    assert again["plan"] == plan and all(r["reused"] for r in again["rows"])
+
+
+def test_the_gpu_preset_refuses_a_budget_nothing_fits_before_training(gpu_preset_args, tmp_path):
+    script = load_script("reproduce")
+    with pytest.raises(SystemExit, match=r"exceeds --budget-minutes 1e-05 on cpu"):
+        script.main([*gpu_preset_args, "--budget-minutes=0.00001"])
+    assert not (tmp_path / "runs/gpu").exists() and not (tmp_path / "docs").exists()
+
+
+def test_a_dry_run_plans_for_this_device_then_runs_the_grid_on_a_few_rows(
+    gpu_preset_args, tmp_path
+):
+    script = load_script("reproduce")
+    result = script.main([*gpu_preset_args, "--dry-run", "--budget-minutes=0.00001"])
+
+    plan = result["plan"]
+    # Nothing fits so small a budget: every batch size was measured, and the largest is taken.
+    assert [t["batch_size"] for t in plan["tried"]] == [8, 16, 32, 64, 128]
+    assert plan["batch_size"] == 128 and not plan["fits"]
+    assert plan["calibration_steps"] == script.DRY_RUN_CALIBRATION_STEPS
+    assert all(r["status"] == "finished" for r in result["rows"]) and len(result["rows"]) == 6
+    dry = tmp_path / "runs/gpu-dry"
+    page = (dry / "results.md").read_text()
+    assert page.startswith("# The LoRA ladder against SoRA at full data, on one GPU (dry run)\n")
+    assert "none fitted, the last was taken" in page
+    assert (dry / "runs/plan.json").exists() and (dry / "ladder.png").exists()
+    assert not (tmp_path / "docs").exists() and not (tmp_path / "runs/gpu").exists()
+
+
+def test_a_dry_run_goes_with_a_sized_batch(reproduce_args, capsys):
+    with pytest.raises(SystemExit):
+        load_script("reproduce").main([*reproduce_args, "--dry-run"])
+    assert "--dry-run goes with --preset gpu" in capsys.readouterr().err
