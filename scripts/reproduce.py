@@ -90,7 +90,8 @@ CLIPPING_NORM = 1.0  # against the default, 0.1
 # ---- --preset gpu: the ladder question at full data, about 10 minutes on one GPU. ----
 GPU_BUDGET_MINUTES = 10.0
 # The authors ran GLUE at batch 8; one pass over SST-2 at 8 is 7,600 steps a run, so the batch
-# is sized: the smallest of these whose estimated total fits the budget.
+# is sized per task: every task starts at the first of these, and the task with the longest
+# estimate moves to the next until the total fits the budget. Small tasks keep small batches.
 GPU_BATCH_SIZES = (8, 16, 32, 64, 128)
 CALIBRATION_STEPS = 20  # timed optimizer steps per task and method, after 3 untimed
 DRY_RUN_ROWS = 48  # training rows per task in a dry run (and rows of val and test)
@@ -103,7 +104,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ladder_seeds": "0,1,2",
         "train_rows": "all",
         "epochs": 1,
-        "batch_size": None,  # sized from the step times measured on the device
+        "batch_size": None,  # sized per task from the step times measured on the device
         # caps the val hold-out (SST-2's is 6,735 rows); every dev set here is smaller: test whole
         "eval_rows": 2000,
         "train_eval_rows": 500,
@@ -147,9 +148,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--batch-size",
-        type=int,
-        default=TrialConfig.__dataclass_fields__["batch_size"].default,
-        help="training batch (gpu preset: sized to --budget-minutes unless given)",
+        default=str(TrialConfig.batch_size),
+        help="training batch, or per task, e.g. sst2=128,mrpc=8 (gpu preset: sized unless given)",
     )
     parser.add_argument(
         "--group-by-length",
@@ -219,7 +219,7 @@ def grid(args: argparse.Namespace) -> list[GridRun]:
             max_train_samples=rows.get(task),
             max_eval_samples=args.eval_rows,
             train_eval_samples=args.train_eval_rows,
-            batch_size=args.batch_size,
+            batch_size=task_batch_size(args.batch_size, task),
             group_by_length=args.group_by_length,
             seed=seed,
             cache_dir=args.cache_dir,
@@ -264,6 +264,15 @@ def train_rows(args: argparse.Namespace) -> dict[str, int]:
     return {get_task(k).name: int(v) for k, v in (p.split("=") for p in args.train_rows.split(","))}
 
 
+def task_batch_size(batch_size: str, task: str) -> int:
+    """A task's batch from `--batch-size`: one number for every task, or `task=number` pairs."""
+    if "=" not in batch_size:
+        return int(batch_size)
+    return {get_task(k).name: int(v) for k, v in (p.split("=") for p in batch_size.split(","))}[
+        task
+    ]
+
+
 def machine_info(threads: int, note: str) -> dict[str, Any]:
     cpu_model = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
@@ -288,38 +297,47 @@ def machine_info(threads: int, note: str) -> dict[str, Any]:
 
 
 def plan_batch(args: argparse.Namespace) -> dict[str, Any]:
-    """The batch size of a sized run: for each of `GPU_BATCH_SIZES` in turn, measure a trial's
-    speed on this device for every task and method of the grid, and estimate the grid's total;
-    the first that fits `--budget-minutes` is taken (the last if none does). A plan already in
-    the runs folder is read back: the runs there were trained at its batch size."""
+    """Each task's batch size for a sized run. Every task starts at the first of
+    `GPU_BATCH_SIZES`; a trial's speed is measured on this device for each task, method and batch
+    size reached, the grid's total is estimated from it, and while it exceeds `--budget-minutes`
+    the task with the longest estimate takes the next batch size. A plan already in the runs
+    folder is read back: the runs there were trained at its batch sizes."""
     path = Path(args.runs_dir) / "plan.json"
     if path.exists():
         print(f"plan read back from {path}")
         return json.loads(path.read_text())
     device = default_device()
     steps, warmup = (DRY_RUN_CALIBRATION_STEPS, 1) if args.dry_run else (CALIBRATION_STEPS, 3)
+    tasks = [get_task(t).name for t in args.ladder_tasks.split(",")]
+    sizes = dict.fromkeys(tasks, GPU_BATCH_SIZES[0])
     data: dict[str, Any] = {}
     prepare_s: dict[str, float] = {}
+    speeds: dict[tuple[str, str, int], TrialSpeed] = {}
     tried = []
-    for batch_size in GPU_BATCH_SIZES:
-        runs = grid(argparse.Namespace(**vars(args) | {"batch_size": batch_size}))
-        speeds: dict[tuple[str, str], TrialSpeed] = {}
-        for (task, method), config in measured_configs(runs).items():
+    while True:
+        runs = grid(argparse.Namespace(**vars(args) | {"batch_size": batch_sizes_text(sizes)}))
+        measured = measured_configs(runs)
+        for (task, method), config in measured.items():
             if task not in data:
                 began = time.perf_counter()
                 data[task] = prepare_data(config)
                 prepare_s[task] = time.perf_counter() - began
-            print(f"measuring {task} {method} at batch {batch_size} on {device.type}", flush=True)
-            speeds[task, method] = measure_speed(
-                config, data[task], steps=steps, warmup=warmup, device=device
-            )
-        tasks = estimate_seconds(runs, speeds, prepare_s)
-        tried.append({"batch_size": batch_size, "estimate_s": sum(tasks.values())})
-        if tried[-1]["estimate_s"] <= 60 * args.budget_minutes:
+            if (task, method, config.batch_size) not in speeds:
+                print(f"measuring {task} {method} at batch {config.batch_size}", flush=True)
+                speeds[task, method, config.batch_size] = measure_speed(
+                    config, data[task], steps=steps, warmup=warmup, device=device
+                )
+        current = {(task, method): speeds[task, method, sizes[task]] for task, method in measured}
+        estimates = estimate_seconds(runs, current, prepare_s)
+        tried.append({"batch_sizes": dict(sizes), "estimate_s": sum(estimates.values())})
+        growable = [t for t in tasks if sizes[t] < GPU_BATCH_SIZES[-1]]
+        if tried[-1]["estimate_s"] <= 60 * args.budget_minutes or not growable:
             break
+        slowest = max(growable, key=estimates.get)
+        sizes[slowest] = GPU_BATCH_SIZES[GPU_BATCH_SIZES.index(sizes[slowest]) + 1]
     return {
         "device": device_name(device),
-        "batch_size": batch_size,
+        "batch_size": batch_sizes_text(sizes),
         "budget_s": 60 * args.budget_minutes,
         "estimate_s": tried[-1]["estimate_s"],
         "fits": tried[-1]["estimate_s"] <= 60 * args.budget_minutes,
@@ -327,19 +345,25 @@ def plan_batch(args: argparse.Namespace) -> dict[str, Any]:
         "calibration_steps": steps,
         "tasks": {
             task: {
+                "batch_size": sizes[task],
                 "train_rows": len(data[task]["train"]),
                 "prepare_s": prepare_s[task],
                 "estimate_s": estimate,
             }
             | {
-                f"{method}_{key}": getattr(speeds[task, method], key)
+                f"{method}_{key}": getattr(current[task, method], key)
                 for method in ("lora", "sora")
                 for key in ("setup_s", "step_s", "eval_row_s", "steps_per_epoch", "eval_rows")
-                if (task, method) in speeds
+                if (task, method) in current
             }
-            for task, estimate in tasks.items()
+            for task, estimate in estimates.items()
         },
     }
+
+
+def batch_sizes_text(sizes: dict[str, int]) -> str:
+    """Per-task batch sizes as `--batch-size` takes them."""
+    return ",".join(f"{task}={size}" for task, size in sizes.items())
 
 
 def measured_configs(runs: list[GridRun]) -> dict[tuple[str, str], TrialConfig]:
@@ -382,16 +406,17 @@ def device_name(device: torch.device) -> str:
 
 def print_plan(plan: dict[str, Any], runs: int) -> None:
     print(
-        f"plan on {plan['device']}: batch {plan['batch_size']}, {runs} runs, estimated "
+        f"plan on {plan['device']}: {runs} runs, estimated "
         f"{plan['estimate_s'] / 60:.1f} min against a budget of {plan['budget_s'] / 60:g} min"
     )
     print(
-        f"{'task':<8}{'train rows':>12}{'steps/epoch':>13}{'s/step lora':>13}"
+        f"{'task':<8}{'batch':>7}{'train rows':>12}{'steps/epoch':>13}{'s/step lora':>13}"
         f"{'s/step sora':>13}{'est. min':>10}"
     )
     for task, entry in plan["tasks"].items():
         print(
-            f"{task:<8}{entry['train_rows']:>12,}{entry['sora_steps_per_epoch']:>13,}"
+            f"{task:<8}{entry['batch_size']:>7}{entry['train_rows']:>12,}"
+            f"{entry['sora_steps_per_epoch']:>13,}"
             f"{entry['lora_step_s']:>13.4f}{entry['sora_step_s']:>13.4f}"
             f"{entry['estimate_s'] / 60:>10.1f}"
         )
@@ -716,8 +741,8 @@ def _sized_scope(result: dict, output: str) -> list[str]:
         lines += [
             f"**The full training sets, {settings['epochs']} pass(es)**: {settings['model_name']} "
             f"on {tasks}, each training file less a seeded {100 * TrialConfig.val_size:g}% held "
-            f"out as `val` (at most {settings['eval_rows']:,} rows), batch "
-            f"{settings['batch_size']}, length {settings['max_length']}"
+            f"out as `val` (at most {settings['eval_rows']:,} rows), batch sized per task "
+            f"(below), length {settings['max_length']}"
             + (", batches grouped by length" if settings["group_by_length"] else "")
             + f", precision auto (bf16 where native), lr {TrialConfig.lr:g} at every batch size, no per-task "
             "tuning. Scores ×100 on GLUE dev (the trials' `test_score`), as mean ± sample std "
@@ -726,20 +751,29 @@ def _sized_scope(result: dict, output: str) -> list[str]:
         ]
     lines += [
         f"**Sized on {plan['device']}**: step and scoring times measured first "
-        f"({plan['calibration_steps']} steps per task and method), then the smallest batch of "
-        f"{', '.join(map(str, GPU_BATCH_SIZES))} whose estimated total fits "
-        f"{plan['budget_s'] / 60:g} min ("
-        + ", ".join(
-            f"batch {t['batch_size']}: {t['estimate_s'] / 60:.1f} min" for t in plan["tried"]
-        )
-        + ("" if plan["fits"] else "; none fitted, the last was taken")
-        + f"). The estimate of batch {plan['batch_size']}, by task:",
+        f"({plan['calibration_steps']} steps per task, method and batch size); every task "
+        f"started at batch {GPU_BATCH_SIZES[0]}, and the task with the longest estimate took the "
+        f"next of {', '.join(map(str, GPU_BATCH_SIZES))}, until the total fit "
+        f"{plan['budget_s'] / 60:g} min or every task was at the largest: "
+        f"{len(plan['tried'])} step(s), from "
+        f"{plan['tried'][0]['estimate_s'] / 60:.1f} to {plan['estimate_s'] / 60:.1f} min"
+        + ("" if plan["fits"] else " (none fitted: every task at the largest batch)")
+        + ". By task:",
         "",
         *_table(
-            ["task", "train rows", "steps/epoch", "s/step LoRA", "s/step SoRA", "estimated min"],
+            [
+                "task",
+                "batch",
+                "train rows",
+                "steps/epoch",
+                "s/step LoRA",
+                "s/step SoRA",
+                "estimated min",
+            ],
             [
                 [
                     task,
+                    str(entry["batch_size"]),
                     f"{entry['train_rows']:,}",
                     f"{entry['sora_steps_per_epoch']:,}",
                     f"{entry['lora_step_s']:.4f}",
@@ -1010,7 +1044,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         if not plan["fits"] and not args.dry_run:
             sys.exit(
-                f"reproduce.py: the estimate at batch {plan['batch_size']}, "
+                f"reproduce.py: the estimate at batch {GPU_BATCH_SIZES[-1]} for every task, "
                 f"{plan['estimate_s'] / 60:.0f} min, exceeds --budget-minutes "
                 f"{args.budget_minutes:g} on {plan['device']}; give a larger budget to run it"
             )

@@ -130,9 +130,10 @@ def test_the_gpu_preset_sizes_its_batch_then_runs_the_ladder_on_full_data(
     result = script.main(gpu_preset_args)
 
     plan = result["plan"]
-    # The tiny grid fits 10 minutes at the first batch size tried: the smallest.
-    assert [t["batch_size"] for t in plan["tried"]] == [8] and plan["fits"]
-    assert result["settings"]["batch_size"] == 8 and result["settings"]["group_by_length"]
+    # The tiny grid fits 10 minutes at the first batch sizes tried: the smallest.
+    assert [t["batch_sizes"] for t in plan["tried"]] == [{"mrpc": 8, "stsb": 8}] and plan["fits"]
+    assert result["settings"]["batch_size"] == "mrpc=8,stsb=8"
+    assert result["settings"]["group_by_length"]
     for task, entry in plan["tasks"].items():
         # The full training file less the val hold-out (48 rows, 10%), in batches of 8.
         assert entry["train_rows"] == 43 and entry["sora_steps_per_epoch"] == 6, task
@@ -144,7 +145,7 @@ def test_the_gpu_preset_sizes_its_batch_then_runs_the_ladder_on_full_data(
 
     page = (tmp_path / "docs/results-gpu.md").read_text()
     assert page.startswith("# The LoRA ladder against SoRA at full data, on one GPU\n")
-    assert "**Sized on cpu**" in page and "batch 8: " in page and "| mrpc | 43 | 6 |" in page
+    assert "**Sized on cpu**" in page and "| mrpc | 8 | 43 | 6 |" in page
     assert "](ladder-gpu.png)" in page and (tmp_path / "docs/ladder-gpu.png").stat().st_size > 0
     # Only the ladder ran: LoRA r=4 is not a Table 2 of its own.
     assert set(result["analysis"]) == {"ladder"} and "## Table 2" not in page
@@ -171,15 +172,20 @@ def test_a_dry_run_plans_for_this_device_then_runs_the_grid_on_a_few_rows(
     result = script.main([*gpu_preset_args, "--dry-run", "--budget-minutes=0.00001"])
 
     plan = result["plan"]
-    # Nothing fits so small a budget: every batch size was measured, and the largest is taken.
-    assert [t["batch_size"] for t in plan["tried"]] == [8, 16, 32, 64, 128]
-    assert plan["batch_size"] == 128 and not plan["fits"]
+    # Nothing fits so small a budget: the task with the longest estimate took the next batch
+    # size, one step at a time, until every task was at the largest.
+    tried = [t["batch_sizes"] for t in plan["tried"]]
+    assert len(tried) == 1 + 2 * 4 and tried[0] == {"mrpc": 8, "stsb": 8}
+    assert all(
+        sum(a[task] != b[task] for task in a) == 1 for a, b in zip(tried, tried[1:], strict=False)
+    )
+    assert plan["batch_size"] == "mrpc=128,stsb=128" and not plan["fits"]
     assert plan["calibration_steps"] == script.DRY_RUN_CALIBRATION_STEPS
     assert all(r["status"] == "finished" for r in result["rows"]) and len(result["rows"]) == 6
     dry = tmp_path / "runs/gpu-dry"
     page = (dry / "results.md").read_text()
     assert page.startswith("# The LoRA ladder against SoRA at full data, on one GPU (dry run)\n")
-    assert "none fitted, the last was taken" in page
+    assert "none fitted: every task at the largest batch" in page
     assert (dry / "runs/plan.json").exists() and (dry / "ladder.png").exists()
     assert not (tmp_path / "docs").exists() and not (tmp_path / "runs/gpu").exists()
 
