@@ -19,10 +19,8 @@ from datasets import DatasetDict
 
 from .config import DATA_FIELDS, TrialConfig
 from .train import (
-    build_model,
+    build_trial,
     check_saved_config,
-    configure_optimization,
-    data_task,
     load_tokenizer,
     make_loaders,
     prepare_data,
@@ -154,7 +152,7 @@ def paired_deltas(
 class TrialSpeed:
     """How fast a trial's parts run on a device, measured as `train_trial` runs them."""
 
-    setup_s: float  # building the model, its adapter and the optimizers, and moving them there
+    setup_s: float  # the tokenizer, loaders, model with its adapter on the device, optimizers
     step_s: float  # one optimizer step at the trial's batch size, on its own shuffled batches
     eval_row_s: float  # scoring one row (val, test and the training subset are scored alike)
     steps_per_epoch: int  # of the trial's training split at its batch size
@@ -181,25 +179,17 @@ def measure_speed(
     device = resolve_device(device)
     precision = resolve_precision(config.precision, device)
     seed_everything(config.seed)
-    tokenizer = load_tokenizer(config)
-    task = data_task(config, data)
-    train_loader, eval_loaders = make_loaders(config, data, tokenizer)
-    steps_per_epoch = len(train_loader)
-
     began = time.perf_counter()
-    model = build_model(config, steps_per_epoch * config.epochs, task, tokenizer=tokenizer)
-    model = model.to(device)
-    optimization = configure_optimization(
-        model, config, steps_per_epoch=steps_per_epoch, device=device, precision=precision
-    )
+    tokenizer = load_tokenizer(config)
+    trial = build_trial(config, data, tokenizer, device=device, precision=precision)
     _synchronize(device)
     setup_s = time.perf_counter() - began
 
     for start, end in ((0, warmup), (warmup, warmup + steps)):  # the warm-up, then the timed
         stats = train_steps(
-            model,
-            train_loader,
-            optimization,
+            trial.model,
+            trial.train_loader,
+            trial.optimization,
             config=config,
             start=start,
             end=end,
@@ -215,7 +205,7 @@ def measure_speed(
     )
     _, sample_loaders = make_loaders(config, sample, tokenizer)
     began = time.perf_counter()
-    score_epoch(model, sample_loaders, task, device, precision)
+    score_epoch(trial.model, sample_loaders, trial.task, device, precision)
     _synchronize(device)
     eval_s = time.perf_counter() - began
     sampled = sum(len(loader.dataset) for loader in sample_loaders.values())
@@ -223,8 +213,8 @@ def measure_speed(
         setup_s=setup_s,
         step_s=stats.seconds / max(steps, 1),
         eval_row_s=eval_s / max(sampled, 1),
-        steps_per_epoch=steps_per_epoch,
-        eval_rows=sum(len(loader.dataset) for loader in eval_loaders.values()),
+        steps_per_epoch=trial.steps_per_epoch,
+        eval_rows=sum(len(loader.dataset) for loader in trial.eval_loaders.values()),
     )
 
 

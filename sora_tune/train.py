@@ -647,6 +647,38 @@ def load_checkpoint(path: Path, model, optimization: Optimization) -> list[dict]
     return json.loads((path / "history.json").read_text())
 
 
+@dataclass
+class TrialParts:
+    """What a trial trains and scores with."""
+
+    task: GlueTask
+    train_loader: Any
+    eval_loaders: dict[str, Any]
+    model: torch.nn.Module
+    optimization: Optimization
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_loader)
+
+
+def build_trial(
+    config: TrialConfig, data: DatasetDict, tokenizer, *, device: torch.device, precision: str
+) -> TrialParts:
+    """A trial's loaders over its tokenised `data`, its model with the adapter on `device`, and
+    its optimizers, as `train_trial` trains with them."""
+    task = data_task(config, data)
+    train_loader, eval_loaders = make_loaders(config, data, tokenizer)
+    steps_per_epoch = len(train_loader)
+    config.check_steps(steps_per_epoch)  # stages in steps that the epochs never reach
+    model = build_model(config, steps_per_epoch * config.epochs, task, tokenizer=tokenizer)
+    model = model.to(device)
+    optimization = configure_optimization(
+        model, config, steps_per_epoch=steps_per_epoch, device=device, precision=precision
+    )
+    return TrialParts(task, train_loader, eval_loaders, model, optimization)
+
+
 def train_trial(
     config: TrialConfig | dict[str, Any],
     *,
@@ -689,21 +721,10 @@ def train_trial(
     precision = resolve_precision(config.precision, device)
     seed_everything(config.seed)
 
-    # Data
     tokenizer = load_tokenizer(config)
     data = data if data is not None else prepare_data(config, tokenizer)
-    task = data_task(config, data)
-    train_loader, eval_loaders = make_loaders(config, data, tokenizer)
-    steps_per_epoch = len(train_loader)
-    config.check_steps(steps_per_epoch)  # stages in steps that the epochs never reach
-
-    # Model and optimizers
-    model = build_model(config, steps_per_epoch * config.epochs, task, tokenizer=tokenizer).to(
-        device
-    )
-    optimization = configure_optimization(
-        model, config, steps_per_epoch=steps_per_epoch, device=device, precision=precision
-    )
+    trial = build_trial(config, data, tokenizer, device=device, precision=precision)
+    model, optimization, steps_per_epoch = trial.model, trial.optimization, trial.steps_per_epoch
     history = load_checkpoint(checkpoint, model, optimization) if checkpoint is not None else []
 
     # The loop: train to the next evaluation, score, checkpoint, report
@@ -713,7 +734,7 @@ def train_trial(
         set_stage_xi(optimization, config, done, steps_per_epoch)
         stats = train_steps(
             model,
-            train_loader,
+            trial.train_loader,
             optimization,
             config=config,
             start=done,
@@ -726,7 +747,7 @@ def train_trial(
             status = "diverged"
             break
         scoring_start = time.perf_counter()
-        scores = score_epoch(model, eval_loaders, task, device, precision, progress)
+        scores = score_epoch(model, trial.eval_loaders, trial.task, device, precision, progress)
         stats.scoring_seconds = time.perf_counter() - scoring_start
         history.append(
             evaluation_metrics(
