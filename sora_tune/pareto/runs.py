@@ -90,7 +90,7 @@ class TrialRuns:
     tracking_uri: str
     timeline: pd.DataFrame
     note: str | None = None
-    stopped: dict[str, int] = field(default_factory=dict)
+    stopped: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -180,7 +180,7 @@ def load_trial_runs(
     rows, left_out, stopped = [], [], {}
     for run in trials:
         if STOPPED_TAG in run.data.tags:
-            stopped[run.info.run_id] = int(run.data.tags[STOPPED_TAG])
+            stopped[run.info.run_id] = float(run.data.tags[STOPPED_TAG])
         reason = _left_out_reason(run)
         if reason is None:
             rows += _stage_rows(client, run) if _traces_front(run) else [_row(run)]

@@ -106,7 +106,7 @@ class ParetoSuccessiveHalving(FIFOScheduler):
         self.time_attr = time_attr
         # rung epoch -> {trial id: objective vector}; the decisions taken, for the record
         self.recorded: dict[int, dict[str, list[float]]] = {rung: {} for rung in self.rungs}
-        self.stopped: dict[str, int] = {}
+        self.stopped: dict[str, float] = {}
         self._loaded = False
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:

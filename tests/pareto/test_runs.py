@@ -261,11 +261,13 @@ def test_an_experiment_of_several_searches_is_read_as_its_newest(store, capsys):
     assert single.note is None and len(single.table) == 1
 
 
-def test_a_stopped_front_tracing_trial_keeps_its_completed_stages(store):
+@pytest.mark.parametrize("epoch", ["3", "1.04"])  # stages in epochs, or in steps
+def test_a_stopped_front_tracing_trial_keeps_its_completed_stages(store, epoch):
     """Stopped at a rung, a front-tracing trial has finished some stages: those points are as
-    complete as the same stages of a trial that went on, so they are candidates."""
+    complete as the same stages of a trial that went on, so they are candidates. With stages in
+    steps it stops inside an epoch."""
     client = store["client"]
-    experiment = client.create_experiment("traced-stopped")
+    experiment = client.create_experiment(f"traced-stopped-{epoch}")
     search = client.create_run(experiment, tags={ROLE: "search"}, run_name="s").info.run_id
     run_id = add_trial(
         client,
@@ -275,7 +277,7 @@ def test_a_stopped_front_tracing_trial_keeps_its_completed_stages(store):
         "sora",
         8,
         {"val_score": 0.7, "retained_params": 500.0},
-        **{"sora_tune.stopped_at_epoch": "3"},
+        **{"sora_tune.stopped_at_epoch": epoch},
     )
     now = int(time.time() * 1000)
     stages = [
@@ -286,9 +288,9 @@ def test_a_stopped_front_tracing_trial_keeps_its_completed_stages(store):
     client.log_batch(run_id, metrics=stages)
     for run in (run_id, search):
         client.set_terminated(run)
-    runs = load_trial_runs(experiment_name="traced-stopped", tracking_uri=store["uri"])
+    runs = load_trial_runs(experiment_name=f"traced-stopped-{epoch}", tracking_uri=store["uri"])
     assert runs.table["stage"].tolist() == [1, 0]  # by retained params
     assert runs.table["val_score"].tolist() == [0.75, 0.8]
-    assert runs.stopped == {run_id: 3}
+    assert runs.stopped == {run_id: float(epoch)}
     (left,) = runs.left_out
-    assert left.reason == "stopped early at epoch 3; its completed stages are candidates"
+    assert left.reason == f"stopped early at epoch {epoch}; its completed stages are candidates"
