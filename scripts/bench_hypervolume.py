@@ -168,12 +168,20 @@ def run_arm(name: str, seed: int, args, proxy: dict[str, Any]) -> dict[str, Any]
     )
     started = time.perf_counter()
     run_search(config)
-    return {
+    entry = {
         "arm": name,
         "seed": seed,
         "num_samples": config.num_samples,
         "wall_s": time.perf_counter() - started,
     } | read_arm(name, seed, work)
+    # Ray Tune ends a search it is signalled to stop as if it had finished: such an arm must not
+    # be recorded, or the resumed benchmark would skip it.
+    if len(entry["timeline"]) < config.num_samples:
+        raise RuntimeError(
+            f"{experiment}: {len(entry['timeline'])} of {config.num_samples} trials ended; the "
+            "search was interrupted, and is not recorded"
+        )
+    return entry
 
 
 def read_arm(name: str, seed: int, work: Path) -> dict[str, Any]:
