@@ -179,13 +179,17 @@ def test_a_dry_run_plans_for_this_device_then_runs_the_grid_on_a_few_rows(
     assert all(
         sum(a[task] != b[task] for task in a) == 1 for a, b in zip(tried, tried[1:], strict=False)
     )
-    assert plan["batch_size"] == "mrpc=128,stsb=128" and not plan["fits"]
+    assert tried[-1] == {"mrpc": 128, "stsb": 128} and not plan["fits"]
+    lowest = min(plan["tried"], key=lambda t: t["estimate_s"])  # what runs when nothing fits
+    assert plan["batch_size"] == ",".join(f"{k}={v}" for k, v in lowest["batch_sizes"].items())
+    assert {t: e["batch_size"] for t, e in plan["tasks"].items()} == lowest["batch_sizes"]
+    assert plan["estimate_s"] == lowest["estimate_s"]
     assert plan["calibration_steps"] == script.DRY_RUN_CALIBRATION_STEPS
     assert all(r["status"] == "finished" for r in result["rows"]) and len(result["rows"]) == 6
     dry = tmp_path / "runs/gpu-dry"
     page = (dry / "results.md").read_text()
     assert page.startswith("# The LoRA ladder against SoRA at full data, on one GPU (dry run)\n")
-    assert "none fitted: every task at the largest batch" in page
+    assert "none fitted, and the lowest estimate was taken" in page
     assert (dry / "runs/plan.json").exists() and (dry / "ladder.png").exists()
     assert not (tmp_path / "docs").exists() and not (tmp_path / "runs/gpu").exists()
 
