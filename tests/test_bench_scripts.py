@@ -160,6 +160,7 @@ def test_bench_hypervolume(tiny_trial, tmp_path):
     )
     assert "## Search efficiency" in text
     assert "python scripts/bench_hypervolume.py" in text
+    assert "on at least 4 of 5 seeds (here 1 of the 1 run): " in text  # one seed run so far
 
 
 def test_bench_concurrency_shows_tpe_with_every_trial_at_once_is_random_search(tmp_path):
