@@ -101,7 +101,7 @@ def measure_file(args: argparse.Namespace) -> dict:
 
     from sora_tune.config import TrialConfig
     from sora_tune.data import load_own_data
-    from sora_tune.train import load_tokenizer, own_data_settings, prepare_data
+    from sora_tune.train import load_tokenizer, own_data_location, prepare_data
     from sora_tune.tune.search import in_memory
 
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
@@ -109,7 +109,7 @@ def measure_file(args: argparse.Namespace) -> dict:
     config = TrialConfig(train_file=args.file, cache_dir=args.cache_dir, **FILE_SETTINGS)
     started = time.perf_counter()
     own = load_own_data(
-        **own_data_settings(config), text_columns=config.text_fields, label_column="outcome"
+        own_data_location(config), text_columns=config.text_fields, label_column="outcome"
     )
     load_s = time.perf_counter() - started
     loaded_mib = _peak_mib()

@@ -22,7 +22,7 @@ from .train import (
     build_trial,
     check_saved_config,
     load_tokenizer,
-    make_loaders,
+    make_eval_loaders,
     prepare_data,
     resolve_device,
     resolve_precision,
@@ -203,7 +203,7 @@ def measure_speed(
     sample = DatasetDict(
         {name: split.select(range(min(eval_rows, len(split)))) for name, split in data.items()}
     )
-    _, sample_loaders = make_loaders(config, sample, tokenizer)
+    sample_loaders = make_eval_loaders(config, sample, tokenizer)
     began = time.perf_counter()
     score_epoch(trial.model, sample_loaders, trial.task, device, precision)
     _synchronize(device)

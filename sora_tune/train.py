@@ -23,10 +23,12 @@ from typing import Any
 
 import torch
 from datasets import ClassLabel, DatasetDict
+from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from .config import TrialConfig, default_model
 from .data import (
+    DataLocation,
     DataSource,
     GlueTask,
     OwnData,
@@ -180,17 +182,16 @@ def use_eos_as_pad(tokenizer) -> bool:
     return needed
 
 
-def own_data_settings(config: TrialConfig) -> dict[str, Any]:
-    """The settings naming the user's own data, as `load_own_data` and `data_sources` take them."""
-    names = ("train_file", "validation_file", "test_file", "dataset", "dataset_config")
-    names += ("train_split", "validation_split", "test_split")
-    return {name: getattr(config, name) for name in names}
+def own_data_location(config: TrialConfig) -> DataLocation:
+    """Where the trial's own data are: its settings of the names of `DataLocation`'s fields."""
+    fields = dataclasses.fields(DataLocation)
+    return DataLocation(**{field.name: getattr(config, field.name) for field in fields})
 
 
 def own_data(config: TrialConfig) -> OwnData:
     """The user's own data of a trial, read and checked (`load_own_data`)."""
     return load_own_data(
-        **own_data_settings(config),
+        own_data_location(config),
         text_columns=config.text_fields,
         label_column=config.label_column,
         problem_type=config.problem_type,
@@ -212,7 +213,7 @@ def data_task(config: TrialConfig, data: DatasetDict) -> GlueTask:
 
 def data_lineage(config: TrialConfig) -> tuple[DataSource, ...]:
     """Where the trial's own data come from, with content digests (none for GLUE)."""
-    return data_sources(**own_data_settings(config)) if config.own_data else ()
+    return data_sources(own_data_location(config)) if config.own_data else ()
 
 
 def trial_data(
@@ -278,7 +279,12 @@ def make_loaders(config: TrialConfig, data: DatasetDict, tokenizer):
         seed=config.seed,
         group_by_length=config.group_by_length,
     )
-    eval_loaders = {
+    return train_loader, make_eval_loaders(config, data, tokenizer)
+
+
+def make_eval_loaders(config: TrialConfig, data: DatasetDict, tokenizer) -> dict[str, DataLoader]:
+    """The evaluation loaders, in order, of the splits `data` has: `train_eval`, `val`, `test`."""
+    return {
         split: make_dataloader(
             data[split],
             tokenizer,
@@ -289,7 +295,6 @@ def make_loaders(config: TrialConfig, data: DatasetDict, tokenizer):
         for split in ("train_eval", "val", "test")
         if split in data
     }
-    return train_loader, eval_loaders
 
 
 def build_model(

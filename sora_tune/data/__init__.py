@@ -3,7 +3,7 @@ score.
 
 Typical use::
 
-    raw = load_glue("mrpc", data_dir)  # or load_own_data(train_file=..., text_columns=...).raw
+    raw = load_glue("mrpc", data_dir)  # or load_own_data(DataLocation(train_file=...)).raw
     splits = tokenize_splits(make_splits(raw, "mrpc", seed=0), "mrpc", tokenizer)
     loader = make_dataloader(splits["train"], tokenizer, batch_size=32, shuffle=True)
     metrics = compute_metrics("mrpc", logits, labels)
@@ -20,7 +20,7 @@ from .._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .batching import EpochSampler, make_dataloader, padding_ratio, tokenize_splits
-    from .files import DataSource, OwnData, data_sources, load_own_data
+    from .files import DataLocation, DataSource, OwnData, data_sources, load_own_data
     from .glue import GlueDataUnavailableError, load_glue, make_splits
     from .locations import CACHE_ENV, DATA_DIR_ENV
     from .metrics import compute_metrics
@@ -30,7 +30,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
     __name__,
     {
         "batching": ("EpochSampler", "make_dataloader", "padding_ratio", "tokenize_splits"),
-        "files": ("DataSource", "OwnData", "data_sources", "load_own_data"),
+        "files": ("DataLocation", "DataSource", "OwnData", "data_sources", "load_own_data"),
         "glue": ("GlueDataUnavailableError", "load_glue", "make_splits"),
         "locations": ("CACHE_ENV", "DATA_DIR_ENV"),
         "metrics": ("compute_metrics",),

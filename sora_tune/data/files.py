@@ -1,11 +1,12 @@
 """The user's own labelled texts: CSV, TSV, JSON Lines or Parquet files, a Hub dataset, or a
 folder written by `datasets.save_to_disk`, read with `datasets`' own loaders (Arrow end to end).
 
-``load_own_data`` returns the splits in the layout of :func:`sora_tune.data.load_glue` (the text
-columns under their own names, and ``label``: class ids as a ``ClassLabel`` or a float32 score),
-the :class:`GlueTask` describing them, and where each split came from (:class:`DataSource`: the
-path or Hub id, and a content digest for lineage and the tokenisation cache). Every check runs
-here, on the driver, before a trial starts, and names the file and the column or row.
+``load_own_data`` reads the splits a :class:`DataLocation` names and returns them in the layout
+of :func:`sora_tune.data.load_glue` (the text columns under their own names, and ``label``: class
+ids as a ``ClassLabel`` or a float32 score), the :class:`GlueTask` describing them, and where each
+split came from (:class:`DataSource`: the path or Hub id, and a content digest for lineage and
+the tokenisation cache). Every check runs here, on the driver, before a trial starts, and names
+the file and the column or row.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from sora_tune.data.tasks import GlueTask, data_name, own_task
 
 __all__ = [
     "FILE_FORMATS",
+    "DataLocation",
     "DataSource",
     "OwnData",
     "check_data_file",
@@ -74,6 +76,41 @@ class OwnData:
     raw: DatasetDict
     task: GlueTask
     sources: tuple[DataSource, ...]
+
+
+@dataclass(frozen=True)
+class DataLocation:
+    """Where the user's own data are: files, by extension CSV, TSV, JSON Lines or Parquet; or a
+    dataset (a Hub id or a ``save_to_disk`` folder) with its configuration and the names of its
+    splits. Not both (the trial's settings are checked for that). A split not named is not read.
+    The fields are the trial settings of the same names."""
+
+    train_file: str | None = None
+    validation_file: str | None = None
+    test_file: str | None = None
+    dataset: str | None = None
+    dataset_config: str | None = None
+    train_split: str = "train"
+    validation_split: str | None = None
+    test_split: str | None = None
+
+    def files(self) -> dict[str, str]:
+        """The files given, by split role (``train``, ``validation``, ``test``)."""
+        files = {
+            "train": self.train_file,
+            "validation": self.validation_file,
+            "test": self.test_file,
+        }
+        return {role: path for role, path in files.items() if path is not None}
+
+    def split_names(self) -> dict[str, str]:
+        """The dataset's splits given, by split role."""
+        names = {
+            "train": self.train_split,
+            "validation": self.validation_split,
+            "test": self.test_split,
+        }
+        return {role: name for role, name in names.items() if name is not None}
 
 
 def check_data_file(setting: str, path: str) -> None:
@@ -132,26 +169,17 @@ def file_digest(path: str) -> str:
 
 
 def load_own_data(
+    location: DataLocation,
     *,
-    train_file: str | None = None,
-    validation_file: str | None = None,
-    test_file: str | None = None,
-    dataset: str | None = None,
-    dataset_config: str | None = None,
-    train_split: str = "train",
-    validation_split: str | None = None,
-    test_split: str | None = None,
     text_columns: tuple[str, ...] = ("text",),
     label_column: str = "label",
     problem_type: str | None = None,
     metric: str | None = None,
 ) -> OwnData:
-    """Read, check and label-encode the user's data: files, or a dataset (not both).
+    """Read, check and label-encode the user's data.
 
     Args:
-        train_file, validation_file, test_file: CSV, TSV, JSON Lines or Parquet, by extension.
-        dataset: A Hub dataset id or a `save_to_disk` folder, with `dataset_config` and the
-            split names `train_split`, `validation_split`, `test_split`.
+        location: The files, or the dataset and its splits (:class:`DataLocation`).
         text_columns: One column, or two (a pair, as GLUE's pairs).
         label_column: The column of labels.
         problem_type: ``single_label_classification`` or ``regression``; ``None``: from the
@@ -167,14 +195,7 @@ def load_own_data(
             missing column, empty text cells, a label column with missing cells, one class, or
             lists (multi-label), a label unseen in training, a file that is not UTF-8.
     """
-    if dataset is not None:
-        named = _read_dataset(
-            dataset, dataset_config, {"train": train_split, "validation": validation_split,
-                                      "test": test_split},
-        )  # fmt: skip
-    else:
-        files = {"train": train_file, "validation": validation_file, "test": test_file}
-        named = {path: _read_file(split, path) for split, path in files.items() if path is not None}
+    named = _read_splits(location)
     for where, (split, _) in named.items():
         _check_columns(where, split, [*text_columns, label_column])
         for column in text_columns:
@@ -182,7 +203,7 @@ def load_own_data(
     train_where, (train, _) = next(iter(named.items()))
     kind = problem_type or _infer_problem_type(train_where, train, label_column)
     label_names = None if kind == "regression" else _label_names(train_where, train, label_column)
-    name = data_name(train_file=train_file, dataset=dataset)
+    name = data_name(train_file=location.train_file, dataset=location.dataset)
     task = own_task(name, tuple(text_columns), label_names, metric)
     splits, sources = {}, []
     for where, (split, source) in named.items():
@@ -191,30 +212,23 @@ def load_own_data(
     return OwnData(DatasetDict(splits), task, tuple(sources))
 
 
-def data_sources(
-    *,
-    train_file: str | None = None,
-    validation_file: str | None = None,
-    test_file: str | None = None,
-    dataset: str | None = None,
-    dataset_config: str | None = None,
-    train_split: str = "train",
-    validation_split: str | None = None,
-    test_split: str | None = None,
-) -> tuple[DataSource, ...]:
+def data_sources(location: DataLocation) -> tuple[DataSource, ...]:
     """Where each split of the user's data comes from, with its digest, without reading the
-    rows (a file's digest is computed once per process, and :func:`load_own_data` computes it
-    while reading)."""
-    if dataset is not None:
-        splits = {"train": train_split, "validation": validation_split, "test": test_split}
-        named = _read_dataset(dataset, dataset_config, splits)
-        return tuple(source for _, source in named.values())
-    files = {"train": train_file, "validation": validation_file, "test": test_file}
+    rows of a file (a file's digest is computed once per process, and :func:`load_own_data`
+    computes it while reading)."""
+    if location.dataset is not None:
+        return tuple(source for _, source in _read_splits(location).values())
     return tuple(
-        DataSource(split, Path(path).name, path, "local", file_digest(path))
-        for split, path in files.items()
-        if path is not None
+        DataSource(role, Path(path).name, path, "local", file_digest(path))
+        for role, path in location.files().items()
     )
+
+
+def _read_splits(location: DataLocation) -> dict[str, tuple[Dataset, DataSource]]:
+    """Each split given, read, with its source, keyed by how errors name it."""
+    if location.dataset is not None:
+        return _read_dataset(location.dataset, location.dataset_config, location.split_names())
+    return {path: _read_file(role, path) for role, path in location.files().items()}
 
 
 def _read_file(role: str, path: str) -> tuple[Dataset, DataSource]:
@@ -236,7 +250,7 @@ def _read_file(role: str, path: str) -> tuple[Dataset, DataSource]:
 
 
 def _read_dataset(
-    dataset: str, config: str | None, split_names: dict[str, str | None]
+    dataset: str, config: str | None, split_names: dict[str, str]
 ) -> dict[str, tuple[Dataset, DataSource]]:
     local = os.path.isdir(dataset)
     if local:
@@ -247,8 +261,6 @@ def _read_dataset(
         loaded = datasets.load_dataset(dataset, config)
     named = {}
     for role, split in split_names.items():
-        if split is None:
-            continue
         if split not in loaded:
             raise ValueError(
                 f"dataset {dataset}: no split {split!r} (the {role} split); it has "

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Value
 
-from sora_tune.data import data_sources, load_own_data, make_splits
+from sora_tune.data import DataLocation, data_sources, load_own_data, make_splits
 
 PAIRS = [
     ("How do I reset my password?", "Click 'Forgot password' on the login page.", "answered"),
@@ -31,9 +31,9 @@ def write(path, rows=PAIRS, columns=COLUMNS):
     return str(path)
 
 
-def own(train, **settings):
+def own(train, validation_file=None, test_file=None, **settings):
     return load_own_data(
-        train_file=train,
+        DataLocation(train_file=train, validation_file=validation_file, test_file=test_file),
         **({"text_columns": ("question", "reply"), "label_column": "outcome"} | settings),
     )
 
@@ -104,8 +104,7 @@ def test_a_save_to_disk_folder_keeps_its_class_names(tmp_path):
     split = Dataset.from_pandas(frame).cast_column("outcome", ClassLabel(names=["no", "yes"]))
     DatasetDict({"train": split, "test": split.select(range(4))}).save_to_disk(tmp_path / "saved")
     data = load_own_data(
-        dataset=str(tmp_path / "saved"),
-        test_split="test",
+        DataLocation(dataset=str(tmp_path / "saved"), test_split="test"),
         text_columns=("question",),
         label_column="outcome",
     )
@@ -117,10 +116,10 @@ def test_a_save_to_disk_folder_keeps_its_class_names(tmp_path):
 
 def test_the_digest_follows_the_content(tmp_path):
     path = write(tmp_path / "rows.csv")
-    (first,) = data_sources(train_file=path)
+    (first,) = data_sources(DataLocation(train_file=path))
     assert own(path).sources[0].digest == first.digest
     write(tmp_path / "rows.csv", PAIRS[:-1])
-    (second,) = data_sources(train_file=path)
+    (second,) = data_sources(DataLocation(train_file=path))
     assert second.digest != first.digest
 
 
