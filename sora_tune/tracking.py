@@ -169,7 +169,11 @@ class TrialRecord:
                     source=json.dumps(
                         {"uri": source.source}
                         if source.source_type == "local"
-                        else {"path": source.source, "split": source.name.rsplit(":", 1)[-1]}
+                        else {
+                            "path": source.source,
+                            "config_name": source.config,
+                            "split": source.name.rsplit(":", 1)[-1],
+                        }
                     ),
                 ),
                 tags=[InputTag(MLFLOW_DATASET_CONTEXT, source.split)],

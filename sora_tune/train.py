@@ -35,6 +35,7 @@ from .data import (
     compute_metrics,
     data_sources,
     get_task,
+    glue_sources,
     load_glue,
     load_own_data,
     make_dataloader,
@@ -212,8 +213,11 @@ def data_task(config: TrialConfig, data: DatasetDict) -> GlueTask:
 
 
 def data_lineage(config: TrialConfig) -> tuple[DataSource, ...]:
-    """Where the trial's own data come from, with content digests (none for GLUE)."""
-    return data_sources(own_data_location(config)) if config.own_data else ()
+    """Where the trial's data come from, with content digests: the user's files or dataset, or
+    GLUE's."""
+    if config.own_data:
+        return data_sources(own_data_location(config))
+    return glue_sources(config.task, config.data_dir)
 
 
 def trial_data(

@@ -1,6 +1,7 @@
 """A trial's MLflow record (`tracking.TrialRecord` through `tracked_trial`), in a real sqlite
 store."""
 
+import json
 import shutil
 
 import pytest
@@ -28,6 +29,14 @@ def test_the_precision_is_tagged_when_the_trial_starts(tiny_trial, tmp_path):
         config, run_id=run_id, tracking_uri=uri, output_dir=tmp_path / "run", report=report
     )
     assert tagged == ["bf16"]
+    # GLUE's files are the run's dataset inputs, as a user's own files are.
+    inputs = {i.dataset.name: i for i in client.get_run(run_id).inputs.dataset_inputs}
+    assert {name: [t.value for t in i.tags] for name, i in inputs.items()} == {
+        "MRPC/train.tsv": ["train"],
+        "MRPC/dev.tsv": ["test"],
+    }
+    source = json.loads(inputs["MRPC/dev.tsv"].dataset.source)
+    assert source == {"uri": str(tmp_path / "glue" / "MRPC" / "dev.tsv")}
 
 
 def test_an_epoch_trained_again_is_logged_once(tiny_trial, tmp_path):

@@ -21,7 +21,7 @@ from .._lazy import lazy_exports
 if TYPE_CHECKING:
     from .batching import EpochSampler, make_dataloader, padding_ratio, tokenize_splits
     from .files import DataLocation, DataSource, OwnData, data_sources, load_own_data
-    from .glue import GlueDataUnavailableError, load_glue, make_splits
+    from .glue import GlueDataUnavailableError, glue_sources, load_glue, make_splits
     from .locations import CACHE_ENV, DATA_DIR_ENV
     from .metrics import compute_metrics
     from .tasks import TASKS, GlueTask, get_task, own_task
@@ -31,7 +31,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
     {
         "batching": ("EpochSampler", "make_dataloader", "padding_ratio", "tokenize_splits"),
         "files": ("DataLocation", "DataSource", "OwnData", "data_sources", "load_own_data"),
-        "glue": ("GlueDataUnavailableError", "load_glue", "make_splits"),
+        "glue": ("GlueDataUnavailableError", "glue_sources", "load_glue", "make_splits"),
         "locations": ("CACHE_ENV", "DATA_DIR_ENV"),
         "metrics": ("compute_metrics",),
         "tasks": ("TASKS", "GlueTask", "get_task", "own_task"),

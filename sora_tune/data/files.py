@@ -59,6 +59,7 @@ class DataSource:
         source_type: ``local`` (a file or folder) or ``hugging_face`` (a Hub id), MLflow's names.
         digest: SHA-256 of the file's bytes (first 16 hex digits), or the split's `datasets`
             fingerprint.
+        config: The Hub dataset's configuration (subset), if it has one.
     """
 
     split: str
@@ -66,6 +67,7 @@ class DataSource:
     source: str
     source_type: str
     digest: str
+    config: str | None = None
 
 
 @dataclass(frozen=True)
@@ -276,6 +278,7 @@ def _read_dataset(
             dataset,
             "local" if local else "hugging_face",
             part._fingerprint,  # datasets' own content fingerprint of the split
+            config,
         )
         named[where] = (part, source)
     return named

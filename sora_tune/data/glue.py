@@ -23,10 +23,11 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from sklearn.model_selection import train_test_split
 
+from sora_tune.data.files import DataSource, file_digest
 from sora_tune.data.locations import DATA_DIR_ENV
 from sora_tune.data.tasks import GlueTask, get_task
 
-__all__ = ["DATA_DIR_ENV", "GlueDataUnavailableError", "load_glue", "make_splits"]
+__all__ = ["DATA_DIR_ENV", "GlueDataUnavailableError", "glue_sources", "load_glue", "make_splits"]
 
 HUB_DATASET = "nyu-mll/glue"
 HUB_PROBE_TIMEOUT = 3.0  # seconds; without the probe the Hub client retries DNS for over 20 s
@@ -132,6 +133,32 @@ def load_glue(task: GlueTask | str, data_dir: str | os.PathLike | None = None) -
             for split, file in (("train", "train.tsv"), ("dev", layout.dev_file))
         }
     )
+
+
+def glue_sources(
+    task: GlueTask | str, data_dir: str | os.PathLike | None = None
+) -> tuple[DataSource, ...]:
+    """Where :func:`load_glue` reads the task from, with content digests: the folder's
+    ``train.tsv`` (the ``train`` context: the validation rows are held out of it) and its dev
+    file (``test``), or the Hub's splits with their `datasets` fingerprints."""
+    task = get_task(task)
+    layout = _LAYOUTS[task.name]
+    data_dir = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
+    roles = (("train", "train.tsv", "train"), ("test", layout.dev_file, layout.hub_dev_split))
+    if data_dir is None:
+        config = layout.hub_config or task.name
+        hub = datasets.load_dataset(HUB_DATASET, config)  # cached: load_glue has read it
+        return tuple(
+            DataSource(role, f"{HUB_DATASET}:{split}", HUB_DATASET, "hugging_face",
+                       hub[split]._fingerprint, config)
+            for role, _, split in roles
+        )  # fmt: skip
+    folder = Path(os.path.abspath(os.path.expanduser(data_dir))) / task.folder
+    return tuple(
+        DataSource(role, f"{task.folder}/{file}", str(folder / file), "local",
+                   file_digest(str(folder / file)))
+        for role, file, _ in roles
+    )  # fmt: skip
 
 
 def _features(task: GlueTask) -> Features:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Value
 
-from sora_tune.data import GlueDataUnavailableError, load_glue, make_splits
+from sora_tune.data import GlueDataUnavailableError, glue_sources, load_glue, make_splits
 from sora_tune.data import glue as glue_module
 
 SHARED_GLUE = Path(__file__).parents[2].parent / "shared" / "data" / "glue"
@@ -229,6 +229,27 @@ def test_hanging_name_lookup_is_cut_off(monkeypatch):
     with pytest.raises(GlueDataUnavailableError, match="within 0.2 s"):
         load_glue("sst2")
     assert time.perf_counter() - start < 1.0
+
+
+def test_sources_name_the_files_read_with_their_digests(write_task, glue_dir, monkeypatch):
+    row = "0\t1\t1\tfiction\tp\th\tneutral\t{label}\n"
+    write_task(
+        "MNLI",
+        train=MNLI_HEADER + row.format(label="contradiction"),
+        dev_matched=MNLI_HEADER + row.format(label="entailment"),
+        dev_mismatched=MNLI_HEADER + row.format(label="neutral"),
+    )
+    monkeypatch.chdir(glue_dir.parent)  # a relative folder, as a user gives it
+    train, test = glue_sources("mnli-mm", "glue")
+    assert (train.split, train.name, test.split, test.name) == (
+        "train", "MNLI/train.tsv", "test", "MNLI/dev_mismatched.tsv"
+    )  # fmt: skip
+    assert test.source == str(glue_dir / "MNLI" / "dev_mismatched.tsv")
+    assert test.source_type == "local" and len(test.digest) == 16
+    assert glue_sources("mnli", glue_dir)[0] == train  # matched and mismatched share train
+    assert glue_sources("mnli", glue_dir)[1].digest != test.digest
+    write_task("MNLI", dev_mismatched=MNLI_HEADER + row.format(label="entailment"))
+    assert glue_sources("mnli-mm", glue_dir)[1].digest != test.digest  # it follows the content
 
 
 def test_hub_data_are_mapped_to_the_tsv_columns(monkeypatch):
