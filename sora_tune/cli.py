@@ -428,6 +428,11 @@ def predict_command_parser(subparsers) -> None:
         help="CSV, TSV, JSONL or Parquet file with the model's text columns; - reads JSON Lines "
         "from stdin",
     )
+    parser.add_argument(
+        "--precision",
+        help="trial (the precision of the model's recorded scores), bf16, fp16 or fp32; "
+        "default: the trial's on a GPU that runs it natively, else fp32",
+    )
     add_tracking_flag(parser, "MLflow tracking (and registry) URI")
     parser.set_defaults(command=predict_command)
 
@@ -435,7 +440,9 @@ def predict_command_parser(subparsers) -> None:
 def predict_command(args: argparse.Namespace) -> int:
     from .registry import predict_file
 
-    predictions = predict_file(args.model, args.input, tracking_uri=args.mlflow_uri)
+    predictions = predict_file(
+        args.model, args.input, tracking_uri=args.mlflow_uri, precision=args.precision
+    )
     print(predictions.to_csv(index=False), end="")
     return 0
 

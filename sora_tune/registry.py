@@ -222,6 +222,10 @@ def log_trial_model(
                 input_example=_input_example(info),
                 pip_requirements=_requirements(info["base_model"]),
                 metadata=info,
+                # MLflow passes a load-time setting (`load_model(model_config=...)`, or the
+                # variable MLFLOW_PYFUNC_INFERENCE_CONFIG for `mlflow models serve`) on only
+                # when the logged model_config has its key.
+                model_config={"precision": "auto"},
                 model_id=logged.model_id,
             )
 
@@ -424,7 +428,11 @@ def _rank_pattern(client: MlflowClient, run_id: str, stage: int | None) -> dict[
 
 
 def predict_file(
-    model_uri: str, input: str | os.PathLike, *, tracking_uri: str | None = None
+    model_uri: str,
+    input: str | os.PathLike,
+    *,
+    tracking_uri: str | None = None,
+    precision: str | None = None,
 ) -> pd.DataFrame:
     """Predict every row of a file with a model `register` (or `log_trial_model`) logged.
 
@@ -434,20 +442,25 @@ def predict_file(
             (its `text_fields`, the trial's text columns; other columns are ignored), or `-`
             for JSON Lines on standard input.
         tracking_uri: MLflow tracking URI; `None`: MLflow's current one.
+        precision: `trial` (the precision the model's scores were measured in), `bf16`, `fp16`
+            or `fp32`, passed as the model_config's `precision`; `None`: the model's own rule
+            (`sora_pyfunc.serving_precision`).
 
     Returns:
         The predictions, one row per input row, in order (see `sora_pyfunc.predict`).
 
     Raises:
-        ValueError: an unknown file type, a model MLflow cannot load or that is not a sora-tune
-            adapter, or a file without the task's text columns.
+        ValueError: an unknown file type or precision, a model MLflow cannot load or that is
+            not a sora-tune adapter, or a file without the task's text columns.
         FileNotFoundError: no such file, or a local store that does not exist.
     """
+    # The model checks the value as it loads, before it reads its base model.
+    model_config = {"precision": precision} if precision is not None else None
     rows = _read_rows(input)
     tracking_uri = existing_store(tracking_uri or mlflow.get_tracking_uri())
     try:
         with _tracking_uri(tracking_uri):
-            model = mlflow.pyfunc.load_model(model_uri)
+            model = mlflow.pyfunc.load_model(model_uri, model_config=model_config)
     except MlflowException as err:
         names = sorted(m.name for m in MlflowClient(tracking_uri).search_registered_models())
         raise ValueError(

@@ -153,11 +153,11 @@ def test_stsb_predicts_a_score(store, tiny_glue, tiny_model_dir, tmp_path):
 
 
 def test_a_bf16_trial_serves_in_fp32_on_a_cpu_unless_asked(
-    store, tiny_glue, tiny_model_dir, tmp_path, monkeypatch
+    store, tiny_glue, tiny_model_dir, tmp_path, monkeypatch, capsys
 ):
     """A model whose trial scored in bf16 predicts in fp32 on a CPU (bf16 autocast is slower
-    there); SORA_TUNE_SERVING_PRECISION=trial predicts in the trial's bf16, which gives exactly
-    the scores the run (and a registered version's tags) recorded."""
+    there); asking for `trial` predicts in the trial's bf16, which gives exactly the scores the
+    run (and a registered version's tags) recorded."""
     settings = tiny_settings(
         tiny_glue, tiny_model_dir, tmp_path / "cache", task="stsb", precision="bf16"
     )
@@ -174,11 +174,32 @@ def test_a_bf16_trial_serves_in_fp32_on_a_cpu_unless_asked(
     assert served.unwrap_python_model().precision == "fp32"
     assert served.predict(rows)["score"].to_numpy() == pytest.approx(fp32, abs=1e-5)
 
-    monkeypatch.setenv("SORA_TUNE_SERVING_PRECISION", "trial")
-    as_trained = mlflow.pyfunc.load_model(info.model_uri).predict(rows)["score"]
+    # Asked at load time, as MLflow passes settings to a model: `sora-tune predict --precision`.
+    rows.to_csv(tmp_path / "rows.csv", index=False)
+    code = main(["predict", "--model", info.model_uri, "--input", str(tmp_path / "rows.csv"),
+                 "--precision", "trial", "--mlflow-uri", store["uri"]])  # fmt: skip
+    assert code == 0
+    as_trained = pd.read_csv(io.StringIO(capsys.readouterr().out))["score"]
     pearson = np.corrcoef(as_trained, dev_rows(settings)["label"])[0, 1]
     assert pearson == pytest.approx(run.data.metrics["test_score"], abs=1e-4)
     assert not np.allclose(as_trained, fp32, atol=1e-5), "bf16 differs from fp32"
+
+    # Where no model_config can be given (`mlflow models serve`), MLflow's variable asks, and
+    # so does ours of before; a model_config overrides them.
+    monkeypatch.setenv("MLFLOW_PYFUNC_INFERENCE_CONFIG", '{"precision": "trial"}')
+    by_env = mlflow.pyfunc.load_model(info.model_uri).predict(rows)["score"]
+    assert by_env.to_numpy() == pytest.approx(as_trained.to_numpy(), abs=1e-5)
+    monkeypatch.delenv("MLFLOW_PYFUNC_INFERENCE_CONFIG")
+    monkeypatch.setenv("SORA_TUNE_SERVING_PRECISION", "trial")
+    assert mlflow.pyfunc.load_model(info.model_uri).unwrap_python_model().precision == "bf16"
+    fp32_config = {"precision": "fp32"}
+    assert mlflow.pyfunc.load_model(info.model_uri, model_config=fp32_config).predict(rows)[
+        "score"
+    ].to_numpy() == pytest.approx(fp32, abs=1e-5)
+    with pytest.raises(
+        ValueError, match="model_config precision must be auto, trial, bf16, fp16, fp32"
+    ):
+        predict_file(info.model_uri, tmp_path / "rows.csv", precision="int8")
 
 
 def test_bad_input_is_refused_with_a_clear_error(model):

@@ -30,7 +30,16 @@ def test_the_serving_precision_rule(trained, device, capability, asked, served, 
     assert serving_precision(trained, torch.device(device)) == served
 
 
+def test_the_precision_asked_at_load_time_overrides_the_environment(monkeypatch):
+    monkeypatch.setenv(PRECISION_ENV, "trial")
+    assert serving_precision("bf16", torch.device("cpu"), "fp32") == "fp32"
+    with pytest.raises(
+        ValueError, match="model_config precision must be auto, trial, bf16, fp16, fp32"
+    ):
+        serving_precision("bf16", torch.device("cpu"), "int8")
+
+
 def test_an_unknown_serving_precision_is_refused(monkeypatch):
     monkeypatch.setenv(PRECISION_ENV, "int8")
-    with pytest.raises(ValueError, match="SORA_TUNE_SERVING_PRECISION must be trial, bf16"):
+    with pytest.raises(ValueError, match="SORA_TUNE_SERVING_PRECISION must be auto, trial, bf16"):
         serving_precision("fp32", torch.device("cpu"))

