@@ -43,12 +43,15 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
+import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from sora_tune.front import OBJECTIVES, default_reference, hypervolume_over_time  # noqa: E402
 from sora_tune.pareto import load_trial_runs  # noqa: E402
+from sora_tune.tracking import ROLE_TAG  # noqa: E402
 from sora_tune.tune import SearchConfig, SearchSpace, run_search  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,7 +153,11 @@ def run_arm(name: str, seed: int, args, proxy: dict[str, Any]) -> dict[str, Any]
     arm = ARMS[name]
     work = Path(args.work_dir)
     experiment = f"{name}-seed{seed}"
-    shutil.rmtree(work / "ray" / experiment, ignore_errors=True)  # an interrupted earlier try
+    # What an interrupted earlier try left: its Ray folder and its Optuna study (its MLflow runs
+    # stay, under another parent run).
+    shutil.rmtree(work / "ray" / experiment, ignore_errors=True)
+    if experiment in optuna.get_all_study_names(f"sqlite:///{work / 'optuna.db'}"):
+        optuna.delete_study(study_name=experiment, storage=f"sqlite:///{work / 'optuna.db'}")
     config = SearchConfig(
         space=arm_space(arm, proxy, args),
         num_samples=max(1, round(arm["num_samples"] * args.scale)),
@@ -167,13 +174,14 @@ def run_arm(name: str, seed: int, args, proxy: dict[str, Any]) -> dict[str, Any]
         optuna_storage=f"sqlite:///{work / 'optuna.db'}",
     )
     started = time.perf_counter()
-    run_search(config)
+    search = run_search(config)
     entry = {
         "arm": name,
         "seed": seed,
         "num_samples": config.num_samples,
         "wall_s": time.perf_counter() - started,
-    } | read_arm(name, seed, work)
+        "parent_run_id": search.parent_run_id,
+    } | read_arm(search.parent_run_id, work)
     # Ray Tune ends a search it is signalled to stop as if it had finished: such an arm must not
     # be recorded, or the resumed benchmark would skip it.
     if len(entry["timeline"]) < config.num_samples:
@@ -184,11 +192,24 @@ def run_arm(name: str, seed: int, args, proxy: dict[str, Any]) -> dict[str, Any]
     return entry
 
 
-def read_arm(name: str, seed: int, work: Path) -> dict[str, Any]:
+def last_search(entry: dict[str, Any], work: Path) -> str:
+    """The parent run of the arm's last search (entries of earlier versions name none)."""
+    client = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(f"{entry['arm']}-seed{entry['seed']}")
+    (run,) = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.{ROLE_TAG} = 'search'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return run.info.run_id
+
+
+def read_arm(parent_run_id: str, work: Path) -> dict[str, Any]:
     """What an arm's search recorded in MLflow: its candidates (stage points included), every
     trial's compute in the order they ended, and the trials stopped early."""
     runs = load_trial_runs(
-        experiment_name=f"{name}-seed{seed}", tracking_uri=f"sqlite:///{work / 'mlflow.db'}"
+        parent_run_id=parent_run_id, tracking_uri=f"sqlite:///{work / 'mlflow.db'}"
     )
     table = runs.table[runs.table["method"] == "sora"]
     return {
@@ -336,8 +357,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     output = Path(args.output)
     result = json.loads(output.read_text()) if output.exists() else {"entries": []}
     if args.reload:
+        work = Path(args.work_dir)
         result["entries"] = [
-            e | read_arm(e["arm"], e["seed"], Path(args.work_dir)) for e in result["entries"]
+            e | read_arm(e.get("parent_run_id") or last_search(e, work), work)
+            for e in result["entries"]
         ]
     if not args.render_only:
         import ray

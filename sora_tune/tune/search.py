@@ -33,6 +33,7 @@ from ..train import check_targets, data_lineage, load_tokenizer, own_data, prepa
 from ..uris import (
     check_no_password,
     check_tracking_uri,
+    local_store_path,
     redact_uri,
 )
 from .baselines import LORA_LADDER, BaselinesFirst, ladder_trials
@@ -45,7 +46,7 @@ from .config import Sampler, SearchConfig
 from .outcome import RAY_MODES, StoppedAsPrunedOptunaSearch, TrialRecorder, close_open_runs
 from .schedulers import ParetoSuccessiveHalving
 from .space import SearchSpace
-from .state import read_search_state, write_search_state
+from .state import SEARCH_STATE_FILE, read_json, read_search_state, write_search_state
 from .trial import run_trial, trial_dirname
 
 
@@ -145,6 +146,8 @@ def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None)
     """
     import ray
 
+    if resume is None:
+        _check_new_name(config)
     data = _check_inputs(config)
     # Shared data come with their sources, hashed on the driver (the digests of the files just
     # read); otherwise every trial reads its own.
@@ -185,6 +188,30 @@ def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None)
             client.set_terminated(parent_run_id, status="FAILED")
             raise
     return _end_search(config, client, tracking, results, received[0] if received else None)
+
+
+def _check_new_name(config: SearchConfig) -> None:
+    """A new search does not take an earlier one's name: Ray would write into its folder, and
+    Optuna would load its study (Ray's OptunaSearch loads a study of the same name), so that the
+    sampler would learn from the other search's trials.
+
+    Raises:
+        ValueError: naming the search, and how to go on.
+    """
+    if read_json(config.path, SEARCH_STATE_FILE, missing_ok=True) is not None:
+        raise ValueError(
+            f"a search named {config.name!r} already ran in {config.storage_path}: give "
+            f"another --name, or finish it if it was interrupted (--resume {config.path})"
+        )
+    store = local_store_path(config.optuna_storage) if config.optuna_storage else None
+    if config.optuna_storage is not None and (store is None or store.exists()):
+        import optuna
+
+        if config.name in optuna.get_all_study_names(optuna_storage(config.optuna_storage)):
+            raise ValueError(
+                f"{config.optuna_storage} already holds an Optuna study named {config.name!r}: "
+                "give another --name, or delete that study (optuna delete-study)"
+            )
 
 
 def _check_inputs(config: SearchConfig) -> DatasetDict | None:
