@@ -46,7 +46,8 @@ class SearchConfig:
             the space's largest r_max at the settings of its first point (`tune.baselines`),
             recorded as baselines; `pareto` and the search's end compare SoRA's front with them.
         baseline_seeds: Seeds of each ladder rank.
-        name: The Ray experiment name (a folder under `storage_path`) and the Optuna study's.
+        name: The Ray experiment name (a folder under `storage_path`) and the Optuna study's; a
+            new search refuses the name of an earlier one (`--resume` finishes that).
         cpus_per_trial, gpus_per_trial: Resources of one trial. A trial is one process on one
             device: at most 1 GPU, and fractions let several small trials share one.
         max_concurrent: At most this many trials at once; `None`: `default_max_concurrent`, a
@@ -79,7 +80,7 @@ class SearchConfig:
     max_failures: int = 1  # retries of a trial that crashed (a lost node, an exception)
     baseline: Baseline = "none"  # lora-ladder: LoRA at ranks 1, 2, 4, … r_max beside SoRA
     baseline_seeds: int = 1  # seeds of every rank of the LoRA ladder
-    name: str | None = None  # Ray experiment and Optuna study; none: <experiment-name>-<time>
+    name: str | None = None  # a new Ray experiment and Optuna study; none: <experiment-name>-<time>
     # resources
     cpus_per_trial: float = 1.0  # CPUs of one trial
     gpus_per_trial: float = 0.0  # at most 1 (a trial is one process); 0.5 lets two share a GPU
