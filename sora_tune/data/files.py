@@ -84,8 +84,11 @@ class OwnData:
 class DataLocation:
     """Where the user's own data are: files, by extension CSV, TSV, JSON Lines or Parquet; or a
     dataset (a Hub id or a ``save_to_disk`` folder) with its configuration and the names of its
-    splits. Not both (the trial's settings are checked for that). A split not named is not read.
-    The fields are the trial settings of the same names."""
+    splits. A split not named is not read. The fields are the trial settings of the same names.
+
+    Raises:
+        ValueError: neither a training file nor a dataset, or files and a dataset.
+    """
 
     train_file: str | None = None
     validation_file: str | None = None
@@ -95,6 +98,12 @@ class DataLocation:
     train_split: str = "train"
     validation_split: str | None = None
     test_split: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dataset is not None and self.files():
+            raise ValueError(f"give files or a dataset, not both: {self}")
+        if self.dataset is None and self.train_file is None:
+            raise ValueError(f"give a training file or a dataset: {self}")
 
     def files(self) -> dict[str, str]:
         """The files given, by split role (``train``, ``validation``, ``test``)."""

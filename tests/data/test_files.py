@@ -199,3 +199,10 @@ def test_unknown_extension_or_missing_file(tmp_path, name, message):
     (tmp_path / "rows.txt").write_text("question,reply,outcome\n")
     with pytest.raises(ValueError, match=f"train_file .*{name}: {message}"):
         own(str(tmp_path / name))
+
+
+def test_a_location_names_files_or_a_dataset():
+    with pytest.raises(ValueError, match="give files or a dataset, not both"):
+        DataLocation(train_file="rows.csv", dataset="owner/name")
+    with pytest.raises(ValueError, match="give a training file or a dataset"):
+        DataLocation(test_file="rows.csv")
