@@ -107,21 +107,17 @@ class DataLocation:
 
     def files(self) -> dict[str, str]:
         """The files given, by split role (``train``, ``validation``, ``test``)."""
-        files = {
-            "train": self.train_file,
-            "validation": self.validation_file,
-            "test": self.test_file,
-        }
-        return {role: path for role, path in files.items() if path is not None}
+        return _given(train=self.train_file, validation=self.validation_file, test=self.test_file)
 
     def split_names(self) -> dict[str, str]:
         """The dataset's splits given, by split role."""
-        names = {
-            "train": self.train_split,
-            "validation": self.validation_split,
-            "test": self.test_split,
-        }
-        return {role: name for role, name in names.items() if name is not None}
+        return _given(
+            train=self.train_split, validation=self.validation_split, test=self.test_split
+        )
+
+
+def _given(**by_role: str | None) -> dict[str, str]:
+    return {role: value for role, value in by_role.items() if value is not None}
 
 
 def check_data_file(setting: str, path: str) -> None:
