@@ -146,9 +146,7 @@ def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None)
     """
     import ray
 
-    if resume is None:
-        _check_new_name(config)
-    data = _check_inputs(config)
+    data = _check_inputs(config, new=resume is None)
     # Shared data come with their sources, hashed on the driver (the digests of the files just
     # read); otherwise every trial reads its own.
     representative = TrialConfig.from_dict(config.space.representative())
@@ -214,15 +212,17 @@ def _check_new_name(config: SearchConfig) -> None:
             )
 
 
-def _check_inputs(config: SearchConfig) -> DatasetDict | None:
+def _check_inputs(config: SearchConfig, *, new: bool) -> DatasetDict | None:
     """Everything that can be wrong with the input fails here, before Ray starts: the MLflow
-    server, the fixed settings (task, model path, ...), the data folder and its TSV files.
-    Returns the tokenised data to share with every trial, or `None` when a data setting is
-    searched (each trial then prepares its own)."""
+    server, the storage (and, for a `new` search, its name), the fixed settings (task, model
+    path, ...), the data folder and its TSV files. Returns the tokenised data to share with every
+    trial, or `None` when a data setting is searched (each trial then prepares its own)."""
     check_tracking_uri(config.mlflow_uri)
     check_no_password("--storage-path", config.storage_path)
     if config.optuna_storage is not None:
         check_no_password("--optuna-storage", config.optuna_storage)
+    if new:
+        _check_new_name(config)
     space = config.space
     if not space.distributions:
         raise ValueError(
