@@ -156,8 +156,9 @@ def run_arm(name: str, seed: int, args, proxy: dict[str, Any]) -> dict[str, Any]
     # What an interrupted earlier try left: its Ray folder and its Optuna study (its MLflow runs
     # stay, under another parent run).
     shutil.rmtree(work / "ray" / experiment, ignore_errors=True)
-    if experiment in optuna.get_all_study_names(f"sqlite:///{work / 'optuna.db'}"):
-        optuna.delete_study(study_name=experiment, storage=f"sqlite:///{work / 'optuna.db'}")
+    studies = f"sqlite:///{work / 'optuna.db'}"
+    if experiment in optuna.get_all_study_names(studies):
+        optuna.delete_study(study_name=experiment, storage=studies)
     config = SearchConfig(
         space=arm_space(arm, proxy, args),
         num_samples=max(1, round(arm["num_samples"] * args.scale)),
@@ -171,7 +172,7 @@ def run_arm(name: str, seed: int, args, proxy: dict[str, Any]) -> dict[str, Any]
         name=experiment,
         mlflow_uri=f"sqlite:///{work / 'mlflow.db'}",
         experiment_name=experiment,
-        optuna_storage=f"sqlite:///{work / 'optuna.db'}",
+        optuna_storage=studies,
     )
     started = time.perf_counter()
     search = run_search(config)

@@ -113,7 +113,7 @@ def load_glue(task: GlueTask | str, data_dir: str | os.PathLike | None = None) -
     """
     task = get_task(task)
     layout = _LAYOUTS[task.name]
-    data_dir = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
+    data_dir = _glue_folder(data_dir)
     if data_dir is None:
         return _load_hub(task, layout)
 
@@ -143,10 +143,10 @@ def glue_sources(
     file (``test``), or the Hub's splits with their `datasets` fingerprints."""
     task = get_task(task)
     layout = _LAYOUTS[task.name]
-    data_dir = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
+    data_dir = _glue_folder(data_dir)
     roles = (("train", "train.tsv", "train"), ("test", layout.dev_file, layout.hub_dev_split))
     if data_dir is None:
-        config = layout.hub_config or task.name
+        config = _hub_config(task, layout)
         hub = datasets.load_dataset(HUB_DATASET, config)  # cached: load_glue has read it
         return tuple(
             DataSource(role, f"{HUB_DATASET}:{split}", HUB_DATASET, "hugging_face",
@@ -159,6 +159,15 @@ def glue_sources(
                    file_digest(str(folder / file)))
         for role, file, _ in roles
     )  # fmt: skip
+
+
+def _glue_folder(data_dir: str | os.PathLike | None) -> str | os.PathLike | None:
+    """The GLUE folder to read: `data_dir`, else `$SORA_TUNE_DATA_DIR`; `None`: the Hub."""
+    return data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
+
+
+def _hub_config(task: GlueTask, layout: _TsvLayout) -> str:
+    return layout.hub_config or task.name
 
 
 def _features(task: GlueTask) -> Features:
@@ -216,7 +225,7 @@ def _load_hub(task: GlueTask, layout: _TsvLayout) -> DatasetDict:
             f"Hub is unreachable ({reason}). Pass --data-dir or set {DATA_DIR_ENV} to a folder in "
             f"the GLUE layout, with {task.folder}/train.tsv and {task.folder}/{layout.dev_file}."
         )
-    hub = datasets.load_dataset(HUB_DATASET, layout.hub_config or task.name)
+    hub = datasets.load_dataset(HUB_DATASET, _hub_config(task, layout))
     columns = [*task.text_fields, "label"]
     features = _features(task)
     return DatasetDict(

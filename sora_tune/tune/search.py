@@ -201,15 +201,18 @@ def _check_new_name(config: SearchConfig) -> None:
             f"a search named {config.name!r} already ran in {config.storage_path}: give "
             f"another --name, or finish it if it was interrupted (--resume {config.path})"
         )
-    store = local_store_path(config.optuna_storage) if config.optuna_storage else None
-    if config.optuna_storage is not None and (store is None or store.exists()):
-        import optuna
+    if config.optuna_storage is None:  # an in-memory study: new
+        return
+    store = local_store_path(config.optuna_storage)
+    if store is not None and not store.exists():  # no study yet; asking would create the file
+        return
+    import optuna
 
-        if config.name in optuna.get_all_study_names(optuna_storage(config.optuna_storage)):
-            raise ValueError(
-                f"{config.optuna_storage} already holds an Optuna study named {config.name!r}: "
-                "give another --name, or delete that study (optuna delete-study)"
-            )
+    if config.name in optuna.get_all_study_names(optuna_storage(config.optuna_storage)):
+        raise ValueError(
+            f"{config.optuna_storage} already holds an Optuna study named {config.name!r}: "
+            "give another --name, or delete that study (optuna delete-study)"
+        )
 
 
 def _check_inputs(config: SearchConfig, *, new: bool) -> DatasetDict | None:
