@@ -46,6 +46,7 @@ DATA_FIELDS = (
     "validation_split",
     "test_split",
     "text_columns",
+    "pair_separator",
     "label_column",
     "problem_type",
     "model",
@@ -78,9 +79,11 @@ OWN_METRICS = ("accuracy", "macro_f1", "matthews", "pearson", "spearman")
 # Settings that only describe own data (refused with a GLUE task).
 OWN_DATA_FIELDS = (
     "dataset_config",
+    "train_split",
     "validation_split",
     "test_split",
     "text_columns",
+    "label_column",
     "problem_type",
 )
 
@@ -156,9 +159,14 @@ class TrialConfig:
             without a test file there is no `test_score`.
         dataset, dataset_config, train_split, validation_split, test_split: Instead of files, a
             Hub dataset id or a `datasets.save_to_disk` folder and the splits to read.
-        text_columns: The text column, or two read as a pair (never joined).
-        label_column: The labels: integers or strings (classification, classes named by the
-            sorted distinct training labels) or floats (regression).
+        text_columns: The text column, or two read as a pair (own data; GLUE's pair tasks too).
+        pair_separator: A pair is given to the tokenizer as a pair, and its template separates
+            the texts (BERT's `[SEP]`). A tokenizer with no pair template (GPT-2's, SmolLM2's,
+            Qwen's) would run them together, so the texts are joined with this text between
+            them; `None`: the tokenizer's sep token, else its eos token.
+        label_column: The labels (`label` when not given): integers, booleans or strings
+            (classification, classes named by the sorted distinct training labels) or floats
+            (regression).
         problem_type: `single_label_classification` or `regression`; `None`: from the labels.
         metric: The primary metric, reported as `val_score`: accuracy, macro_f1 or matthews
             (classification), pearson or spearman (regression); `None`: accuracy or pearson.
@@ -212,11 +220,12 @@ class TrialConfig:
     test_file: str | None = None  # none: no test score
     dataset: str | None = None  # own data: a Hub dataset id or a save_to_disk folder
     dataset_config: str | None = None  # the Hub dataset's configuration (subset)
-    train_split: str = "train"  # the dataset's split to train on
+    train_split: str | None = None  # the dataset's split to train on; none: train
     validation_split: str | None = None  # none: a seeded, stratified hold-out of train
     test_split: str | None = None  # none: no test score
     text_columns: list[str] | None = None  # own data: one column, or two read as a pair; none: text
-    label_column: str = "label"  # own data: the labels' column
+    pair_separator: str | None = None  # joins a pair where the tokenizer has no pair template
+    label_column: str | None = None  # own data: the labels' column; none: label
     # Inferred from the training labels, as transformers' run_classification.py does: integers
     # or strings are classes, floats are scores.
     problem_type: ProblemType | None = None  # none: inferred from the training labels
@@ -324,6 +333,11 @@ class TrialConfig:
     def own_data(self) -> bool:
         """The user's own files or dataset, not a GLUE task."""
         return self.train_file is not None or self.dataset is not None
+
+    @property
+    def label_field(self) -> str:
+        """The label column of own data (`label` when not given)."""
+        return self.label_column or "label"
 
     @property
     def text_fields(self) -> tuple[str, ...]:

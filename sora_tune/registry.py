@@ -14,8 +14,6 @@ as a left-out non-trial), and the finished trial run is not reopened.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import os
 import re
@@ -29,6 +27,7 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+import pyarrow as pa
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
@@ -38,9 +37,16 @@ from mlflow.types import ColSpec, DataType, Schema
 
 from .config import default_model
 from .data import get_task
+from .data.tables import FILE_FORMATS, check_text, read_json_lines, read_table
 from .pareto import ParetoResult, load_trial_runs, pareto_report
 from .serving import PYFUNC_FILE
-from .tracking import DATA_TAG, PRECISION_TAG, data_description, stage_artifact
+from .tracking import (
+    DATA_TAG,
+    PAIR_SEPARATOR_TAG,
+    PRECISION_TAG,
+    data_description,
+    stage_artifact,
+)
 from .uris import existing_store
 
 CHAMPION = "champion"  # the alias `register` moves to every new version
@@ -57,21 +63,6 @@ EXAMPLE_PAIRS = (
     ("The cat sat on the mat.", "A cat was sitting on the mat."),
     ("Prices rose again in May.", "The film was long and rather dull."),
 )
-READERS = {
-    ".csv": lambda source: pd.read_csv(source, dtype=str, keep_default_na=False),
-    # Text may hold unbalanced quotes (GLUE's TSVs do); a leading byte-order mark is dropped.
-    ".tsv": lambda source: pd.read_csv(
-        source,
-        sep="\t",
-        quoting=csv.QUOTE_NONE,
-        dtype=str,
-        keep_default_na=False,
-        encoding="utf-8-sig",
-    ),
-    ".jsonl": lambda source: pd.read_json(source, lines=True, dtype=False),
-    ".json": lambda source: pd.read_json(source, lines=True, dtype=False),  # JSON Lines
-    ".parquet": pd.read_parquet,
-}
 
 
 @dataclass(frozen=True)
@@ -281,6 +272,9 @@ def _model_info(run: Run, *, pickled: bool) -> dict[str, Any]:
         # The precision its trial scored in (runs of older versions trained in fp32); the model
         # predicts in it where that is native (sora_pyfunc.serving_precision).
         "precision": run.data.tags.get(PRECISION_TAG, "fp32"),
+        # What joined a text pair for a tokenizer without a pair template (runs of older
+        # versions joined nothing).
+        "pair_separator": json.loads(run.data.tags.get(PAIR_SEPARATOR_TAG, "null")),
     }
     if pickled:
         info["allow_pickle"] = True  # the serving side loads a pickle only when this says so
@@ -470,25 +464,27 @@ def predict_file(
     fields = (model.metadata.metadata or {}).get("text_fields")
     if fields is None:
         raise ValueError(f"{model_uri} is not a sora-tune adapter model (no text_fields)")
-    missing = [field for field in fields if field not in rows.columns]
+    missing = [field for field in fields if field not in rows.column_names]
     if missing:
         raise ValueError(
             f"{input} lacks column(s) {missing}; the model reads {fields}, "
-            f"the file has {list(rows.columns)}"
+            f"the file has {rows.column_names}"
         )
-    return model.predict(rows[fields])
+    for field in fields:  # as training checks its texts
+        check_text(str(input), rows, field)
+    return model.predict(rows.select(fields).to_pandas())
 
 
-def _read_rows(source: str | os.PathLike) -> pd.DataFrame:
+def _read_rows(source: str | os.PathLike) -> pa.Table:
+    """The rows to predict, read as training reads its files (`sora_tune.data.read_table`)."""
     if str(source) == "-":
-        return READERS[".jsonl"](io.StringIO(sys.stdin.read()))
+        return read_json_lines("standard input", sys.stdin)
     path = Path(source)
-    reader = READERS.get(path.suffix.lower())
-    if reader is None:
-        raise ValueError(f"{path}: expected a {', '.join(READERS)} file, or - for JSON Lines")
+    if path.suffix.lower() not in FILE_FORMATS:
+        raise ValueError(f"{path}: expected a {', '.join(FILE_FORMATS)} file, or - for JSON Lines")
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    return reader(path)
+    return read_table(path)
 
 
 def _base_model_reference(model: str | None) -> str:

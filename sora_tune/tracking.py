@@ -32,6 +32,7 @@ ROLE_TAG = "sora_tune.role"  # "search" on a search's parent run, "trial" on its
 FAILURE_TAG = "failure_reason"  # why a run did not finish
 PRECISION_TAG = "sora_tune.precision"  # the autocast dtype the trial trained and scored in
 PAD_FROM_EOS_TAG = "sora_tune.pad_from_eos"  # "true": a decoder's eos padded its batches
+PAIR_SEPARATOR_TAG = "sora_tune.pair_separator"  # JSON: what joined a text pair, null: nothing
 DEVICE_TAG = "sora_tune.device"  # where the trial ran: cpu, cuda:0, ...
 STOPPED_TAG = "sora_tune.stopped_at_epoch"  # a scheduler stopped the trial after this epoch
 # The trial's data as JSON: name, text columns, label names, problem type, metrics and the primary
@@ -154,7 +155,8 @@ class TrialRecord:
 
     def log_data(self, task: GlueTask, sources: Sequence[DataSource]) -> None:
         """What the trial trains on: `DATA_TAG`, and each split's file or dataset as an MLflow
-        dataset input (name, source, content digest; context `train`, `validation` or `test`),
+        dataset input (name, source, content digest, rows read as the profile's `num_rows`;
+        context `train`, `validation` or `test`),
         so a run shows which version of a file trained its adapter. Logging the same input again
         (a resumed trial) adds nothing."""
         self.client.set_tag(self.run_id, DATA_TAG, json.dumps(data_description(task)))
@@ -175,6 +177,10 @@ class TrialRecord:
                             "split": source.name.rsplit(":", 1)[-1],
                         }
                     ),
+                    # The rows read, as MLflow's own datasets profile them.
+                    profile=json.dumps({"num_rows": source.num_rows})
+                    if source.num_rows is not None
+                    else None,
                 ),
                 tags=[InputTag(MLFLOW_DATASET_CONTEXT, source.split)],
             )
@@ -216,6 +222,7 @@ class TrialRecord:
         `mlflow_run_id`."""
         result["mlflow_run_id"] = self.run_id
         self.client.set_tag(self.run_id, PAD_FROM_EOS_TAG, str(result["pad_from_eos"]).lower())
+        self.client.set_tag(self.run_id, PAIR_SEPARATOR_TAG, json.dumps(result["pair_separator"]))
         if result["status"] != "finished":
             end_run(self.client, self.run_id, "FAILED", f"trial {result['status']}")
             return result

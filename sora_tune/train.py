@@ -26,7 +26,7 @@ from datasets import ClassLabel, DatasetDict
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from .config import TrialConfig, default_model
+from .config import DATA_FIELDS, TrialConfig, default_model
 from .data import (
     DataLocation,
     DataSource,
@@ -41,6 +41,7 @@ from .data import (
     make_dataloader,
     make_splits,
     own_task,
+    pair_separator,
     tokenize_splits,
 )
 from .sora import (
@@ -194,7 +195,7 @@ def own_data(config: TrialConfig) -> OwnData:
     return load_own_data(
         own_data_location(config),
         text_columns=config.text_fields,
-        label_column=config.label_column,
+        label_column=config.label_field,
         problem_type=config.problem_type,
         metric=config.metric,
     )
@@ -244,9 +245,10 @@ def prepare_data(config: TrialConfig, tokenizer=None) -> DatasetDict:
     if config.own_data:
         own = own_data(config)
         raw, task = own.raw, own.task
-        split_settings = [config.val_size, config.seed]
-        split_settings += [config.max_train_samples, config.max_eval_samples]
-        base = [[s.digest for s in own.sources], repr(task), split_settings]
+        # Everything that decides the rows: every data setting (the label column among them),
+        # the files' contents and the task with its label names.
+        settings = {name: getattr(config, name) for name in DATA_FIELDS}
+        base = [settings, [s.digest for s in own.sources], repr(task)]
         digests = {name: json.dumps([*base, name]) for name in ("train", "val", "test")}
     else:
         raw, task = load_glue(config.task, config.data_dir), get_task(config.task)
@@ -265,11 +267,18 @@ def prepare_data(config: TrialConfig, tokenizer=None) -> DatasetDict:
         max_length=config.max_length,
         cache_dir=config.cache_dir,
         digests=digests,
+        separator=trial_pair_separator(config, task, tokenizer),
     )
     train = data["train"]
     subset = min(config.train_eval_samples, len(train))
     data["train_eval"] = train.shuffle(seed=config.seed).select(range(subset))
     return data
+
+
+def trial_pair_separator(config: TrialConfig, task: GlueTask, tokenizer) -> str | None:
+    """What joins the trial's text pairs (`pair_separator`); `None` for single texts, or where
+    the tokenizer's pair template separates them."""
+    return pair_separator(tokenizer, config.pair_separator) if len(task.text_fields) == 2 else None
 
 
 def make_loaders(config: TrialConfig, data: DatasetDict, tokenizer):
@@ -714,8 +723,8 @@ def train_trial(
 
     Returns:
         The last evaluation's metrics plus `status` (`finished` or `diverged`), `precision` (the
-        one used), `pad_from_eos` (whether eos padded the batches), `rank_pattern` and
-        `head_params`.
+        one used), `pad_from_eos` (whether eos padded the batches), `pair_separator` (what
+        joined text pairs, `None`: nothing), `rank_pattern` and `head_params`.
 
     Raises:
         ValueError: bad configuration (before any data or model is loaded).
@@ -768,7 +777,11 @@ def train_trial(
             report(history[-1], str(checkpoint))
         done = end
 
-    result = {"precision": precision, "pad_from_eos": getattr(tokenizer, PAD_FROM_EOS)}
+    result = {
+        "precision": precision,
+        "pad_from_eos": getattr(tokenizer, PAD_FROM_EOS),
+        "pair_separator": trial_pair_separator(config, trial.task, tokenizer),
+    }
     return _finish(model, config, output_dir, history, status, result)
 
 

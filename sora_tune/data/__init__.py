@@ -19,18 +19,32 @@ from typing import TYPE_CHECKING
 from .._lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from .batching import EpochSampler, make_dataloader, padding_ratio, tokenize_splits
+    from .batching import (
+        EpochSampler,
+        make_dataloader,
+        padding_ratio,
+        pair_separator,
+        tokenize_splits,
+    )
     from .files import DataLocation, DataSource, OwnData, data_sources, load_own_data
     from .glue import GlueDataUnavailableError, glue_sources, load_glue, make_splits
     from .locations import CACHE_ENV, DATA_DIR_ENV
     from .metrics import compute_metrics
+    from .tables import read_table
     from .tasks import TASKS, GlueTask, get_task, own_task
 
 __all__, __getattr__, __dir__ = lazy_exports(
     __name__,
     {
-        "batching": ("EpochSampler", "make_dataloader", "padding_ratio", "tokenize_splits"),
+        "batching": (
+            "EpochSampler",
+            "make_dataloader",
+            "padding_ratio",
+            "pair_separator",
+            "tokenize_splits",
+        ),
         "files": ("DataLocation", "DataSource", "OwnData", "data_sources", "load_own_data"),
+        "tables": ("read_table",),
         "glue": ("GlueDataUnavailableError", "glue_sources", "load_glue", "make_splits"),
         "locations": ("CACHE_ENV", "DATA_DIR_ENV"),
         "metrics": ("compute_metrics",),

@@ -27,7 +27,14 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 from sora_tune.data.locations import CACHE_ENV
 from sora_tune.data.tasks import GlueTask, get_task
 
-__all__ = ["CACHE_ENV", "EpochSampler", "make_dataloader", "padding_ratio", "tokenize_splits"]
+__all__ = [
+    "CACHE_ENV",
+    "EpochSampler",
+    "make_dataloader",
+    "padding_ratio",
+    "pair_separator",
+    "tokenize_splits",
+]
 
 # Bump when the tokenized layout changes, so caches written by older code are not reused.
 _CACHE_VERSION = 2  # 2: `labels` keeps the class names (a ClassLabel)
@@ -43,6 +50,7 @@ def tokenize_splits(
     max_length: int = 128,
     cache_dir: str | os.PathLike | None = None,
     digests: Mapping[str, str] | None = None,
+    separator: str | None = None,
 ) -> DatasetDict:
     """Tokenize every split, reusing an on-disk cache written by earlier calls.
 
@@ -58,7 +66,9 @@ def tokenize_splits(
         max_length: Longest sequence in tokens; longer inputs are truncated, none are padded.
         cache_dir: Cache folder; default ``$SORA_TUNE_CACHE`` or ``~/.cache/sora_tune/tokenized``.
         digests: A digest of each split's content when the caller knows it (own files: the
-            files' digests and the split settings), which spares hashing every row.
+            files' digests and the data settings), which spares hashing every row.
+        separator: Joins a pair's two texts into one before tokenizing (see
+            :func:`pair_separator`); ``None``: the tokenizer's pair template.
 
     Returns:
         The splits with ``input_ids``, ``attention_mask``, ``token_type_ids`` if the tokenizer
@@ -84,10 +94,11 @@ def tokenize_splits(
     tokenized = {}
     for name, split in splits.items():
         content = digests[name] if digests and name in digests else _content_hash(split, columns)
-        key = _digest(_CACHE_VERSION, task.name, tokenizer_key, max_length, content)
+        key = _digest(_CACHE_VERSION, task.name, tokenizer_key, max_length, separator, content)
         path = root / f"{task.name}-{name}-{key[:16]}"
         if not path.is_dir():
-            _save_atomically(_tokenize(split, task, tokenizer, max_length, key), path)
+            tokenized_split = _tokenize(split, task, tokenizer, max_length, separator, key)
+            _save_atomically(tokenized_split, path)
         tokenized[name] = load_from_disk(str(path))
     return DatasetDict(tokenized)
 
@@ -117,13 +128,44 @@ def _content_hash(split: Dataset, columns: list[str]) -> str:
     return digest.hexdigest()
 
 
+def pair_separator(tokenizer: PreTrainedTokenizerBase, setting: str | None = None) -> str | None:
+    """What joins a pair's two texts on this tokenizer: ``None`` when its own pair template puts
+    tokens between them (BERT's ``[SEP]``, Llama's ``<s>``); else ``setting``, or the
+    tokenizer's sep token, or its eos token. GPT-2's, SmolLM2's and Qwen's tokenizers have no
+    pair template: they would run the two texts together ("Is it raining?Yes it is.").
+
+    Raises:
+        ValueError: the tokenizer has no pair template, no sep or eos token, and no ``setting``.
+    """
+    first = tokenizer("a", add_special_tokens=False)["input_ids"]
+    second = tokenizer("b", add_special_tokens=False)["input_ids"]
+    pair = tokenizer("a", "b")["input_ids"]
+    together = first + second
+    if not any(pair[i : i + len(together)] == together for i in range(len(pair))):
+        return None
+    separator = setting or tokenizer.sep_token or tokenizer.eos_token
+    if separator is None:
+        raise ValueError(
+            f"the tokenizer of {tokenizer.name_or_path} has no pair template and no sep or eos "
+            "token to join a pair of texts: give pair_separator"
+        )
+    return separator
+
+
 def _tokenize(
-    split: Dataset, task: GlueTask, tokenizer: PreTrainedTokenizerBase, max_length: int, key: str
+    split: Dataset,
+    task: GlueTask,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    separator: str | None,
+    key: str,
 ) -> Dataset:
     label_dtype = np.float32 if task.is_regression else np.int64
 
     def encode(batch: dict[str, list]) -> dict[str, list | np.ndarray]:
         texts = [batch[field] for field in task.text_fields]
+        if separator is not None and len(texts) == 2:
+            texts = [[a + separator + b for a, b in zip(*texts, strict=True)]]
         encoded = dict(tokenizer(*texts, truncation=True, max_length=max_length))
         encoded["labels"] = np.asarray(batch["label"], dtype=label_dtype)
         return encoded

@@ -23,8 +23,9 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from sklearn.model_selection import train_test_split
 
-from sora_tune.data.files import DataSource, file_digest
+from sora_tune.data.files import DataSource
 from sora_tune.data.locations import DATA_DIR_ENV
+from sora_tune.data.tables import file_digest
 from sora_tune.data.tasks import GlueTask, get_task
 
 __all__ = ["DATA_DIR_ENV", "GlueDataUnavailableError", "glue_sources", "load_glue", "make_splits"]
@@ -150,7 +151,7 @@ def glue_sources(
         hub = datasets.load_dataset(HUB_DATASET, config)  # cached: load_glue has read it
         return tuple(
             DataSource(role, f"{HUB_DATASET}:{split}", HUB_DATASET, "hugging_face",
-                       hub[split]._fingerprint, config)
+                       hub[split]._fingerprint, config, len(hub[split]))
             for role, _, split in roles
         )  # fmt: skip
     folder = Path(os.path.abspath(os.path.expanduser(data_dir))) / task.folder
@@ -342,7 +343,7 @@ def _hold_out(
             f"val_size={val_size!r} holds out {n_val} of {n_rows} rows: none left to train on"
         )
 
-    train_rows, val_rows = _split_rows(train, task, n_val, seed)
+    train_rows, val_rows = _split_rows(train, task, n_val, seed, rare_side="rest")
     return train.select(train_rows), train.select(val_rows)
 
 
@@ -351,21 +352,35 @@ def _is_count(value: object) -> bool:
 
 
 def _split_rows(
-    dataset: Dataset, task: GlueTask, size: int, seed: int
+    dataset: Dataset, task: GlueTask, size: int, seed: int, *, rare_side: str = "drawn"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Draw ``size`` rows, stratified where possible; return the (rest, drawn) row indices."""
+    """Draw ``size`` rows, stratified where possible; return the (rest, drawn) row indices.
+
+    A class of one row cannot be on both sides, and it would turn the whole draw into an
+    unstratified one: it goes to ``rare_side`` (``rest``: a hold-out leaves it in training;
+    ``drawn``: a subsample keeps it) and the other rows are drawn stratified."""
     labels = dataset.with_format("arrow")["label"].to_numpy()  # not a list of Python ints
     if task.is_regression:
         # Stratify scores by quintile so every part keeps the score distribution.
         labels = np.digitize(labels, np.quantile(labels, [0.2, 0.4, 0.6, 0.8]))
-    counts = np.unique(labels, return_counts=True)[1]
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    rare = counts[inverse.reshape(-1)] < 2
+    pool, fixed = np.flatnonzero(~rare), np.flatnonzero(rare)
+    need = size - len(fixed) if rare_side == "drawn" else size
+    if not 0 < need < len(pool):  # hardly a row besides the rare ones: a plain draw of all
+        pool, fixed, need = np.arange(len(labels)), fixed[:0], size
+    counts = np.unique(labels[pool], return_counts=True)[1]
     # scikit-learn cannot stratify with a class of one row, or with fewer rows than classes on
     # either side; tiny subsamples then fall back to a plain seeded draw.
-    stratify = counts.min() >= 2 and min(size, len(labels) - size) >= len(counts)
+    stratify = counts.min() >= 2 and min(need, len(pool) - need) >= len(counts)
     rest, drawn = train_test_split(
-        np.arange(len(labels)),
-        test_size=size,
+        pool,
+        test_size=need,
         random_state=seed,
-        stratify=labels if stratify else None,
+        stratify=labels[pool] if stratify else None,
     )
+    if rare_side == "drawn":
+        drawn = np.concatenate([drawn, fixed])
+    else:
+        rest = np.concatenate([rest, fixed])
     return np.sort(rest), np.sort(drawn)

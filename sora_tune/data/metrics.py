@@ -21,15 +21,19 @@ def _correlation(fn: Callable, predictions: np.ndarray, labels: np.ndarray) -> f
     return float(fn(predictions, labels).statistic)
 
 
-_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
-    "accuracy": lambda p, y: float(accuracy_score(y, p)),
+# Each metric from (predictions, labels, the task's class ids).
+_METRICS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], float]] = {
+    "accuracy": lambda p, y, _: float(accuracy_score(y, p)),
     # Binary F1 of the positive class (paraphrase / duplicate), as GLUE reports it.
-    "f1": lambda p, y: float(f1_score(y, p, zero_division=0.0)),
-    # Every class weighs the same, however rare (the user's own data: any number of classes).
-    "macro_f1": lambda p, y: float(f1_score(y, p, average="macro", zero_division=0.0)),
-    "matthews": lambda p, y: float(matthews_corrcoef(y, p)),
-    "pearson": lambda p, y: _correlation(pearsonr, p, y),
-    "spearman": lambda p, y: _correlation(spearmanr, p, y),
+    "f1": lambda p, y, _: float(f1_score(y, p, zero_division=0.0)),
+    # Every class of the task weighs the same, however rare, also one that no scored row has
+    # and none was predicted as (its F1 is 0): a model that never predicts a class scores low.
+    "macro_f1": lambda p, y, classes: float(
+        f1_score(y, p, labels=classes, average="macro", zero_division=0.0)
+    ),
+    "matthews": lambda p, y, _: float(matthews_corrcoef(y, p)),
+    "pearson": lambda p, y, _: _correlation(pearsonr, p, y),
+    "spearman": lambda p, y, _: _correlation(spearmanr, p, y),
 }
 
 
@@ -75,6 +79,7 @@ def compute_metrics(
     if len(labels) == 0:
         raise ValueError("Cannot compute metrics on zero examples")
 
-    results = {name: _METRICS[name](predictions, labels) for name in task.metrics}
+    classes = np.arange(task.num_labels)
+    results = {name: _METRICS[name](predictions, labels, classes) for name in task.metrics}
     results["score"] = results[task.primary]
     return results

