@@ -65,6 +65,23 @@ def inputs(tiny_trial, tmp_path):
     for name, content in own_files.items():
         lines = ["question,reply,outcome", *(",".join(row) for row in content)]
         (tmp_path / name).write_text("\n".join(lines) + "\n")
+    (tmp_path / "rows.tsv").write_text("question\treply\toutcome\nq\tr\tanswered\nq\tr\tx\tno\n")
+    (tmp_path / "open.csv").write_text('question,reply,outcome\n"How do I pay?,By card.,no\n')
+    (tmp_path / "broken.jsonl").write_text(
+        '{"question": "q", "reply": "r", "outcome": "no"}\n{"question": "q", "rep\n'
+    )
+    (tmp_path / "mixed.jsonl").write_text(
+        '{"question": "q", "reply": "r", "outcome": "answered"}\n'
+        '{"question": "q", "reply": "r", "outcome": 1}\n'
+    )
+    spaced = [(q, r, o if i else o + " ") for i, (q, r, o) in enumerate(rows)]
+    for name, content in {
+        "holes.csv": rows[:3] + [("Is it open?", "Yes.", "")],
+        "spaced.csv": spaced,
+        "scores.csv": [(q, r, ["0.5", "NA"][i % 2]) for i, (q, r, _) in enumerate(rows)],
+    }.items():
+        lines = ["question,reply," + ("score" if name == "scores.csv" else "outcome")]
+        (tmp_path / name).write_text("\n".join([*lines, *(",".join(r) for r in content)]) + "\n")
     (tmp_path / "rows.txt").write_text("question,reply,outcome\n")
     (tmp_path / "empty.csv").write_text("")
     (tmp_path / "latin1.csv").write_bytes(
@@ -162,6 +179,20 @@ def commands(inputs: dict, tmp_path: Path) -> dict[str, list[str]]:
         "data-unseen-label": [*own, "good.csv", "--test-file", "test.csv"],
         "data-not-utf8": [*own, "latin1.csv"],
         "data-task-and-file": [*own, "good.csv", "--task", "rte"],
+        "data-own-setting-with-glue": [*search, "--label-column", "outcome"],
+        "data-row-fields": [*own, "rows.tsv"],
+        "data-csv-quote": [*own, "open.csv"],
+        "data-json-invalid": [*own, "broken.jsonl"],
+        "data-json-mixed": [*own, "mixed.jsonl"],
+        "data-label-missing": [*own, "holes.csv"],
+        "data-label-spaces": [*own, "spaced.csv"],
+        "data-label-numbers-and-text": [
+            *own[:-3],
+            "--label-column",
+            "score",
+            "--train-file",
+            "scores.csv",
+        ],
         "missing-model-path": [*search, "--model", "./no-such-model"],
         "hub-model-offline": [*search, "--model", "no-such-owner/no-such-model"],
         "mlflow-unreachable": [*search, "--mlflow-uri", f"http://127.0.0.1:{free_port()}"],

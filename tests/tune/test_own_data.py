@@ -61,7 +61,9 @@ def trial_runs(experiment: str) -> list:
     return [r for r in runs if r.data.tags.get("sora_tune.role") == "trial"]
 
 
-def test_csv_pairs_with_string_labels_and_a_jsonl_test_file(local_ray, tiny_trial, tmp_path):
+def test_csv_pairs_with_string_labels_and_a_jsonl_test_file(
+    local_ray, tiny_trial, tmp_path, capsys
+):
     support_rows(48).drop(columns="score").to_csv("support.csv", index=False)
     support_rows(12, seed=1).drop(columns="score").to_json(
         "support-test.jsonl", orient="records", lines=True
@@ -74,6 +76,11 @@ def test_csv_pairs_with_string_labels_and_a_jsonl_test_file(local_ray, tiny_tria
         label_column="outcome",
     )
     assert search(space, tmp_path).experiment_name == "sora-support"
+    # The rows read from each file, and each split's, before any trial starts.
+    assert (
+        "data: support.csv (train, 48 rows read), support-test.jsonl (test, 12 rows read); "
+        "rows per split: train 40, val 8, test 12"
+    ) in capsys.readouterr().out
 
     runs = trial_runs("sora-support")
     assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
@@ -94,6 +101,8 @@ def test_csv_pairs_with_string_labels_and_a_jsonl_test_file(local_ray, tiny_tria
             tmp_path / "support.csv"
         )
         assert len(inputs["support.csv"].dataset.digest) == 16
+        profiles = {name: json.loads(i.dataset.profile) for name, i in inputs.items()}
+        assert profiles == {"support.csv": {"num_rows": 48}, "support-test.jsonl": {"num_rows": 12}}
 
     registered = register(experiment_name="sora-support", name="support")
     info = mlflow.pyfunc.load_model(registered.model_uri).metadata.metadata
