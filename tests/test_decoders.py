@@ -292,7 +292,12 @@ def test_a_registered_decoder_classifies_a_batch_as_each_row_alone(tiny_decoder_
     import pandas as pd
 
     from sora_tune.registry import register
-    from sora_tune.tracking import PAD_FROM_EOS_TAG, create_trial_run, tracked_trial
+    from sora_tune.tracking import (
+        PAD_FROM_EOS_TAG,
+        PAIR_SEPARATOR_TAG,
+        create_trial_run,
+        tracked_trial,
+    )
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
@@ -300,7 +305,10 @@ def test_a_registered_decoder_classifies_a_batch_as_each_row_alone(tiny_decoder_
     run_id = create_trial_run(uri, "decoder")
     result = tracked_trial(config, run_id=run_id, tracking_uri=uri, output_dir=tmp_path / "trial")
     assert result["pad_from_eos"] is True
-    assert mlflow.MlflowClient(uri).get_run(run_id).data.tags[PAD_FROM_EOS_TAG] == "true"
+    tags = mlflow.MlflowClient(uri).get_run(run_id).data.tags
+    assert tags[PAD_FROM_EOS_TAG] == "true"
+    # The word tokenizer has no pair template: the trial joined each pair with its eos.
+    assert result["pair_separator"] == "</s>" and tags[PAIR_SEPARATOR_TAG] == '"</s>"'
     registered = register(
         experiment_name="decoder", name="decoder", tracking_uri=uri, output_dir=tmp_path
     )
@@ -315,3 +323,10 @@ def test_a_registered_decoder_classifies_a_batch_as_each_row_alone(tiny_decoder_
     alone = pd.concat([model.predict(rows.iloc[[i]]) for i in range(len(rows))])
     columns = [c for c in together.columns if c.startswith("prob_")]
     assert together[columns].to_numpy() == pytest.approx(alone[columns].to_numpy(), abs=1e-5)
+    # Serving joins a pair as the trial did.
+    assert model.metadata.metadata["pair_separator"] == "</s>"
+    served = model.unwrap_python_model()
+    with torch.inference_mode():
+        joined = served.tokenizer("red blue</s>red blue", return_tensors="pt")
+        expected = served.model(**joined).logits.double().softmax(-1)[0].numpy()
+    assert together[columns].to_numpy()[0] == pytest.approx(expected, abs=1e-5)

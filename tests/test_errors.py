@@ -97,6 +97,14 @@ def inputs(tiny_trial, tmp_path):
     gpt2 = tmp_path / "tiny-gpt2"
     GPT2Model(GPT2Config(vocab_size=30522, n_embd=32, n_layer=2, n_head=2)).save_pretrained(gpt2)
     AutoTokenizer.from_pretrained(tiny_trial["model"]).save_pretrained(gpt2)
+    # A decoder whose tokenizer pads but has no pair template, no sep and no eos token.
+    from tests.test_decoders import word_tokenizer
+
+    bare = tmp_path / "bare-decoder"
+    GPT2Model(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2)).save_pretrained(bare)
+    tokens = word_tokenizer()
+    tokens.eos_token, tokens.pad_token = None, "<unk>"
+    tokens.save_pretrained(bare)
 
     mlflow.MlflowClient(f"sqlite:///{tmp_path / 'other.db'}").create_experiment("sora-sst2")
     malformed = tmp_path / "malformed.yaml"
@@ -110,6 +118,7 @@ def inputs(tiny_trial, tmp_path):
         "wrong_columns": str(wrong_columns.parent),
         "empty_folder": str(tmp_path / "empty-folder"),
         "gpt2": str(gpt2),
+        "bare_decoder": str(bare),
     }
 
 
@@ -181,6 +190,14 @@ def commands(inputs: dict, tmp_path: Path) -> dict[str, list[str]]:
         "data-task-and-file": [*own, "good.csv", "--task", "rte"],
         "data-own-setting-with-glue": [*search, "--label-column", "outcome"],
         "data-row-fields": [*own, "rows.tsv"],
+        "data-pair-no-separator": [
+            *own,
+            "good.csv",
+            "--model",
+            inputs["bare_decoder"],
+            "--val-size",
+            "2",
+        ],
         "data-csv-quote": [*own, "open.csv"],
         "data-json-invalid": [*own, "broken.jsonl"],
         "data-json-mixed": [*own, "mixed.jsonl"],

@@ -242,6 +242,7 @@ def test_the_model_holds_no_pickle_and_only_safetensors_weights(store, tmp_path)
         "max_length": 32,
         "base_model": store["settings"]["model"],
         "precision": "fp32",
+        "pair_separator": None,  # BERT's pair template separates the texts
     }
     requirements = (local / "requirements.txt").read_text().split()
     assert {r.split("==")[0] for r in requirements} == {
@@ -334,6 +335,16 @@ def test_predict_file_errors(store, tmp_path):
     pd.DataFrame({"sentence1": ["a"], "second": ["b"]}).to_csv(tmp_path / "rows.csv", index=False)
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['sentence2'\]"):
         predict_file(store["model_uri"], tmp_path / "rows.csv", tracking_uri=store["uri"])
+    # An empty text is refused as training refuses it, naming the row.
+    pd.DataFrame({"sentence1": ["a", "b"], "sentence2": ["b", ""]}).to_csv(
+        tmp_path / "gaps.csv", index=False
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"gaps.csv: column 'sentence2' has 1 empty or missing text cell\(s\), "
+        "the first in row 2",
+    ):
+        predict_file(store["model_uri"], tmp_path / "gaps.csv", tracking_uri=store["uri"])
     with pytest.raises(ValueError, match="cannot load models:/nothing@champion"):
         predict_file("models:/nothing@champion", tmp_path / "rows.csv", tracking_uri=store["uri"])
 
