@@ -74,6 +74,8 @@ def inputs(tiny_trial, tmp_path):
         '{"question": "q", "reply": "r", "outcome": "answered"}\n'
         '{"question": "q", "reply": "r", "outcome": 1}\n'
     )
+    (tmp_path / "twice.csv").write_text("question,reply,question\nq,r,q\n")
+    (tmp_path / "list.jsonl").write_text('["q", "r", "no"]\n')
     spaced = [(q, r, o if i else o + " ") for i, (q, r, o) in enumerate(rows)]
     for name, content in {
         "holes.csv": rows[:3] + [("Is it open?", "Yes.", "")],
@@ -201,6 +203,8 @@ def commands(inputs: dict, tmp_path: Path) -> dict[str, list[str]]:
         "data-csv-quote": [*own, "open.csv"],
         "data-json-invalid": [*own, "broken.jsonl"],
         "data-json-mixed": [*own, "mixed.jsonl"],
+        "data-json-not-object": [*own, "list.jsonl"],
+        "data-header-repeated": [*own, "twice.csv"],
         "data-label-missing": [*own, "holes.csv"],
         "data-label-spaces": [*own, "spaced.csv"],
         "data-label-numbers-and-text": [
