@@ -63,7 +63,7 @@ def test_the_cache_tells_two_label_columns_of_one_file_apart(tmp_path):
 
 def test_a_tsv_quote_is_text_and_every_line_a_row(tmp_path):
     """Item 3: an unbalanced quote glued lines into one cell; predict read the file otherwise."""
-    lines = ['He said "hi', "A plain line", 'She said "bye"', "x", "y", "z"]
+    lines = ['"He said hi', "A plain line", '"She said bye', 'He said "hi', "y", "z"]
     path = tmp_path / "quotes.tsv"
     path.write_text("sentence\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(lines)))
     data = own(path, text_columns=("sentence",))
