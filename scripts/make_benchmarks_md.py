@@ -276,6 +276,44 @@ def _concurrency(data: dict) -> list[str]:
     ]
 
 
+def _curves(data: dict) -> list[str]:
+    design, analysis = data["config"], data["analysis"]
+    fixed, searched = design["space"]["fixed"], design["space"]["distributions"]
+
+    def rho(value: float | None) -> str:
+        return "–" if value is None else f"{value:.2f}"
+
+    seeds = analysis["seed_agreement"]
+    return [
+        f"A Latin hypercube of {design['configurations']} configurations over "
+        f"{', '.join(searched)} × {len(design['seeds'])} seeds on a {fixed['task']} proxy "
+        f"({fixed['max_train_samples']} training rows, {fixed['epochs']} epochs at batch "
+        f"{fixed['batch_size']}, length {fixed['max_length']}, {fixed['max_eval_samples']} val "
+        f"rows, an evaluation every {fixed['eval_steps']} steps): {data['recorded']} of "
+        f"{data['planned']} trials recorded, {analysis['trials']} finished. A trial took "
+        f"{analysis['mean_trial_s']:.0f} s on average, {analysis['mean_threshold_s']:.0f} s of it "
+        f"scoring {len(design['threshold_quantiles'])} post-hoc gate thresholds every "
+        f"{design['threshold_every']} evaluations and at the last. The table: "
+        f"[`docs/bench/{data['table']}`](bench/{data['table']}).",
+        "",
+        "Spearman's ρ between each evaluation's value and the final one, across the finished "
+        "trials:",
+        "",
+        *_table(
+            ["step", "epoch", "ρ val_score", "ρ retained_params"],
+            [
+                [str(r["step"]), str(r["epoch"]), rho(r["val_score"]), rho(r["retained_params"])]
+                for r in analysis["rows"]
+            ],
+        ),
+        "",
+        analysis["summary"],
+        "",
+        f"Two seeds of the same configuration rank their final val_score with ρ = "
+        f"{rho(seeds['val_score'])} ({seeds['configurations']} configurations).",
+    ]
+
+
 def _generic(data: dict) -> list[str]:
     medians = data.get("median_ms", {})
     rows = [[name, f"{ms:.1f}"] for name, ms in medians.items()]
@@ -291,6 +329,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
     "concurrency": ("Trials at once and model-based samplers", _concurrency),
     "data_sharing": ("Data shared with the trials", _data_sharing),
     "data_file": ("Your own data file at scale", _data_file),
+    "curves": ("Recorded learning curves", _curves),
 }
 
 

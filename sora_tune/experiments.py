@@ -64,6 +64,25 @@ class GridRun:
         return "-".join(f"{k}={v}" for k, v in self.labels.items() if k != "section")
 
 
+class PreparedData:
+    """The tokenised data of the trial last asked for, prepared again only when the settings that
+    decide them (`DATA_FIELDS`) change: a grid ordered by those settings tokenises each
+    combination once, and holds one in memory."""
+
+    def __init__(self) -> None:
+        self._tokenizer = None
+        self._key: tuple[Any, ...] | None = None
+        self._data: DatasetDict | None = None
+
+    def of(self, config: TrialConfig) -> DatasetDict:
+        """The tokenised splits of the trial `config` (`prepare_data`)."""
+        key = tuple(getattr(config, name) for name in DATA_FIELDS)
+        if key != self._key:
+            self._tokenizer = self._tokenizer or load_tokenizer(config)
+            self._data, self._key = prepare_data(config, self._tokenizer), key
+        return self._data
+
+
 def finished_result(folder: Path, config: TrialConfig) -> dict[str, Any] | None:
     """The `metrics.json` of a run that ended in `folder`, or `None` if none has.
 
@@ -106,17 +125,13 @@ def run_grid(
             f"runs with the same labels: {sorted({n for n in names if names.count(n) > 1})}"
         )
     rows: list[dict[str, Any]] = []
-    tokenizer, data, data_key = None, None, None
+    prepared = PreparedData()
     for index, run in enumerate(runs):
         folder = Path(runs_dir) / run.folder_name
         result = finished_result(folder, run.config)
         reused = result is not None
         if result is None:
-            key = tuple(getattr(run.config, name) for name in DATA_FIELDS)
-            if key != data_key:
-                tokenizer = tokenizer or load_tokenizer(run.config)
-                data, data_key = prepare_data(run.config, tokenizer), key
-            result = train_trial(run.config, output_dir=folder, data=data)
+            result = train_trial(run.config, output_dir=folder, data=prepared.of(run.config))
         row = {**run.labels, **{k: result.get(k) for k in RESULT_KEYS}}
         rows.append(row | {"folder": str(folder), "reused": reused})
         if on_run is not None:

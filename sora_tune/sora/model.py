@@ -8,6 +8,8 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -137,6 +139,24 @@ def prune(model: nn.Module) -> dict[str, int]:
             parent_name, _, child_name = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child_name, layer.base_layer)
     return pattern
+
+
+@contextmanager
+def gates_thresholded(model: nn.Module, tau: float) -> Iterator[None]:
+    """Inside the block, every SoRA gate entry with |g| ≤ `tau` is zero and the others are as they
+    were (a hard threshold, no shrinking): the adapter a post-hoc threshold leaves, to be scored
+    and counted (`retained_params`) without training. The gates are restored on leaving."""
+    layers = list(sora_layers(model).values())
+    saved = [layer.sora_gate.detach().clone() for layer in layers]
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                layer.sora_gate.masked_fill_(layer.sora_gate.abs() <= tau, 0.0)
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, gate in zip(layers, saved, strict=True):
+                layer.sora_gate.copy_(gate)
 
 
 def set_merged(model: nn.Module, merged: bool) -> None:

@@ -10,6 +10,7 @@ from torch import nn
 from sora_tune import SoRAConfig, add_sora, export_peft, prune, retained_params
 from sora_tune.sora import (
     SoRALinear,
+    gates_thresholded,
     head_params,
     load_adapter,
     param_groups,
@@ -198,6 +199,21 @@ def test_save_and_load_adapter_with_safetensors(tiny_model, tmp_path, minilm_bat
     other = add_sora(tiny_bert(), SoRAConfig(r_max=2))
     with pytest.raises(ValueError, match="shape mismatch"):
         load_adapter(other, path)
+
+
+def test_a_gate_threshold_zeroes_small_gates_until_the_block_ends(tiny_model):
+    add_sora(tiny_model, SoRAConfig(r_max=4))
+    before = {name: layer.sora_gate.clone() for name, layer in sora_layers(tiny_model).items()}
+    kept = retained_params(tiny_model)
+    with gates_thresholded(tiny_model, 0.5):
+        for name, layer in sora_layers(tiny_model).items():
+            small = before[name].abs() <= 0.5
+            assert torch.all(layer.sora_gate[small] == 0)
+            assert torch.equal(layer.sora_gate[~small], before[name][~small])  # not shrunk
+        assert retained_params(tiny_model) < kept
+    for name, layer in sora_layers(tiny_model).items():
+        assert torch.equal(layer.sora_gate, before[name])
+    assert retained_params(tiny_model) == kept
 
 
 def test_layers_are_soralinear(tiny_model):
