@@ -35,6 +35,8 @@ def test_the_precision_is_tagged_when_the_trial_starts(tiny_trial, tmp_path):
         "MRPC/train.tsv": ["train"],
         "MRPC/dev.tsv": ["test"],
     }
+    profiles = {name: json.loads(i.dataset.profile) for name, i in inputs.items()}
+    assert profiles == {"MRPC/train.tsv": {"num_rows": 48}, "MRPC/dev.tsv": {"num_rows": 16}}
     source = json.loads(inputs["MRPC/dev.tsv"].dataset.source)
     assert source == {"uri": str(tmp_path / "glue" / "MRPC" / "dev.tsv")}
 

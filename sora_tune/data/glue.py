@@ -8,6 +8,7 @@ keeps GLUE's dev set as the test set, since GLUE's test labels are not public.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import os
 import socket
@@ -157,9 +158,21 @@ def glue_sources(
     folder = Path(os.path.abspath(os.path.expanduser(data_dir))) / task.folder
     return tuple(
         DataSource(role, f"{task.folder}/{file}", str(folder / file), "local",
-                   file_digest(str(folder / file)))
+                   file_digest(str(folder / file)), num_rows=_tsv_rows(task, folder / file))
         for role, file, _ in roles
     )  # fmt: skip
+
+
+def _tsv_rows(task: GlueTask, path: Path) -> int:
+    """The rows `load_glue` reads from the file (counted once per version of the file)."""
+    stat = path.stat()
+    return _counted_tsv_rows(task.name, str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _counted_tsv_rows(task: str, path: str, size: int, mtime_ns: int) -> int:
+    rows = _read_tsv(Path(path), get_task(task), _LAYOUTS[task])
+    return len(rows["label"])
 
 
 def _glue_folder(data_dir: str | os.PathLike | None) -> str | os.PathLike | None:
