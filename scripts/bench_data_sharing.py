@@ -101,7 +101,8 @@ def measure_file(args: argparse.Namespace) -> dict:
 
     from sora_tune.config import TrialConfig
     from sora_tune.data import load_own_data
-    from sora_tune.train import load_tokenizer, own_data_location, prepare_data
+    from sora_tune.models import load_tokenizer
+    from sora_tune.train import own_data_location, prepare_data
     from sora_tune.tune.search import in_memory
 
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
@@ -178,7 +179,8 @@ def measure(args: argparse.Namespace) -> dict:
     from datasets import Dataset, DatasetDict
 
     from sora_tune.config import TrialConfig
-    from sora_tune.train import load_tokenizer, prepare_data
+    from sora_tune.models import load_tokenizer
+    from sora_tune.train import prepare_data
     from sora_tune.tune.search import in_memory
 
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)

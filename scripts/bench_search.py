@@ -43,7 +43,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import mlflow  # noqa: E402
 
 import sora_tune.tune.search as search_module  # noqa: E402
-from sora_tune.train import TrialConfig, build_model, default_model  # noqa: E402
+from sora_tune.config import TrialConfig, default_model  # noqa: E402
+from sora_tune.models import build_model  # noqa: E402
 from sora_tune.tune import SearchConfig, SearchSpace, run_search  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -30,6 +30,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForSequenceClassification  # noqa: E402
 
 from sora_tune.config import TrialConfig, literal_choices  # noqa: E402
+from sora_tune.models import load_tokenizer  # noqa: E402
 from sora_tune.sora import (  # noqa: E402
     ProximalGateOptimizer,
     SoRAConfig,
@@ -40,7 +41,7 @@ from sora_tune.sora import (  # noqa: E402
     resolve_targets,
     task_heads,
 )
-from sora_tune.train import autocast, load_tokenizer, resolve_precision  # noqa: E402
+from sora_tune.train import autocast, resolve_precision  # noqa: E402
 
 
 def build(method: str, model_path: str, rank: int, total_steps: int, device: str):

@@ -79,7 +79,8 @@ def train_command(args: argparse.Namespace) -> int:
     if args.mlflow_uri:  # a dead server stops here, before torch is imported
         check_tracking_uri(args.mlflow_uri)
     config = TrialConfig.from_dict(trial_values(args))
-    from .train import check_targets, train_trial
+    from .models import check_targets
+    from .train import train_trial
 
     check_targets(config)  # before the data are read
 

@@ -33,12 +33,11 @@ from scipy.stats import qmc, spearmanr
 from .config import PATH_FIELDS, TrialConfig
 from .experiments import GridRun, PreparedData
 from .front import OBJECTIVES
+from .models import build_model, load_tokenizer
 from .sora import gates_thresholded, load_adapter, retained_params, sora_layers
 from .train import (
-    build_model,
     data_task,
     evaluate,
-    load_tokenizer,
     make_loaders,
     resolve_device,
     resolve_precision,

@@ -18,10 +18,10 @@ import torch
 from datasets import DatasetDict
 
 from .config import DATA_FIELDS, TrialConfig
+from .models import load_tokenizer
 from .train import (
     build_trial,
     check_saved_config,
-    load_tokenizer,
     make_eval_loaders,
     prepare_data,
     resolve_device,

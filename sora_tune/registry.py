@@ -289,7 +289,7 @@ def _write_model_files(
     (staging / "adapter").mkdir()
     for name in (ADAPTER_CONFIG, weights):
         client.download_artifacts(run.info.run_id, f"{folder}/{name}", str(staging / "adapter"))
-    from .train import classifier_tokenizer  # torch, only where a model is registered
+    from .models import classifier_tokenizer  # torch, only where a model is registered
 
     # As the trial padded: a decoder's eos as its pad token, on the right.
     classifier_tokenizer(_base_model(run) or default_model()).save_pretrained(staging / "tokenizer")

@@ -22,15 +22,9 @@ from transformers import (
 )
 
 from sora_tune.config import TrialConfig
+from sora_tune.models import PAD_FROM_EOS, build_model, load_tokenizer, use_eos_as_pad
 from sora_tune.sora import sora_layers
-from sora_tune.train import (
-    PAD_FROM_EOS,
-    build_model,
-    load_tokenizer,
-    seed_everything,
-    train_trial,
-    use_eos_as_pad,
-)
+from sora_tune.train import seed_everything, train_trial
 from tests.conftest import MINILM_PATH, WORDS, _sentence
 from tests.sora.test_model import randomise_adapter
 

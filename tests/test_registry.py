@@ -18,6 +18,7 @@ from transformers import AutoModelForSequenceClassification
 
 from sora_tune.cli import main
 from sora_tune.data import get_task, load_glue, make_dataloader
+from sora_tune.models import load_tokenizer
 from sora_tune.registry import (
     PACKAGED_BACKBONE,
     _base_model_reference,
@@ -26,7 +27,7 @@ from sora_tune.registry import (
     register,
 )
 from sora_tune.tracking import create_trial_run, tracked_trial
-from sora_tune.train import TrialConfig, load_tokenizer, prepare_data
+from sora_tune.train import TrialConfig, prepare_data
 from tests.conftest import MINILM_PATH
 
 MRPC_LABELS = ["not_equivalent", "equivalent"]

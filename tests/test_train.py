@@ -133,7 +133,8 @@ def test_baselines_run_and_export_a_peft_adapter(tiny_trial, tiny_model_dir, met
 
 def test_exported_adapter_reproduces_the_trial_scores(tiny_trial, tiny_model_dir, tmp_path):
     from sora_tune.data import make_dataloader
-    from sora_tune.train import TrialConfig, evaluate, load_tokenizer, prepare_data
+    from sora_tune.models import load_tokenizer
+    from sora_tune.train import TrialConfig, evaluate, prepare_data
 
     result = train_trial(tiny_trial | {"epochs": 2}, output_dir=tmp_path)
     config = TrialConfig.from_dict(tiny_trial)
@@ -213,8 +214,8 @@ def test_exported_adapter_has_the_trained_models_logits(
 ):
     """The adapter PEFT loads from `adapter/` computes what the trained model computed: the
     trained tensors are in the last checkpoint."""
+    from sora_tune.models import build_model, load_tokenizer
     from sora_tune.sora import load_adapter
-    from sora_tune.train import build_model, load_tokenizer
 
     trial = tiny_trial | {"method": method, "epochs": 3, "lr": 2e-2, "xi": 0.05}
     if method != "sora":
@@ -263,7 +264,8 @@ def test_auto_precision_is_fp32_on_the_cpu(tiny_trial, tmp_path):
 def test_official_gate_lr_follows_the_lr_schedule(tiny_trial):
     """The gates' AdamW learning rate is lr (or eta), warmed up and decayed with lr's schedule;
     paper mode's η stays constant."""
-    from sora_tune.train import build_model, configure_optimization
+    from sora_tune.models import build_model
+    from sora_tune.train import configure_optimization
 
     def lrs(values, steps=12):
         config = TrialConfig.from_dict(tiny_trial | {"warmup_ratio": 0.25} | values)

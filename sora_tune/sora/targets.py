@@ -22,7 +22,8 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import PRESETS
 
-# GPT-2's (and OpenAI-GPT's) linear layer, with a transposed weight (in × out); SoRALinear takes both.
+# GPT-2's (and OpenAI-GPT's) linear layer, with a transposed weight (in × out); SoRALinear takes both,
+# and the quantised linears of bitsandbytes and torchao, which are `nn.Linear`s too (`base_kind`).
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
 # Attention projections by role, as the families name them. `qkv` is one fused layer for all three

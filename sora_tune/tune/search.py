@@ -27,9 +27,10 @@ from .. import __version__
 from ..config import DATA_FIELDS, FILE_FIELDS, TrialConfig
 from ..data import DataSource, load_glue
 from ..front import OBJECTIVES
+from ..models import check_targets, load_tokenizer
 from ..quiet import QUIET_ENV
 from ..tracking import ROLE_TAG, experiment_id_of
-from ..train import check_targets, data_lineage, load_tokenizer, own_data, prepare_data
+from ..train import data_lineage, own_data, prepare_data
 from ..uris import (
     check_no_password,
     check_tracking_uri,

@@ -13,9 +13,9 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
 from sora_tune.config import TrialConfig
+from sora_tune.models import load_tokenizer
 from sora_tune.pareto import load_trial_runs, pareto_report
 from sora_tune.registry import predict_file, register
-from sora_tune.train import load_tokenizer
 from sora_tune.tune import run_search
 from sora_tune.tune.outcome import traced_point
 from tests.test_registry import MRPC_LABELS, dev_rows
