@@ -1,8 +1,19 @@
 """TrialConfig: defaults as the authors ran them, ξ that transfers across budgets, refusals."""
 
+import dataclasses
+import inspect
+
 import pytest
 
-from sora_tune.config import DEFAULT_PAPER_ETA, DEFAULT_XI, TrialConfig
+from sora_tune.config import (
+    DATA_FIELDS,
+    DEFAULT_PAPER_ETA,
+    DEFAULT_XI,
+    FILE_FIELDS,
+    OWN_DATA_FIELDS,
+    TrialConfig,
+)
+from sora_tune.data import DataLocation, load_own_data
 
 
 def test_gate_defaults_follow_the_authors_runs():
@@ -132,3 +143,14 @@ def test_own_data_settings_that_do_not_fit_are_refused(tmp_path, values, message
     (tmp_path / "tickets.csv").write_text("text,label\na,x\nb,y\n")
     with pytest.raises(ValueError, match=message):
         TrialConfig(**values)
+
+
+def test_the_data_settings_are_listed_in_step():
+    """The settings that decide a trial's rows are named in several lists; every one of them is
+    in DATA_FIELDS (which keys the shared data and the tokenisation cache), and every setting of
+    own data is refused with a GLUE task."""
+    location = {field.name for field in dataclasses.fields(DataLocation)}
+    reading = set(inspect.signature(load_own_data).parameters) - {"location", "metric"}
+    assert location | reading | set(OWN_DATA_FIELDS) | set(FILE_FIELDS) <= set(DATA_FIELDS)
+    assert (location - set(FILE_FIELDS) - {"dataset"}) | reading <= set(OWN_DATA_FIELDS)
+    assert "pair_separator" in DATA_FIELDS  # it changes the tokens of a pair
