@@ -1,5 +1,6 @@
-"""Checks on tracking and storage URIs that need nothing but the standard library, so that the CLI
-can refuse a bad URI or a dead server within seconds, before it imports torch or starts Ray."""
+"""Checks on tracking and storage URIs that need nothing but the standard library (and SQLAlchemy
+for a database URI), so that the CLI can refuse a bad URI or a dead server within seconds,
+before it imports torch or starts Ray."""
 
 from __future__ import annotations
 
@@ -26,6 +27,39 @@ def check_no_password(name: str, uri: str) -> None:
     )
 
 
+# Database schemes MLflow and Optuna take through SQLAlchemy, and the extra of sora-tune that
+# installs the driver SQLAlchemy picks for the bare scheme (SQLAlchemy 2.1: psycopg for
+# postgresql://).
+DATABASE_SCHEMES = ("postgresql", "postgres", "mysql", "mssql")
+DRIVER_EXTRAS = {"postgresql": "postgres"}
+DRIVER_PACKAGES = {"MySQLdb": "mysqlclient"}  # driver modules not named as their package
+
+
+def check_database_driver(name: str, uri: str) -> None:
+    """Refuse a database URI (`postgresql://`, `mysql://`, ...) whose driver is not installed,
+    in one line naming what to install, instead of the traceback SQLAlchemy raises at first use.
+
+    Raises:
+        ValueError: naming the setting, the driver and the extra (or package) to install.
+    """
+    if urllib.parse.urlsplit(uri).scheme.split("+")[0] not in DATABASE_SCHEMES:
+        return
+    from sqlalchemy.engine import make_url  # only for a database: it is not a light import
+
+    url = make_url(uri)
+    try:
+        url.get_dialect().import_dbapi()
+    except ImportError as err:
+        # The extra brings the default driver; a driver named in the URI (`+pg8000`) is the
+        # user's choice, installed by its own package.
+        extra = DRIVER_EXTRAS.get(url.get_backend_name()) if "+" not in url.drivername else None
+        package = DRIVER_PACKAGES.get(err.name, err.name)
+        fix = f"pip install 'sora-tune[{extra}]'" if extra else f"pip install {package}"
+        raise ValueError(
+            f"{name} {redact_uri(uri)}: its database driver ({err.name}) is not installed: {fix}"
+        ) from None
+
+
 def redact_uri(uri: str) -> str:
     """`uri` with the password of its user info, if any, replaced by `***`."""
     parts = urllib.parse.urlsplit(uri)
@@ -37,13 +71,15 @@ def redact_uri(uri: str) -> str:
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """Fail within seconds, before any trial, when the MLflow tracking URI carries a password
-    (`check_no_password`) or its server does not answer.
+    (`check_no_password`), names a database whose driver is missing (`check_database_driver`)
+    or a server that does not answer.
 
     Raises:
         ValueError: the URI carries a password.
         ConnectionError: naming the URI and what went wrong.
     """
     check_no_password("--mlflow-uri", uri)
+    check_database_driver("--mlflow-uri", uri)
     if not uri.startswith(("http://", "https://")):
         return
     try:

@@ -5,10 +5,13 @@ Everything runs offline: the Hub is never asked for anything.
 
 import dataclasses
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -282,3 +285,91 @@ def mlflow_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+def _postgres_bin() -> Path | None:
+    """Where Debian's PostgreSQL server binaries are (`postgres`, `initdb`), if installed."""
+    found = shutil.which("postgres")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
+    return versions[-1].parent if versions else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Postgres:
+    """A PostgreSQL server of the test session; `database(name)` creates a database and returns
+    its SQLAlchemy URI (`postgresql://postgres@127.0.0.1:<port>/<name>`, no password)."""
+
+    port: int
+
+    def database(self, name: str) -> str:
+        import psycopg
+
+        address = f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
+        with psycopg.connect(address, autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server (Debian's `postgres`, initdb'd in a temporary folder) on a free
+    port of 127.0.0.1, run as an unprivileged user when the tests run as root (PostgreSQL
+    refuses root), trusting local connections; stopped by its PID. Skips where no server is
+    installed (.ci/run installs Debian's package where it can)."""
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL server installed (Debian: apt-get install postgresql)")
+    folder = Path(tempfile.mkdtemp(prefix="sora-tune-postgres-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # setpriv execs the server itself, so its PID is the server's
+        nobody = pwd.getpwnam("nobody")
+        os.chown(folder, nobody.pw_uid, nobody.pw_gid)
+        as_user = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}"]
+        as_user += ["--clear-groups", "--"]
+    data, port = folder / "data", free_port()
+    subprocess.run(
+        [*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres"]
+        + ["--auth=trust", "--encoding=UTF8", "--no-sync"],
+        check=True,
+        capture_output=True,
+        cwd=folder,
+    )
+    log = open(folder / "server.log", "wb")  # noqa: SIM115 (open while the server runs)
+    server = subprocess.Popen(
+        [*as_user, str(bin_dir / "postgres"), "-D", str(data), "-h", "127.0.0.1"]
+        + ["-p", str(port), "-k", str(folder), "-c", "fsync=off", "-c", "max_connections=200"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=folder,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _accepts(port):
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"postgres did not start:\n{(folder / 'server.log').read_text()}")
+            time.sleep(0.2)
+        yield Postgres(port)
+    finally:
+        server.send_signal(signal.SIGINT)  # PostgreSQL's fast shutdown
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _accepts(port: int) -> bool:
+    """The server answers a query (it refuses connections while it starts up)."""
+    import psycopg
+
+    address = f"host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=1"
+    try:
+        with psycopg.connect(address) as connection:
+            connection.execute("SELECT 1")
+        return True
+    except psycopg.OperationalError:
+        return False

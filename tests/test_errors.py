@@ -222,6 +222,11 @@ def commands(inputs: dict, tmp_path: Path) -> dict[str, list[str]]:
             "--mlflow-uri",
             "https://alice:s3cr3t-value@mlflow.example.com",
         ],
+        "database-driver-missing": [
+            *search,
+            "--mlflow-uri",
+            "mysql://alice@127.0.0.1/mlflow",
+        ],
         "not-a-search-folder": ["search", "--resume", inputs["empty_folder"]],
         "store-not-found": ["pareto", "--experiment", "sora-mrpc"],
         "experiment-not-found": [

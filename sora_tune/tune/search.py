@@ -32,6 +32,7 @@ from ..quiet import QUIET_ENV
 from ..tracking import ROLE_TAG, experiment_id_of
 from ..train import data_lineage, own_data, prepare_data
 from ..uris import (
+    check_database_driver,
     check_no_password,
     check_tracking_uri,
     local_store_path,
@@ -241,6 +242,7 @@ def _check_inputs(config: SearchConfig, *, new: bool) -> DatasetDict | None:
     check_no_password("--storage-path", config.storage_path)
     if config.optuna_storage is not None:
         check_no_password("--optuna-storage", config.optuna_storage)
+        check_database_driver("--optuna-storage", config.optuna_storage)
     if new:
         _check_new_name(config)
     space = config.space
