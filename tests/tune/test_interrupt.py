@@ -10,10 +10,12 @@ import sys
 import time
 
 import mlflow
+import optuna
 import pytest
 import yaml
 
 from sora_tune.tune.search import stop_gracefully_on_signals
+from sora_tune.uris import local_store_path
 from tests.conftest import write_tiny_glue
 from tests.tune.conftest import tiny_search_parameters
 
@@ -44,6 +46,23 @@ def test_sigterm_stops_a_search_as_sigint_does():
     "stop", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)]
 )
 def test_an_interrupted_search_resumes_into_the_same_runs(stop, tiny_trial, tmp_path):
+    interrupt_and_resume(stop, tiny_trial, tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def test_a_search_with_its_stores_on_postgresql_resumes(postgres, tiny_trial, tmp_path):
+    """The study Optuna reloads on --resume, and the runs the trials continue, in PostgreSQL."""
+    mlflow_uri = postgres.database("resume_mlflow")
+    optuna_uri = postgres.database("resume_optuna")
+    stores = ["--mlflow-uri", mlflow_uri, "--optuna-storage", optuna_uri]
+    interrupt_and_resume(signal.SIGINT, tiny_trial, tmp_path, mlflow_uri, stores)
+    assert len(optuna.load_study(study_name="stopped", storage=optuna_uri).trials) == 3
+
+
+def interrupt_and_resume(
+    stop: signal.Signals, tiny_trial: dict, tmp_path, mlflow_uri: str, stores: list[str] = ()
+) -> None:
+    """Start a search as a user does, signal it while a trial is in its second epoch, check
+    what it leaves, resume it and check that the runs were continued."""
     # Epochs of a second or so, so that the signal comes while a trial runs.
     glue = write_tiny_glue(tmp_path / "long-glue", n_train=400, n_dev=16)
     parameters = tiny_search_parameters(tiny_trial) | {"epochs": 6, "data_dir": str(glue)}
@@ -52,13 +71,15 @@ def test_an_interrupted_search_resumes_into_the_same_runs(stop, tiny_trial, tmp_
     search += ["--storage-path", "ray", "--name", "stopped", "--experiment-name", "stopped"]
     env = os.environ | {"RAY_ADDRESS": ""}  # a Ray of its own, as from a terminal
     driver = subprocess.Popen(
-        search, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [*search, *stores], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient(mlflow_uri)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         assert driver.poll() is None, driver.stdout.read()
-        runs = trial_runs(client, "stopped") if (tmp_path / "mlflow.db").exists() else []
+        # A sqlite file the driver has not made yet would be made here, beside its own making.
+        made = local_store_path(mlflow_uri) is None or local_store_path(mlflow_uri).exists()
+        runs = trial_runs(client, "stopped") if made else []
         # At epoch 2, epoch 1's checkpoint is in Ray's experiment state (a trial logs an epoch,
         # then reports it with its checkpoint, and goes on once Ray has saved it).
         if any(r.info.status == "RUNNING" and r.data.metrics.get("epoch", 0) >= 2 for r in runs):
