@@ -21,7 +21,7 @@ import mlflow
 import pandas as pd
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
-from mlflow.entities import Experiment, Run
+from mlflow.entities import Experiment, Metric, Run
 from mlflow.exceptions import MlflowException
 
 from ..front import OBJECTIVES as SEARCH_OBJECTIVES
@@ -79,8 +79,8 @@ class TrialRuns:
         stopped: The trials a scheduler stopped early, with the epoch they stopped at. They are
             left out, but for the completed stages of a front-tracing trial, which are candidates.
         timeline: Every trial run, candidate or not, in the order it ended: `run_id`, `end_time`
-            (seconds since the epoch) and `train_time_s` (its compute, NaN if none was logged),
-            for the hypervolume against compute (`hypervolume_history`).
+            (seconds since the epoch), `train_time_s` (its compute, NaN if none was logged),
+            for the hypervolume against compute (`hypervolume_history`), and its `status`.
     """
 
     table: pd.DataFrame
@@ -266,10 +266,11 @@ def _timeline(trials: list[Run]) -> pd.DataFrame:
                 "run_id": run.info.run_id,
                 "end_time": (run.info.end_time or run.info.start_time or 0) / 1000,
                 "train_time_s": run.data.metrics.get("train_time_s", math.nan),
+                "status": run.info.status,
             }
             for run in trials
         ],
-        columns=["run_id", "end_time", "train_time_s"],
+        columns=["run_id", "end_time", "train_time_s", "status"],
     )
     return timeline.sort_values("end_time", ignore_index=True)
 
@@ -477,6 +478,37 @@ def _record(result: ParetoResult, runs: TrialRuns, *, log_to_parent: bool) -> No
         for path in (result.csv_path, result.png_path, result.history_path):
             client.log_artifact(runs.parent_run_id, str(path))
         client.set_tag(runs.parent_run_id, "pareto_selected_run_id", result.selected_run_id)
+        client.log_batch(runs.parent_run_id, metrics=search_metrics(result, runs))
+
+
+def search_metrics(result: ParetoResult, runs: TrialRuns) -> list[Metric]:
+    """The search's numbers, for its parent run, so that MLflow's experiment table can sort and
+    compare searches: `hypervolume` after each trial ended (one step a trial, stamped with its
+    end time, so MLflow draws the history and logging it again adds nothing), and at the last
+    step `front_size`, `trials_finished`, `trials_stopped`, `trials_failed`, `compute_s` (the
+    trials' summed training time), `best_val_score` and the chosen point's `chosen_val_score`
+    and `chosen_retained_params`."""
+    ended = dict(zip(runs.timeline["run_id"], runs.timeline["end_time"], strict=True))
+    metrics = [
+        Metric("hypervolume", float(row.hypervolume), int(ended[row.run_id] * 1000), step)
+        for step, row in enumerate(result.history.itertuples(), 1)
+    ]
+    last = (int(runs.timeline["end_time"].max() * 1000), len(runs.timeline))
+    status = runs.timeline["status"]
+    stopped = runs.timeline["run_id"].isin(list(runs.stopped))
+    sora = result.table[result.table["method"] == FRONT_METHOD]
+    chosen = result.table[result.table["selected"]].iloc[0]
+    values = {
+        "front_size": int(result.table["on_front"].sum()),
+        "trials_finished": int(((status == "FINISHED") & ~stopped).sum()),
+        "trials_stopped": int(stopped.sum()),
+        "trials_failed": int((status == "FAILED").sum()),
+        "compute_s": float(runs.timeline["train_time_s"].fillna(0.0).sum()),
+        "best_val_score": float(sora["val_score"].max()),
+        "chosen_val_score": float(chosen["val_score"]),
+        "chosen_retained_params": float(chosen["retained_params"]),
+    }
+    return metrics + [Metric(name, value, *last) for name, value in values.items()]
 
 
 def hypervolume_history(

@@ -50,6 +50,24 @@ def test_a_search_on_postgresql_registers_and_predicts(
     predicted = predict_file(registered.model_uri, tmp_path / "rows.csv", tracking_uri=mlflow_uri)
     assert len(predicted) == 1
 
+    # The search is a first-class MLflow run: its numbers are metrics the experiment table sorts.
+    (parent,) = client.search_runs(
+        [experiment.experiment_id],
+        "tags.`sora_tune.role` = 'search'",
+        order_by=["metrics.hypervolume DESC"],
+    )
+    metrics = parent.data.metrics
+    assert {k: metrics[k] for k in ("trials_finished", "trials_stopped", "trials_failed")} == {
+        "trials_finished": 2,
+        "trials_stopped": 0,
+        "trials_failed": 0,
+    }
+    assert 1 <= metrics["front_size"] <= 2 and metrics["compute_s"] > 0
+    assert metrics["chosen_val_score"] == registered.val_score <= metrics["best_val_score"]
+    assert metrics["chosen_retained_params"] == registered.retained_params
+    history = client.get_metric_history(parent.info.run_id, "hypervolume")
+    assert [m.step for m in history] == [1, 2] and history[-1].value == metrics["hypervolume"]
+
 
 def write_like_a_trial(mlflow_uri: str, experiment_id: str, optuna_uri: str, index: int) -> str:
     """What one trial writes to the stores: its MLflow run (params, a metric batch per epoch,
