@@ -116,7 +116,9 @@ class ParetoSuccessiveHalving(FIFOScheduler):
         if (
             getattr(trial, "config", {}).get("method", "sora") != "sora"  # a baseline
             or not result.get(COMPARABLE_KEY, True)
-            or any(key not in result for key in self.directions)
+            # A diverged trial's last report has no epoch: as Ray's own schedulers do when
+            # `time_attr` is missing, let it end on its own.
+            or any(key not in result for key in [self.time_attr, *self.directions])
         ):
             return TrialScheduler.CONTINUE
         self._load()

@@ -94,6 +94,15 @@ def test_the_order_of_earlier_arrivals_does_not_decide_for_a_newcomer():
         assert len(decisions) == 1, newcomer
 
 
+def test_a_diverged_trial_without_an_epoch_goes_on_to_its_end():
+    """A diverged trial's last report holds NaN objectives and no epoch: CONTINUE, as Ray's own
+    schedulers answer a result without their `time_attr`."""
+    scheduler = ParetoSuccessiveHalving(DIRECTIONS, max_epochs=4)
+    diverged = {"val_score": np.nan, "retained_params": np.nan, "status": "diverged"}
+    assert scheduler.on_trial_result(None, SimpleNamespace(trial_id="d"), diverged) == "CONTINUE"
+    assert scheduler.recorded == {1: {}, 3: {}}
+
+
 def test_a_front_tracing_trial_meets_a_rung_at_a_stage_end():
     """Dense phase (epochs 1-2) then stages: rung 1 is taken at the end of the dense phase, the
     first stage end at or after it, never inside it."""
