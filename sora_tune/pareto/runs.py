@@ -46,6 +46,10 @@ REQUIRED_METRICS = ("val_score", "retained_params")
 METRICS = ("val_score", "retained_params", "test_score", "nonzero_rank", "train_time_s")
 COLUMNS = ("run_id", "run_name", "method", "r_max", "stage", *METRICS)
 BASELINE_MARKERS = {"lora": "s", "adalora": "^"}  # other methods: "D"
+# A SoRA point pruned to rank 0 is a head-only model: it exported no adapter, so `register`
+# could not serve it. It is a candidate nowhere: not here, not on Optuna's front
+# (`tune.outcome.candidate_points`).
+NO_ADAPTER = "pruned every rank: no adapter to register"
 
 
 @dataclass(frozen=True)
@@ -183,14 +187,21 @@ def load_trial_runs(
             stopped[run.info.run_id] = float(run.data.tags[STOPPED_TAG])
         reason = _left_out_reason(run)
         if reason is None:
-            rows += _stage_rows(client, run) if _traces_front(run) else [_row(run)]
+            points = _stage_rows(client, run) if _traces_front(run) else [_row(run)]
         elif run.info.run_id in stopped and _traces_front(run) and run.info.status == "FINISHED":
             # A front-tracing trial stopped early: the stages it completed are complete points,
             # the same as those stages of a trial that went on.
-            rows += _stage_rows(client, run)
+            points = _stage_rows(client, run)
             left_out.append(_left_out(run, f"{reason}; its completed stages are candidates"))
         else:
             left_out.append(_left_out(run, reason))
+            continue
+        for point in points:
+            if point["method"] == FRONT_METHOD and point["nonzero_rank"] == 0:
+                where = "" if point["stage"] is None else f"stage {point['stage']}: "
+                left_out.append(_left_out(run, where + NO_ADAPTER))
+            else:
+                rows.append(point)
     return TrialRuns(
         table=_candidate_table(rows),
         left_out=left_out,
