@@ -644,8 +644,10 @@ def _ladder_comparison(table: pd.DataFrame) -> LadderComparison | None:
     return compare_to_ladder(sora[columns].to_numpy(float), ladder[columns].to_numpy(float))
 
 
-def ladder_lines(result: ParetoResult) -> list[str]:
-    """How SoRA's points compare with the LoRA ladder, for a terminal; none without a ladder."""
+def ladder_lines(result: ParetoResult, *, name_by: str = "run_id") -> list[str]:
+    """How SoRA's points compare with the LoRA ladder, for a terminal; none without a ladder.
+    SoRA points are named as the table above them names runs: by `run_id` (its first 8
+    characters, as `format_table`) or by `run_name` (the Ray trial, as the end of a search)."""
     ladder = result.ladder
     if ladder is None:
         return []
@@ -660,7 +662,10 @@ def ladder_lines(result: ParetoResult) -> list[str]:
         "",
         f"against the LoRA ladder ({len(rungs)} runs, ranks "
         f"{', '.join(str(r) for r in sorted(set(rungs['r_max'].astype(int))))}):",
-        f"  hypervolume SoRA / ladder {ladder.hypervolume_ratio:.3f} (reference {reference})",
+        # Not the hypervolume above, of SoRA's points alone: the ladder's largest rank may have
+        # more params than any SoRA point, so both are measured from one reference of all.
+        f"  hypervolume SoRA / ladder {ladder.hypervolume_ratio:.3f}, both from one reference of "
+        f"SoRA's and the ladder's points ({reference}), not the one above of SoRA's alone",
         f"  SoRA points above the ladder's line {ladder.above}, on it {ladder.on}, below it "
         f"{ladder.below}",
     ]
@@ -668,7 +673,8 @@ def ladder_lines(result: ParetoResult) -> list[str]:
         rung = rungs.iloc[i]
         beaten = [sora.iloc[j] for k, j in ladder.dominated if k == i]
         names = ", ".join(
-            f"{p['run_id'][:8]}{'' if pd.isna(p['stage']) else f' s{int(p.stage)}'}"
+            f"{p[name_by][:8] if name_by == 'run_id' else p[name_by]}"
+            f"{'' if pd.isna(p['stage']) else f' s{int(p.stage)}'}"
             for p in beaten[:6]
         )
         lines.append(
