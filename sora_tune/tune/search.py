@@ -28,7 +28,7 @@ from ..config import DATA_FIELDS, FILE_FIELDS, TrialConfig
 from ..data import DataSource, load_glue
 from ..front import OBJECTIVES
 from ..models import check_targets, load_tokenizer
-from ..quiet import QUIET_ENV
+from ..quiet import QUIET_ENV, quiet_search_driver
 from ..tracking import ROLE_TAG, experiment_id_of
 from ..train import data_lineage, own_data, prepare_data
 from ..uris import (
@@ -179,6 +179,7 @@ def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None)
         "experiment_id": experiment.experiment_id,
         "parent_run_id": parent_run_id,
     }
+    quiet_search_driver()
     with stop_gracefully_on_signals() as received:
         try:
             results = _make_tuner(config, tracking, data, sources, resume).fit()
