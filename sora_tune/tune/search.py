@@ -2,8 +2,10 @@
 settings, MLflow keeps one parent run per search and one child run per trial.
 
 Optuna receives each trial's last-epoch `val_score` and `retained_params`: the values of the
-adapter the trial exports, so what the search optimises is what you can ship. A trial that a
-scheduler stops early is PRUNED for Optuna and left off the front (see `outcome`).
+adapter the trial exports, so what the search optimises is what you can ship (a front-tracing
+trial: the one of its stage points that moves the search's front the most). A trial that a
+scheduler stops early, or that pruned every rank, is PRUNED for Optuna and left off the front
+(see `outcome`).
 """
 
 from __future__ import annotations
