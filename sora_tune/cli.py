@@ -291,7 +291,7 @@ def search_summary(search) -> str:
     if report.front["test_score"].isna().all():
         lines.append(f"test_score: {NO_TEST_SCORE}: give --test-file to score the trials on one")
     lines += ["", f"hypervolume {report.hypervolume:.6g} (reference {reference})"]
-    lines += ladder_lines(report)
+    lines += ladder_lines(report, name_by="run_name")  # the front table's names
     if report.left_out:
         lines += ["", "stopped, failed or left out:"]
         for left in report.left_out:

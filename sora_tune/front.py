@@ -106,12 +106,17 @@ def nondominated_ranks(values: np.ndarray, directions: Sequence[str]) -> np.ndar
 
 
 def epsilon_net_order(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
-    """The rows of one front from first to last in the ε-net order of Salinas et al. 2021 (the
-    order syne-tune's MO-ASHA ranks a front by): the best row on the first objective first, then
-    again and again the row farthest from those already taken, with every objective min-max
+    """The rows of one front from first to last in the ε-net order of Salinas et al. 2021, as
+    that paper and syne-tune's docstrings describe it: the best row on the first objective first,
+    then again and again the row farthest from those already taken, with every objective min-max
     scaled. Ties go to the lexicographically better row, so the order of distinct rows depends on
     their values only, never on the order they come in (a copy of a taken row is at distance 0,
-    so copies come after every distinct row)."""
+    so copies come after every distinct row).
+
+    Not syne-tune 0.16's code (`compute_epsilon_net`), which measures distances on raw values:
+    there, retained_params (hundreds of thousands) outweighs val_score (at most 1), so the order
+    spreads sizes only; and it returns each row's rank where its caller expects an order, and
+    breaks ties by arrival. `tune.schedulers` lists these deviations and why."""
     loss = _to_loss(np.asarray(values, dtype=float), directions)
     if len(loss) == 0:
         return np.zeros(0, dtype=int)

@@ -1,6 +1,7 @@
 """Library chatter kept off a user's terminal: transformers' load reports, Hugging Face and MLflow
 progress bars, MLflow's INFO logs, and the library warnings known to be harmless here
 (`HARMLESS_WARNINGS`); every other warning shows, such as torch's autocast and device fallbacks.
+A search's driver silences Ray's known-harmless checkpoint warning (`SEARCH_DRIVER_ENV`).
 A trial gets these settings as its environment; `pareto`, `register` and `predict` apply them to
 themselves unless `--debug` is given, so their output is the table, the registered version or the
 predictions. A user's own setting wins."""
@@ -34,6 +35,22 @@ QUIET_ENV = {
         f"ignore:{message}:{category.__name__}" for message, category in HARMLESS_WARNINGS
     ),
 }
+
+
+# The search's driver (`run_search`): Ray Tune reads these when a search starts.
+SEARCH_DRIVER_ENV = {
+    # Ray's own switch (0: off) for "Experiment state snapshotting has been triggered multiple
+    # times ... consider increasing `CheckpointConfig(num_to_keep)`". A search keeps one
+    # checkpoint per trial, so Ray snapshots the experiment after each, which `--resume` needs;
+    # only epochs of seconds (tests, the quickstart) trigger it, where a snapshot costs nothing.
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+}
+
+
+def quiet_search_driver() -> None:
+    """Apply SEARCH_DRIVER_ENV here (a user's own setting wins)."""
+    for name, value in SEARCH_DRIVER_ENV.items():
+        os.environ.setdefault(name, value)
 
 
 def quiet_this_process() -> None:

@@ -687,6 +687,14 @@ def set_stage_xi(
         gates.xi = xi
 
 
+def epochs_trained(step: int, steps_per_epoch: int) -> int | float:
+    """Epochs trained after optimizer step `step`: an int at an epoch's end, else the exact
+    fraction. Never rounded: at 49k steps an epoch, a report 2 steps before the end rounded to
+    4 decimals would read as the last epoch, and a trial stopped there as one that finished."""
+    whole, rest = divmod(step, steps_per_epoch)
+    return whole if rest == 0 else step / steps_per_epoch
+
+
 def evaluation_metrics(
     model: torch.nn.Module,
     optimization: Optimization,
@@ -703,9 +711,8 @@ def evaluation_metrics(
     gates = optimization.gate_optimizer
     xi = gates.xi if gates is not None else 0.0
     elapsed = stats.seconds + stats.scoring_seconds
-    epoch = step / steps_per_epoch
     return {
-        "epoch": int(epoch) if epoch == int(epoch) else round(epoch, 4),
+        "epoch": epochs_trained(step, steps_per_epoch),
         "step": step,
         "evaluation": len(history) + 1,
         "train_loss": stats.loss,

@@ -40,3 +40,20 @@ def test_torch_fallback_warnings_show_and_chatter_does_not(where):
     assert "In CPU autocast, but the target dtype is not supported" in done.stderr
     chatter = ("lr_scheduler.step()", "a deprecation")
     assert [c in done.stderr for c in chatter] == [where == "nowhere"] * 2, done.stderr
+
+
+def test_a_search_driver_turns_off_rays_checkpoint_snapshot_warning(monkeypatch, tmp_path):
+    """Ray's "consider increasing `CheckpointConfig(num_to_keep)`" warning fires when its
+    snapshots come closer than this threshold; Ray documents 0 as off. A user's value wins."""
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+
+    from sora_tune.quiet import SEARCH_DRIVER_ENV, quiet_search_driver
+
+    (variable,) = SEARCH_DRIVER_ENV
+    monkeypatch.delenv(variable, raising=False)
+    quiet_search_driver()
+    manager = _ExperimentCheckpointManager(storage=None, checkpoint_period="auto")
+    assert manager._excessive_sync_threshold == 0
+    monkeypatch.setenv(variable, "5")
+    quiet_search_driver()
+    assert os.environ[variable] == "5"

@@ -46,6 +46,10 @@ REQUIRED_METRICS = ("val_score", "retained_params")
 METRICS = ("val_score", "retained_params", "test_score", "nonzero_rank", "train_time_s")
 COLUMNS = ("run_id", "run_name", "method", "r_max", "stage", *METRICS)
 BASELINE_MARKERS = {"lora": "s", "adalora": "^"}  # other methods: "D"
+# A SoRA point pruned to rank 0 is a head-only model: it exported no adapter, so `register`
+# could not serve it. It is a candidate nowhere: not here, not on Optuna's front
+# (`tune.outcome.candidate_points`).
+NO_ADAPTER = "pruned every rank: no adapter to register"
 
 
 @dataclass(frozen=True)
@@ -183,14 +187,21 @@ def load_trial_runs(
             stopped[run.info.run_id] = float(run.data.tags[STOPPED_TAG])
         reason = _left_out_reason(run)
         if reason is None:
-            rows += _stage_rows(client, run) if _traces_front(run) else [_row(run)]
+            points = _stage_rows(client, run) if _traces_front(run) else [_row(run)]
         elif run.info.run_id in stopped and _traces_front(run) and run.info.status == "FINISHED":
             # A front-tracing trial stopped early: the stages it completed are complete points,
             # the same as those stages of a trial that went on.
-            rows += _stage_rows(client, run)
+            points = _stage_rows(client, run)
             left_out.append(_left_out(run, f"{reason}; its completed stages are candidates"))
         else:
             left_out.append(_left_out(run, reason))
+            continue
+        for point in points:
+            if point["method"] == FRONT_METHOD and point["nonzero_rank"] == 0:
+                where = "" if point["stage"] is None else f"stage {point['stage']}: "
+                left_out.append(_left_out(run, where + NO_ADAPTER))
+            else:
+                rows.append(point)
     return TrialRuns(
         table=_candidate_table(rows),
         left_out=left_out,
@@ -665,8 +676,10 @@ def _ladder_comparison(table: pd.DataFrame) -> LadderComparison | None:
     return compare_to_ladder(sora[columns].to_numpy(float), ladder[columns].to_numpy(float))
 
 
-def ladder_lines(result: ParetoResult) -> list[str]:
-    """How SoRA's points compare with the LoRA ladder, for a terminal; none without a ladder."""
+def ladder_lines(result: ParetoResult, *, name_by: str = "run_id") -> list[str]:
+    """How SoRA's points compare with the LoRA ladder, for a terminal; none without a ladder.
+    SoRA points are named as the table above them names runs: by `run_id` (its first 8
+    characters, as `format_table`) or by `run_name` (the Ray trial, as the end of a search)."""
     ladder = result.ladder
     if ladder is None:
         return []
@@ -681,7 +694,10 @@ def ladder_lines(result: ParetoResult) -> list[str]:
         "",
         f"against the LoRA ladder ({len(rungs)} runs, ranks "
         f"{', '.join(str(r) for r in sorted(set(rungs['r_max'].astype(int))))}):",
-        f"  hypervolume SoRA / ladder {ladder.hypervolume_ratio:.3f} (reference {reference})",
+        # Not the hypervolume above, of SoRA's points alone: the ladder's largest rank may have
+        # more params than any SoRA point, so both are measured from one reference of all.
+        f"  hypervolume SoRA / ladder {ladder.hypervolume_ratio:.3f}, both from one reference of "
+        f"SoRA's and the ladder's points ({reference}), not the one above of SoRA's alone",
         f"  SoRA points above the ladder's line {ladder.above}, on it {ladder.on}, below it "
         f"{ladder.below}",
     ]
@@ -689,7 +705,8 @@ def ladder_lines(result: ParetoResult) -> list[str]:
         rung = rungs.iloc[i]
         beaten = [sora.iloc[j] for k, j in ladder.dominated if k == i]
         names = ", ".join(
-            f"{p['run_id'][:8]}{'' if pd.isna(p['stage']) else f' s{int(p.stage)}'}"
+            f"{p[name_by][:8] if name_by == 'run_id' else p[name_by]}"
+            f"{'' if pd.isna(p['stage']) else f' s{int(p.stage)}'}"
             for p in beaten[:6]
         )
         lines.append(

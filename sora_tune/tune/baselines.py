@@ -17,17 +17,6 @@ from ray.tune.search import Searcher
 from .space import SearchSpace
 
 LORA_LADDER = "lora-ladder"
-# Settings of a rising ξ schedule: the ladder trains a plain LoRA on one learning-rate schedule,
-# not restarted at stages that have no meaning for it.
-SCHEDULE_SETTINGS = (
-    "xi",
-    "xi_total",
-    "xi_max",
-    "xi_stages",
-    "xi_delta",
-    "xi_every",
-    "dense_epochs",
-)
 
 
 def ladder_ranks(largest: int) -> list[int]:

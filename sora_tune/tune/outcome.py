@@ -5,7 +5,8 @@
 - stopped: a scheduler stopped it early. Ray stops it between epochs, so the trial leaves its
   run open; `TrialRecorder` ends it FINISHED with the tag `sora_tune.stopped_at_epoch`, and
   `StoppedAsPrunedOptunaSearch` tells Optuna PRUNED, never COMPLETE with the values of a smaller
-  budget.
+  budget; a front-tracing trial's completed stages still count among the search's candidates.
+- finished with every rank pruned: no adapter to register, so PRUNED for Optuna too.
 - lost: its worker died for good; the run ends FAILED, "worker lost".
 - killed: the search was interrupted (SIGINT, SIGTERM) while it ran; the run ends KILLED,
   "search interrupted", and `--resume` continues it in the same run.
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,70 +47,119 @@ def outcome(result: dict[str, Any] | None, error: bool) -> str:
     return (result or {}).get("status", "finished")
 
 
-def traced_point(
-    result: dict[str, Any], directions: dict[str, str], told: np.ndarray | None = None
-) -> dict[str, Any]:
-    """What Optuna is told of a trial: its last values; for a front-tracing trial, which ends
-    with several points of the front, the stage point that adds the most hypervolume to the
-    search's front so far (`told`: the objective values Optuna holds for the finished trials),
-    measured from the search's reference point (`default_reference` of those values and the
-    trial's points): the point by which this trial moved the search's answer the most. A stage
-    pruned to rank 0 is never told (there is no adapter to register). Ties, such as every point
-    dominated by the front, go to the later stage."""
-    points = [p for p in result.get(STAGE_POINTS_KEY) or [] if p.get("nonzero_rank", 1) > 0]
-    values = np.array([[p[key] for key in directions] for p in points], dtype=float)
-    finite = np.flatnonzero(~np.isnan(values).any(axis=1)) if points else []
-    if len(finite) == 0:
-        return result
-    told = np.empty((0, len(directions))) if told is None else np.asarray(told, dtype=float)
-    told = told[~np.isnan(told).any(axis=1)]
-    signs = list(directions.values())
-    reference = default_reference(np.vstack([told, values[finite]]), signs)
-    base = hypervolume(told, signs, reference) if len(told) else 0.0
-    gains = [
-        hypervolume(np.vstack([told, values[i : i + 1]]), signs, reference) - base for i in finite
-    ]
-    best = finite[len(gains) - 1 - int(np.argmax(gains[::-1]))]
-    return result | {key: points[best][key] for key in directions}
+def candidate_points(result: dict[str, Any], directions: dict[str, str]) -> np.ndarray:
+    """The points of a finished trial that `pareto` lists as candidates, as an `(n, k)` array of
+    the objectives `directions`: every stage point of a front-tracing trial (`STAGE_POINTS_KEY`),
+    the last values of any other; never a point pruned to rank 0 (it exported no adapter, so it
+    cannot be registered) nor one with NaN."""
+    points = result.get(STAGE_POINTS_KEY) or [result]
+    values = np.array(
+        [
+            [p.get(key, np.nan) for key in directions]
+            for p in points
+            if p.get("nonzero_rank", 1) > 0
+        ],
+        dtype=float,
+    ).reshape(-1, len(directions))
+    return values[~np.isnan(values).any(axis=1)]
+
+
+def told_values(
+    points: np.ndarray, directions: dict[str, str], candidates: np.ndarray | None = None
+) -> dict[str, float] | None:
+    """What Optuna is told of a finished trial with the candidate `points` (`candidate_points`):
+    the point by which it moved the search's answer the most, or `None` when it has none (every
+    rank pruned: Optuna records it PRUNED, so it is on no front, as it is on none of `pareto`'s).
+
+    With two or more objectives, the answer is `pareto`'s front, measured as `pareto` measures
+    it, so that the sampler is rewarded for what the user is shown at the end: the point that adds the most hypervolume to the front of `candidates` (every candidate
+    of the trials that ended before, stopped ones' completed stages too), from the reference
+    point `pareto` would take (`default_reference` of those and `points`). With one objective
+    the answer is the best score, and the trial's best point is told. Ties, such as every point
+    dominated by the front, go to the later stage (the smaller adapter)."""
+    if len(points) == 0:
+        return None
+    senses = list(directions.values())
+    if len(directions) == 1:
+        gains = points[:, 0] if senses[0] == "maximize" else -points[:, 0]
+    else:
+        front = np.empty((0, len(directions))) if candidates is None else candidates
+        reference = default_reference(np.vstack([front, points]), senses)
+        base = hypervolume(front, senses, reference) if len(front) else 0.0
+        gains = np.array(
+            [hypervolume(np.vstack([front, [point]]), senses, reference) - base for point in points]
+        )
+    best = len(gains) - 1 - int(np.argmax(gains[::-1]))
+    return dict(zip(directions, map(float, points[best]), strict=True))
 
 
 class StoppedAsPrunedOptunaSearch(OptunaSearch):
     """Ray's `OptunaSearch`, told what sora-tune's trials mean: a trial a scheduler stopped
     early is PRUNED (Ray tells it COMPLETE with its last, partial-budget values, which would put
-    an under-trained adapter on Optuna's front and steer the sampler with it), and a
-    front-tracing trial is told its `traced_point`.
+    an under-trained adapter on Optuna's front and steer the sampler with it), so is a trial
+    with no point to register (every rank pruned), and any other is told its `told_values`.
+    The study names its objectives, so `optuna-dashboard` shows them by name.
 
     Args:
         directions: The objectives and their directions (`"maximize"`, `"minimize"`).
         **kwargs: The rest of `OptunaSearch`'s arguments (not `metric` and `mode`).
+
+    Attributes:
+        candidates: Every candidate point `pareto` will list of the trials ended so far: the
+            front and reference `told_values` measures against. Saved with the searcher, so a
+            resumed search keeps them.
     """
 
     def __init__(self, directions: dict[str, str], **kwargs: Any) -> None:
+        self.directions = dict(directions)  # before OptunaSearch builds the study (`_setup_study`)
+        self.candidates = np.empty((0, len(directions)))
+        self._stage_ends: dict[str, dict[int, list[float]]] = {}
         metrics, modes = list(directions), [RAY_MODES[d] for d in directions.values()]
         super().__init__(
             metric=metrics if len(metrics) > 1 else metrics[0],
             mode=modes if len(modes) > 1 else modes[0],
             **kwargs,
         )
-        self.directions = dict(directions)
+
+    def _setup_study(self, mode: str | list[str]) -> None:
+        import optuna
+
+        super()._setup_study(mode)
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.2: nothing to act on
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self._ot_study.set_metric_names(list(self.directions))
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        self._note_stage_end(trial_id, result)
+        super().on_trial_result(trial_id, result)
 
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
     ) -> None:
-        if stopped_early(result):
+        ending = outcome(result, error)
+        if ending == "stopped":
+            # Ray passes the report that stopped it here only, not to `on_trial_result`. Its
+            # completed stages are candidates of `pareto` (the same points a trial that went on
+            # has), so they join the front later trials are measured against.
+            self._note_stage_end(trial_id, result)
+            ended = list(self._stage_ends.pop(trial_id, {}).values())
+            ended_points = np.array(ended, dtype=float).reshape(-1, len(self.directions))
+            self.candidates = np.vstack([self.candidates, ended_points])
             result = None  # with no result and no error, Ray's OptunaSearch tells PRUNED
-        elif result is not None and not error:
-            result = traced_point(result, self.directions, self._told_values())
+        elif ending == "finished":
+            points = candidate_points(result, self.directions)
+            told = told_values(points, self.directions, self.candidates)
+            self.candidates = np.vstack([self.candidates, points])
+            result = None if told is None else result | told
+        self._stage_ends.pop(trial_id, None)
         super().on_trial_complete(trial_id, result, error)
 
-    def _told_values(self) -> np.ndarray:
-        """The objective values of the trials Optuna holds as COMPLETE: the search's front."""
-        import optuna
-
-        complete = self._ot_study.get_trials(
-            deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)
-        )
-        return np.array([t.values for t in complete], dtype=float).reshape(-1, len(self.directions))
+    def _note_stage_end(self, trial_id: str, result: dict[str, Any]) -> None:
+        """Keep a front-tracing trial's stage point, if `result` ends a stage and has an adapter."""
+        if result.get("stage_end") and result.get("nonzero_rank", 0) > 0:
+            point = [float(result[key]) for key in self.directions]
+            if not np.isnan(point).any():
+                self._stage_ends.setdefault(trial_id, {})[result["stage"]] = point
 
 
 class TrialRecorder(tune.Callback):

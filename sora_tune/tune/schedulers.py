@@ -1,5 +1,5 @@
 """Pareto-aware early stopping: multi-objective asynchronous successive halving (MO-ASHA,
-Schmucker et al. 2021), with the decision rule of syne-tune's `MOASHA`.
+Schmucker et al. 2021), with the rule the MO-ASHA papers and syne-tune's docstrings describe.
 
 Rungs sit at `grace_period · reduction_factor^k` epochs below the trials' budget. The first
 trial to reach a rung goes on. A later one is ranked among every trial recorded at that rung,
@@ -8,6 +8,21 @@ front, in ε-net order (Salinas et al. 2021: best score first, then farthest-fir
 objectives), which depends on the points' values, not on the order they arrived. It goes on when
 its position (0 = best) divided by the number recorded is at most `1/reduction_factor`, and stops
 otherwise: it is recorded as stopped, not failed (see `outcome`).
+
+syne-tune 0.16's code (`MOASHA` with `NonDominatedPriority`) does not follow its own docstrings,
+and this module deviates from it on purpose:
+- Its `nondominated_sort` returns an order (row indices, best first), and `MOASHA` reads that
+  array as each row's priority; inside a front, its ε-net returns each row's rank, which is then
+  indexed with as if it were an order. A newcomer's "priority" is thus the index of some other
+  row, and it can be stopped though it dominates every earlier trial. Here a trial's own
+  position in the order decides, as the papers say.
+- Its ε-net measures distances on raw values, so retained_params (hundreds of thousands)
+  outweighs val_score (at most 1) and the spread is one of sizes only. Here each objective is
+  min-max scaled over the front first, so both count (`front.epsilon_net_order`).
+- Its ties (the first point, the farthest one) go to the earlier arrival; here to the better
+  values, and a copy of a recorded point takes that point's position, so no decision depends
+  on the order trials arrived in.
+The tests pin this rule's decisions on small rungs worked out by hand.
 
 Baselines (LoRA, AdaLoRA) are never ranked. A front-tracing trial is recorded at a rung only at
 the end of a stage (`COMPARABLE_KEY` in its reports): at the first stage end at or after the
@@ -68,7 +83,7 @@ def position_of(row: int, values: np.ndarray, directions: list[str]) -> int:
 
 def keeps(position: int, recorded: int, reduction_factor: float) -> bool:
     """Whether the trial at `position` (0 = best) among the `recorded` at its rung goes on:
-    syne-tune's rule, position / recorded <= 1 / reduction_factor. The first trial at a rung
+    MO-ASHA's rule, position / recorded <= 1 / reduction_factor. The first trial at a rung
     (position 0 of 1) always does."""
     return position / recorded <= 1 / reduction_factor
 
@@ -116,7 +131,9 @@ class ParetoSuccessiveHalving(FIFOScheduler):
         if (
             getattr(trial, "config", {}).get("method", "sora") != "sora"  # a baseline
             or not result.get(COMPARABLE_KEY, True)
-            or any(key not in result for key in self.directions)
+            # A diverged trial's last report has no epoch: as Ray's own schedulers do when
+            # `time_attr` is missing, let it end on its own.
+            or any(key not in result for key in [self.time_attr, *self.directions])
         ):
             return TrialScheduler.CONTINUE
         self._load()

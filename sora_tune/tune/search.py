@@ -2,8 +2,10 @@
 settings, MLflow keeps one parent run per search and one child run per trial.
 
 Optuna receives each trial's last-epoch `val_score` and `retained_params`: the values of the
-adapter the trial exports, so what the search optimises is what you can ship. A trial that a
-scheduler stops early is PRUNED for Optuna and left off the front (see `outcome`).
+adapter the trial exports, so what the search optimises is what you can ship (a front-tracing
+trial: the one of its stage points that moves the search's front the most). A trial that a
+scheduler stops early, or that pruned every rank, is PRUNED for Optuna and left off the front
+(see `outcome`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from ..config import DATA_FIELDS, FILE_FIELDS, TrialConfig
 from ..data import DataSource, load_glue
 from ..front import OBJECTIVES
 from ..models import check_targets, load_tokenizer
-from ..quiet import QUIET_ENV
+from ..quiet import QUIET_ENV, quiet_search_driver
 from ..tracking import ROLE_TAG, experiment_id_of
 from ..train import data_lineage, own_data, prepare_data
 from ..uris import (
@@ -180,6 +182,7 @@ def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None)
         "experiment_id": experiment.experiment_id,
         "parent_run_id": parent_run_id,
     }
+    quiet_search_driver()
     with stop_gracefully_on_signals() as received:
         try:
             results = _make_tuner(config, tracking, data, sources, resume).fit()

@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from sora_tune.pareto import format_table, load_trial_runs, pareto_report
+from sora_tune.pareto.runs import ladder_lines
 
 ROLE = "sora_tune.role"
 
@@ -294,3 +295,64 @@ def test_a_stopped_front_tracing_trial_keeps_its_completed_stages(store, epoch):
     assert runs.stopped == {run_id: float(epoch)}
     (left,) = runs.left_out
     assert left.reason == f"stopped early at epoch {epoch}; its completed stages are candidates"
+
+
+def test_a_point_pruned_to_rank_zero_is_no_candidate(store, tmp_path):
+    """A SoRA point that pruned every rank exported no adapter: `register` could not serve it, so
+    it is left out, with its reason, never on the front (retained_params 0 would dominate it)."""
+    client = store["client"]
+    experiment = client.create_experiment("pruned-away")
+    search = client.create_run(experiment, tags={ROLE: "search"}, run_name="s").info.run_id
+    point = {"val_score": 0.6, "retained_params": 0.0, "nonzero_rank": 0}
+    head_only = add_trial(client, experiment, search, "head-only", "sora", 8, point)
+    kept = {"val_score": 0.7, "retained_params": 500.0, "nonzero_rank": 5}
+    kept_id = add_trial(client, experiment, search, "kept", "sora", 8, kept)
+    traced = add_trial(client, experiment, search, "traced", "sora", 8, point)
+    now = int(time.time() * 1000)
+    stages = [(0.8, 900.0, 4), (0.75, 0.0, 0)]
+    client.log_batch(
+        traced,
+        metrics=[
+            Metric(f"stage_{key}", value, now, stage)
+            for stage, values in enumerate(stages)
+            for key, value in zip(
+                ("val_score", "retained_params", "nonzero_rank"), values, strict=True
+            )
+        ],
+    )
+    for run in (head_only, kept_id, traced, search):
+        client.set_terminated(run)
+    runs = load_trial_runs(parent_run_id=search, tracking_uri=store["uri"])
+    candidates = zip(runs.table["run_id"], runs.table["stage"].fillna(-1), strict=True)
+    assert set(candidates) == {(kept_id, -1), (traced, 0)}
+    assert {(r.run_id, r.reason) for r in runs.left_out} == {
+        (head_only, "pruned every rank: no adapter to register"),
+        (traced, "stage 1: pruned every rank: no adapter to register"),
+    }
+    report = pareto_report(runs, output_dir=tmp_path, min_score=0.0, log_to_parent=False)
+    assert report.selected["retained_params"] == 500.0
+
+
+def test_ladder_lines_name_sora_points_as_the_table_above_them(store, tmp_path):
+    """`pareto`'s table names runs by id, the end of a search by Ray trial name: the ladder's
+    lines follow. Their hypervolume ratio says it has a reference point of its own."""
+    client = store["client"]
+    experiment = client.create_experiment("ladder-names")
+    search = client.create_run(experiment, tags={ROLE: "search"}, run_name="s").info.run_id
+    points = {
+        "run_trial_weak": ("sora", {"val_score": 0.7, "retained_params": 5000.0}),
+        "run_trial_strong": ("sora", {"val_score": 0.9, "retained_params": 8000.0}),
+        "run_trial_rung": ("lora", {"val_score": 0.8, "retained_params": 3000.0}),
+    }
+    ids = {
+        name: add_trial(client, experiment, search, name, method, 4, metrics)
+        for name, (method, metrics) in points.items()
+    }
+    for run in [*ids.values(), search]:
+        client.set_terminated(run)
+    runs = load_trial_runs(parent_run_id=search, tracking_uri=store["uri"])
+    report = pareto_report(runs, output_dir=tmp_path, log_to_parent=False)
+    by_id, by_name = ladder_lines(report), ladder_lines(report, name_by="run_name")
+    assert by_id[-1].endswith(f"dominates 1 SoRA point(s): {ids['run_trial_weak'][:8]}")
+    assert by_name[-1].endswith("dominates 1 SoRA point(s): run_trial_weak")
+    assert "not the one above of SoRA's alone" in by_id[2]

@@ -6,6 +6,7 @@ import json
 
 import mlflow
 import numpy as np
+import optuna
 import pandas as pd
 import pytest
 import torch
@@ -17,7 +18,7 @@ from sora_tune.models import load_tokenizer
 from sora_tune.pareto import load_trial_runs, pareto_report
 from sora_tune.registry import predict_file, register
 from sora_tune.tune import run_search
-from sora_tune.tune.outcome import traced_point
+from sora_tune.tune.outcome import StoppedAsPrunedOptunaSearch, candidate_points, told_values
 from tests.test_registry import MRPC_LABELS, dev_rows
 from tests.tune.conftest import search_in
 
@@ -38,10 +39,11 @@ def stage(k: int, score: float, params: float, rank: int = 4) -> dict:
     return {"stage": k, "val_score": score, "retained_params": params, "nonzero_rank": rank}
 
 
-def told_of(points: list[dict], told=None) -> tuple[float, float]:
+def told_of(points: list[dict], told=None, directions=DIRECTIONS) -> tuple[float, ...] | None:
     result = {"val_score": 0.0, "retained_params": 1.0, "stage_points": points}
-    chosen = traced_point(result, DIRECTIONS, None if told is None else np.array(told))
-    return chosen["val_score"], chosen["retained_params"]
+    candidates = None if told is None else np.array(told, dtype=float)
+    chosen = told_values(candidate_points(result, directions), directions, candidates)
+    return None if chosen is None else tuple(chosen.values())
 
 
 def test_optuna_is_told_the_stage_point_that_improves_the_searchs_front_the_most():
@@ -51,8 +53,11 @@ def test_optuna_is_told_the_stage_point_that_improves_the_searchs_front_the_most
     # Against a search whose front already holds small adapters scoring 0.79, only the dense
     # point still moves the front.
     assert told_of(points, told=[[0.79, 300.0], [0.6, 100.0]]) == (0.80, 1000.0)
-    plain = {"val_score": 0.7, "retained_params": 10.0}
-    assert traced_point(plain, DIRECTIONS) == plain  # a trial with no stage points: its values
+    plain = {"val_score": 0.7, "retained_params": 10.0, "nonzero_rank": 3}
+    assert told_values(candidate_points(plain, DIRECTIONS), DIRECTIONS) == {
+        "val_score": 0.7,
+        "retained_params": 10.0,
+    }
 
 
 def test_a_zero_rank_stage_is_never_told():
@@ -60,6 +65,67 @@ def test_a_zero_rank_stage_is_never_told():
     points = [stage(0, 0.80, 1000.0), stage(1, 0.79, 400.0), stage(2, 0.78, 0.0, rank=0)]
     assert told_of(points) == (0.79, 400.0)
     assert told_of(points, told=[[0.9, 50.0]]) == (0.79, 400.0)  # all dominated: the later one
+    # Every stage pruned to rank 0: no point to tell (Optuna records the trial PRUNED).
+    assert told_of([stage(0, 0.7, 0.0, rank=0), stage(1, 0.6, 0.0, rank=0)]) is None
+
+
+def test_with_val_score_alone_the_best_stage_is_told():
+    """`--objective val_score` on a front-tracing space: no hypervolume of one objective, the
+    trial's best stage score, whatever the others' sizes."""
+    points = [stage(0, 0.80, 1000.0), stage(1, 0.82, 400.0), stage(2, 0.50, 350.0)]
+    assert told_of(points, directions={"val_score": "maximize"}) == (0.82,)
+    assert told_of(points, told=[[0.9]], directions={"val_score": "maximize"}) == (0.82,)
+
+
+def stage_report(k: int, score: float, params: float, *, epoch: int, rank: int = 4) -> dict:
+    """A front-tracing trial's report at the end of stage `k` (budget 4 epochs)."""
+    return stage(k, score, params, rank) | {"stage_end": True, "epoch": epoch, "budget_epochs": 4}
+
+
+def test_the_search_measures_a_trace_trial_against_pareto_s_candidates(tmp_path):
+    """The front and reference a trace trial is told against are `pareto`'s: every stage point of
+    the trials before it, the completed stages of a stopped one too, not only the points Optuna
+    was told. The study names its objectives (optuna-dashboard shows them)."""
+    from ray import tune
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = StoppedAsPrunedOptunaSearch(
+        DIRECTIONS,
+        space={"lr": tune.loguniform(1e-4, 1e-2)},
+        study_name="traced",
+        storage=optuna.storages.RDBStorage(storage),
+    )
+
+    def finish(trial_id: str, points: list[tuple[float, float]], rank: int = 4) -> None:
+        """A trace trial of 2 stages (epochs 2 and 4) that went on to its end."""
+        reports = [
+            stage_report(k, score, params, epoch=2 * (k + 1), rank=rank)
+            for k, (score, params) in enumerate(points)
+        ]
+        searcher.suggest(trial_id)
+        searcher.on_trial_result(trial_id, reports[0])
+        stages = [stage(k, score, params, rank) for k, (score, params) in enumerate(points)]
+        searcher.on_trial_complete(trial_id, reports[1] | {"stage_points": stages})
+
+    finish("a", [(0.80, 1000.0), (0.79, 400.0)])
+    # b is stopped after its second stage (epoch 2 of 4): Ray hands that report to
+    # on_trial_complete only. Its stages are candidates: (0.84, 300) dominates c's (0.83, 350).
+    searcher.suggest("b")
+    searcher.on_trial_result("b", stage_report(0, 0.85, 2000.0, epoch=1))
+    searcher.on_trial_complete("b", stage_report(1, 0.84, 300.0, epoch=2))
+    finish("c", [(0.83, 350.0), (0.86, 2500.0)])
+    # d pruned every rank at every stage: nothing to register, so nothing on Optuna's front.
+    finish("d", [(0.70, 0.0), (0.60, 0.0)], rank=0)
+
+    study = optuna.load_study(study_name="traced", storage=storage)
+    assert study.metric_names == list(DIRECTIONS)
+    trials = study.trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED", "COMPLETE", "PRUNED"]
+    assert trials[0].values == [0.79, 400.0]
+    # Against the told values alone, (0.83, 350) would add the most; against pareto's
+    # candidates it adds nothing, and only c's large point extends the front.
+    assert trials[2].values == [0.86, 2500.0]
+    assert len(searcher.candidates) == 6
 
 
 def test_a_front_tracing_search_lists_serves_and_registers_stage_points(

@@ -7,6 +7,7 @@ import yaml
 
 from sora_tune.cli import main
 from sora_tune.pareto import load_trial_runs
+from sora_tune.train import epochs_trained
 from sora_tune.tune.outcome import StoppedAsPrunedOptunaSearch, outcome, stopped_early
 
 
@@ -18,6 +19,17 @@ def test_stopped_early_reads_the_last_result():
     assert outcome({"epoch": 1, "budget_epochs": 3}, error=False) == "stopped"
     assert outcome({"status": "diverged"}, error=False) == "diverged"
     assert outcome({"epoch": 3, "budget_epochs": 3}, error=True) == "error"
+
+
+def test_a_report_just_before_the_last_epochs_end_is_not_its_end():
+    """At 49k steps an epoch, 2 steps before the end is 1.99996 epochs: not the budget of 2, so
+    a trial stopped there is stopped, not finished."""
+    per_epoch = 49_000
+    before_end = epochs_trained(2 * per_epoch - 2, per_epoch)
+    assert before_end < 2 and stopped_early({"epoch": before_end, "budget_epochs": 2})
+    at_end = epochs_trained(2 * per_epoch, per_epoch)
+    assert at_end == 2 and isinstance(at_end, int)
+    assert epochs_trained(per_epoch // 2, per_epoch) == 0.5
 
 
 def test_optuna_is_told_pruned_not_complete():

@@ -13,6 +13,7 @@ import numpy as np
 import optuna
 import yaml
 
+from sora_tune.front import epsilon_net_order
 from sora_tune.tune import run_search
 from sora_tune.tune.schedulers import (
     RUNGS_FILE,
@@ -44,7 +45,7 @@ def test_a_rung_ranks_by_front_then_epsilon_net():
         ]
     )
     assert list(promotion_order(values, list(DIRECTIONS.values()))) == [2, 3, 0, 1, 4]
-    # syne-tune's rule: position / recorded <= 1 / rf goes on; the first at a rung always does.
+    # MO-ASHA's rule: position / recorded <= 1 / rf goes on; the first at a rung always does.
     assert [keeps(p, 5, 3) for p in range(5)] == [True, True, False, False, False]
     assert keeps(0, 1, 3) and not keeps(1, 2, 3) and keeps(1, 3, 3) and not keeps(2, 3, 3)
 
@@ -78,6 +79,34 @@ def test_a_dominated_newcomer_stops():
     assert rung_of([("A", 0.8, 200e3), ("B", 0.78, 100e3), ("E", 0.78, 100e3)])["E"] == "CONTINUE"
 
 
+def test_a_newcomer_that_dominates_every_earlier_trial_goes_on():
+    """Worked by hand, rf 3: B is dominated by A (position 1 of 2 > 1/3: stop), D by both
+    (2 of 3: stop), and C dominates all three (0 of 4: go on). syne-tune 0.16's code stops C: it
+    reads the order [C, A, B, D] = rows [3, 0, 1, 2] as priorities, so C (row 3) gets
+    priority 2, a position of 2/4 > 1/3."""
+    arrivals = [("A", 0.80, 200.0), ("B", 0.75, 300.0), ("D", 0.60, 400.0), ("C", 0.90, 100.0)]
+    assert rung_of(arrivals) == {"A": "CONTINUE", "B": "STOP", "D": "STOP", "C": "CONTINUE"}
+
+
+def test_inside_a_front_the_spread_is_measured_on_scaled_objectives():
+    """One front of four, worked by hand with both objectives min-max scaled (score 0.5-0.9,
+    params 100-1000): S (best score) first, then the other end E, then M2, whose nearest taken
+    point is 0.56 away (E), before M1, 0.50 away (S). On raw values params outweigh scores, and
+    M1 (450 params from both ends) would come before M2 (100 from E)."""
+    front = {"S": (0.90, 1000.0), "E": (0.50, 100.0), "M1": (0.89, 550.0), "M2": (0.72, 200.0)}
+    order = epsilon_net_order(np.array(list(front.values())), list(DIRECTIONS.values()))
+    assert [list(front)[i] for i in order] == ["S", "E", "M2", "M1"]
+    # rf 2, in this arrival order: E is 1 of 2 (go on), M1 2 of 3 (stop), M2 2 of 4 (go on;
+    # 3 of 4 on raw values, a stop).
+    arrivals = [(name, *point) for name, point in front.items()]
+    assert rung_of(arrivals, reduction_factor=2) == {
+        "S": "CONTINUE",
+        "E": "CONTINUE",
+        "M1": "STOP",
+        "M2": "CONTINUE",
+    }
+
+
 def test_the_order_of_earlier_arrivals_does_not_decide_for_a_newcomer():
     earlier = [("A", 0.80, 200e3), ("B", 0.78, 100e3), ("F", 0.84, 300e3), ("G", 0.70, 50e3)]
     newcomers = [("N1", 0.83, 150e3), ("N2", 0.79, 60e3), ("N3", 0.60, 400e3), ("N4", 0.9, 9e5)]
@@ -92,6 +121,15 @@ def test_the_order_of_earlier_arrivals_does_not_decide_for_a_newcomer():
             )
         }
         assert len(decisions) == 1, newcomer
+
+
+def test_a_diverged_trial_without_an_epoch_goes_on_to_its_end():
+    """A diverged trial's last report holds NaN objectives and no epoch: CONTINUE, as Ray's own
+    schedulers answer a result without their `time_attr`."""
+    scheduler = ParetoSuccessiveHalving(DIRECTIONS, max_epochs=4)
+    diverged = {"val_score": np.nan, "retained_params": np.nan, "status": "diverged"}
+    assert scheduler.on_trial_result(None, SimpleNamespace(trial_id="d"), diverged) == "CONTINUE"
+    assert scheduler.recorded == {1: {}, 3: {}}
 
 
 def test_a_front_tracing_trial_meets_a_rung_at_a_stage_end():
