@@ -118,6 +118,7 @@ def _summary(result: dict[str, Any]) -> str:
         "head_params",
         "train_time_s",
         "precision",
+        "base_dtype",
     )
     lines = [
         f"{k:>16}: {result[k]:.4g}"
