@@ -52,7 +52,7 @@ def load_tokenizer(config: TrialConfig):
     try:
         return classifier_tokenizer(config.model or default_model())
     except (OSError, ValueError) as err:  # transformers says ValueError for a folder of no model
-        raise _cannot_load(config, err) from None
+        raise _cannot_load(config.model, err) from None
 
 
 def classifier_tokenizer(model: str):
@@ -68,9 +68,9 @@ def classifier_tokenizer(model: str):
     return tokenizer
 
 
-def _cannot_load(config: TrialConfig, err: Exception) -> ValueError:
+def _cannot_load(model: str | None, err: Exception) -> ValueError:
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return ValueError(f"model {config.model!r} cannot be loaded: {reason}")
+    return ValueError(f"model {model!r} cannot be loaded: {reason}")
 
 
 PAD_FROM_EOS = "pad_from_eos"  # the tokenizer attribute that records `use_eos_as_pad`'s choice
@@ -157,7 +157,7 @@ def load_base(config: TrialConfig, num_labels: int, device: torch.device) -> Pre
     if base_dtype in ("int8", "nf4"):
         from transformers import BitsAndBytesConfig
 
-        kept = sorted(set(task_heads(skeleton(config))) | set(config.modules_to_save or ()))
+        kept = unquantised_modules(config.model, config.modules_to_save)
         quantised["quantization_config"] = BitsAndBytesConfig(
             load_in_8bit=base_dtype == "int8",
             load_in_4bit=base_dtype == "nf4",
@@ -174,10 +174,16 @@ def load_base(config: TrialConfig, num_labels: int, device: torch.device) -> Pre
     )
 
 
-def skeleton(config: TrialConfig) -> PreTrainedModel:
-    """The trial's task model built from its configuration on the meta device: its modules and
-    shapes, no weights and no memory. The head's size is the configuration's default: it
-    decides no module's name.
+def unquantised_modules(model: str | None, modules_to_save: list[str] | None) -> list[str]:
+    """What a quantised base of `model` (`None`: the packaged backbone) keeps in floats: its
+    task heads and pooler (`task_heads`) and `modules_to_save`, by full name."""
+    return sorted(set(task_heads(skeleton(model))) | set(modules_to_save or ()))
+
+
+def skeleton(model: str | None) -> PreTrainedModel:
+    """The task model of `model` (`None`: the packaged backbone) built from its configuration
+    on the meta device: its modules and shapes, no weights and no memory. The head's size is
+    the configuration's default: it decides no module's name.
 
     Raises:
         ValueError: the model cannot be loaded.
@@ -185,9 +191,9 @@ def skeleton(config: TrialConfig) -> PreTrainedModel:
     from transformers import AutoConfig
 
     try:
-        model_config = AutoConfig.from_pretrained(config.model or default_model())
+        model_config = AutoConfig.from_pretrained(model or default_model())
     except (OSError, ValueError) as err:
-        raise _cannot_load(config, err) from None
+        raise _cannot_load(model, err) from None
     with torch.device("meta"):
         return AutoModelForSequenceClassification.from_config(model_config)
 
@@ -201,6 +207,6 @@ def check_targets(config: TrialConfig) -> None:
         ValueError: the model cannot be loaded, or its targets are refused as `add_sora` would
             refuse them (a preset that does not fit the model, names that match nothing).
     """
-    model = skeleton(config)
+    model = skeleton(config.model)
     sora_config = config.sora_config()
     resolve_targets(model, sora_config.target_modules, exclude=resolve_heads(model, sora_config))

@@ -101,6 +101,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if native_bf16(device) else "fp32"
 
 
+def trial_dtypes(config: TrialConfig, device: torch.device) -> dict[str, str]:
+    """How a trial on `device` computes and stores: its `precision` and `base_dtype`, `auto`
+    resolved (`resolve_precision`, `models.resolve_base_dtype`)."""
+    return {
+        "precision": resolve_precision(config.precision, device),
+        "base_dtype": resolve_base_dtype(config.base_dtype, device),
+    }
+
+
 def autocast(device: torch.device, precision: str):
     """Autocast to the trial's precision (`fp32`: none). Weights stay fp32."""
     return torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
@@ -650,11 +659,7 @@ def train_trial(
             report(history[-1], str(checkpoint))
         done = end
 
-    result = {
-        "precision": precision,
-        "base_dtype": resolve_base_dtype(config.base_dtype, device),
-        "pad_from_eos": getattr(tokenizer, PAD_FROM_EOS),
-    }
+    result = trial_dtypes(config, device) | {"pad_from_eos": getattr(tokenizer, PAD_FROM_EOS)}
     return _finish(model, config, output_dir, history, status, result)
 
 

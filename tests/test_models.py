@@ -1,20 +1,24 @@
 """The model room: a backbone loaded at every base_dtype on tiny random BERT and Llama models.
 The adapter and the head are fp32 and alone trained, whatever the base stores; the head and the
 pooler are never quantised; checkpointing leaves the adapter its gradients; pruning keeps the
-logits; and a one-epoch trial runs on each."""
+logits; a one-epoch trial runs on each, and a resumed 4-bit one ends as an uninterrupted one;
+stock PEFT serves the export on the same quantised base."""
 
 import contextlib
 import dataclasses
 
 import pytest
 import torch
+from peft import PeftModel
 from transformers import DataCollatorWithPadding
 
 from sora_tune.config import TrialConfig
-from sora_tune.models import build_model, load_tokenizer, resolve_base_dtype
-from sora_tune.sora import prune, sora_layers
+from sora_tune.models import build_model, load_tokenizer, resolve_base_dtype, unquantised_modules
+from sora_tune.serving.sora_pyfunc import load_base as serving_base
+from sora_tune.sora import export_peft, prune, sora_layers
 from sora_tune.sora.layer import base_kind
 from sora_tune.train import seed_everything, train_trial
+from tests.conftest import stop_after
 from tests.sora.test_model import randomise_adapter
 from tests.test_decoders import tiny_decoder_trial
 
@@ -118,3 +122,52 @@ def test_a_one_epoch_trial_runs_at_any_base_dtype(tiny_decoder_dir, tmp_path, ba
     result = train_trial(config, output_dir=tmp_path / "trial")
     assert result["status"] == "finished" and result["epoch"] == 1
     assert result["base_dtype"] == resolve_base_dtype(base_dtype, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("base_dtype", ["int8", "nf4"])
+def test_stock_peft_serves_the_export_on_the_same_quantised_base(
+    tiny_backbone, base_dtype, tmp_path
+):
+    """The base loaded as serving loads it (stock transformers), the export by stock PEFT on
+    its own bitsandbytes layers: the logits the trained model gave."""
+    config = TrialConfig(task="rte", model=tiny_backbone, base_dtype=base_dtype)
+    tokenizer = load_tokenizer(config)
+    seed_everything(0)
+    model = build_model(config, total_steps=10, tokenizer=tokenizer).eval()
+    randomise_adapter(model, zero_fraction=0.5)
+    batch = {k: v for k, v in tiny_batch(tokenizer).items() if k != "labels"}
+    with torch.no_grad():
+        trained = model(**batch).logits
+    export_peft(model, tmp_path / "adapter")
+
+    base = serving_base(
+        tiny_backbone,
+        base_dtype,
+        num_labels=2,
+        unquantised=unquantised_modules(tiny_backbone, None),
+        device=torch.device("cpu"),
+    )
+    base.config.pad_token_id = tokenizer.pad_token_id
+    served = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    lora_kinds = {type(m).__module__ for m in served.modules() if hasattr(m, "lora_A")}
+    assert lora_kinds == {"peft.tuners.lora.bnb"}
+    with torch.no_grad():
+        torch.testing.assert_close(served(**batch).logits, trained, rtol=1e-5, atol=1e-5)
+
+
+def test_a_resumed_nf4_trial_ends_as_an_uninterrupted_one(tiny_decoder_dir, tmp_path):
+    """A checkpoint holds the trainables only: the 4-bit base is loaded and quantised again."""
+    config = dataclasses.replace(
+        tiny_decoder_trial(tiny_decoder_dir, tmp_path),
+        base_dtype="nf4",
+        epochs=2,
+        max_train_samples=16,
+    )
+    full = train_trial(config, output_dir=tmp_path / "full")
+    stop, report = stop_after(epoch=1)
+    with pytest.raises(stop):
+        train_trial(config, report=report, output_dir=tmp_path / "resumed")
+    resumed = train_trial(config, output_dir=tmp_path / "resumed")
+    for key in ("train_loss", "val_score", "retained_params", "nonzero_rank"):
+        assert resumed[key] == pytest.approx(full[key], rel=1e-6, abs=1e-9), key
+    assert resumed["rank_pattern"] == full["rank_pattern"]
