@@ -9,6 +9,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ._lazy import lazy_exports
+from .quiet import hide_harmless_logs
+
+hide_harmless_logs()  # before anything imports peft, which imports bitsandbytes and torchao
 
 if TYPE_CHECKING:
     from .sora import (

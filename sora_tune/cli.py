@@ -118,6 +118,7 @@ def _summary(result: dict[str, Any]) -> str:
         "head_params",
         "train_time_s",
         "precision",
+        "base_dtype",
     )
     lines = [
         f"{k:>16}: {result[k]:.4g}"
@@ -434,6 +435,11 @@ def predict_command_parser(subparsers) -> None:
         help="trial (the precision of the model's recorded scores), bf16, fp16 or fp32; "
         "default: the trial's on a GPU that runs it natively, else fp32",
     )
+    parser.add_argument(
+        "--base-dtype",
+        help="how to store the base model: trial, auto, fp32, bf16, fp16, int8 or nf4; "
+        "default: trial (as the trial stored it, e.g. 4-bit for an nf4 trial)",
+    )
     add_tracking_flag(parser, "MLflow tracking (and registry) URI")
     parser.set_defaults(command=predict_command)
 
@@ -442,7 +448,11 @@ def predict_command(args: argparse.Namespace) -> int:
     from .registry import predict_file
 
     predictions = predict_file(
-        args.model, args.input, tracking_uri=args.mlflow_uri, precision=args.precision
+        args.model,
+        args.input,
+        tracking_uri=args.mlflow_uri,
+        precision=args.precision,
+        base_dtype=args.base_dtype,
     )
     print(predictions.to_csv(index=False), end="")
     return 0

@@ -7,6 +7,7 @@ module imports neither torch nor Ray, so the CLI can check its input before it l
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -21,6 +22,7 @@ from .sora.schedule import XiSchedule
 
 Method = Literal["sora", "lora", "adalora"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+BaseDtype = Literal["auto", "fp32", "bf16", "fp16", "int8", "nf4"]
 ProblemType = Literal["single_label_classification", "regression"]  # transformers' names
 
 # ξ when neither `xi` nor `xi_total` is given (official mode): inside Table 6's best range
@@ -32,6 +34,9 @@ DEFAULT_PAPER_ETA = 0.1
 # A Hugging Face Hub model id: `name` or `owner/name` (letters, digits, `-`, `_`, `.`).
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 HUB_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+# The optional packages a base_dtype loads with, and the extra that installs them.
+QUANTISED_BASES = {"int8": "bitsandbytes", "nf4": "bitsandbytes"}
+QUANTIZATION_EXTRA = "quantization"
 
 # The settings that decide a trial's tokenised data: trials that agree on them can share it.
 DATA_FIELDS = (
@@ -200,6 +205,11 @@ class TrialConfig:
             (with a gradient scaler) or `fp32`: the autocast dtype of training and evaluation.
             Weights stay fp32. A registered model predicts in it where it is native, else in
             fp32 (see `sora_tune.serving.sora_pyfunc.serving_precision`).
+        base_dtype: How the frozen base's weights are stored: `auto` (bf16 on a CUDA device with
+            native bf16, fp16 on an older GPU, fp32 on the CPU), `fp32`, `bf16`, `fp16`, `int8`
+            (bitsandbytes LLM.int8) or `nf4` (4-bit NormalFloat, QLoRA's). The adapter, its gates
+            and the head are fp32 whatever it is; the head, the pooler and `modules_to_save` are
+            never quantised. See `sora_tune.models.load_base`.
         batch_size, eval_batch_size, epochs, max_length: The usual sizes.
         max_train_samples, max_eval_samples: Seeded subsamples for CPU-sized runs.
         val_size: Hold-out of the training file used as `val`: a fraction in (0, 1), or a whole
@@ -263,6 +273,9 @@ class TrialConfig:
     # we keep the authors' value.
     max_grad_norm: float = 0.1  # clip norm over all trainable tensors, gates included; 0: off
     precision: Precision = "auto"  # autocast dtype; auto: bf16 on a GPU with it natively, else fp32
+    # The frozen weights take 4, 2, 1 or about 0.5 bytes a parameter (fp32; bf16, fp16; int8;
+    # nf4), most of a big backbone's memory; int8 and nf4 need bitsandbytes (the quantization extra).
+    base_dtype: BaseDtype = "auto"  # stored frozen weights; auto: GPU bf16 (older: fp16), CPU fp32
     batch_size: int = 8  # training sequences per step; the authors ran GLUE at 8
     eval_batch_size: int = 64  # sequences per evaluation batch
     epochs: int = 3  # passes over the training split
@@ -286,12 +299,18 @@ class TrialConfig:
         self._check_data()
         if self.model is not None:
             check_model(self.model)  # a missing folder fails here, not deep inside transformers
-        for name in ("method", "gate_mode", "precision"):
+        for name in ("method", "gate_mode", "precision", "base_dtype"):
             choices = literal_choices(TrialConfig, name)
             if getattr(self, name) not in choices:
                 raise ValueError(
                     f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
                 )
+        package = QUANTISED_BASES.get(self.base_dtype)
+        if package is not None and importlib.util.find_spec(package) is None:
+            raise ValueError(
+                f"base_dtype {self.base_dtype!r} needs {package}, which is not installed: "
+                f"pip install 'sora-tune[{QUANTIZATION_EXTRA}]'"
+            )
         if self.gate_mode == "paper" and (self.xi is not None or self.xi_total is not None):
             raise ValueError("xi is derived as eta * lam in paper gate_mode; set lam, not xi")
         if self.xi is not None and self.xi_total is not None:

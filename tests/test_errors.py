@@ -100,7 +100,7 @@ def inputs(tiny_trial, tmp_path):
     GPT2Model(GPT2Config(vocab_size=30522, n_embd=32, n_layer=2, n_head=2)).save_pretrained(gpt2)
     AutoTokenizer.from_pretrained(tiny_trial["model"]).save_pretrained(gpt2)
     # A decoder whose tokenizer pads but has no pair template, no sep and no eos token.
-    from tests.test_decoders import word_tokenizer
+    from tests.conftest import word_tokenizer
 
     bare = tmp_path / "bare-decoder"
     GPT2Model(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2)).save_pretrained(bare)

@@ -1,6 +1,6 @@
-"""What only a GPU machine can show: the device a trial uses, each precision on CUDA, a resume
-across devices, two trials sharing one GPU. Marked `gpu` and skipped without CUDA (see
-tests/conftest.py); `pytest -m gpu` runs them, as scripts/gpu_check.sh does."""
+"""What only a GPU machine can show: the device a trial uses, each precision and base dtype on
+CUDA, a resume across devices, two trials sharing one GPU. Marked `gpu` and skipped without CUDA
+(see tests/conftest.py); `pytest -m gpu` runs them, as scripts/gpu_check.sh does."""
 
 import os
 
@@ -8,6 +8,7 @@ import mlflow
 import pytest
 import torch
 
+from sora_tune.models import resolve_base_dtype
 from sora_tune.train import latest_checkpoint, resolve_precision, train_trial
 from sora_tune.tune import run_search
 from tests.conftest import stop_after
@@ -44,6 +45,17 @@ def test_each_precision_trains_on_cuda(tiny_trial, tmp_path, precision):
     assert result["precision"] == resolve_precision(precision, torch.device("cuda:0"))
     state = torch.load(latest_checkpoint(tmp_path) / "trainer_state.pt", weights_only=True)
     assert bool(state["scaler"]) == (result["precision"] == "fp16")
+
+
+@pytest.mark.parametrize("base_dtype", ["auto", "bf16", "fp16", "int8", "nf4"])
+def test_each_base_dtype_trains_on_cuda(tiny_trial, tmp_path, base_dtype):
+    """bitsandbytes' CUDA kernels, and `auto` on this GPU: bf16 where native, else fp16."""
+    if base_dtype == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    settings = tiny_trial | {"base_dtype": base_dtype, "gradient_checkpointing": True}
+    result = train_trial(settings, output_dir=tmp_path, device="cuda")
+    assert result["status"] == "finished"
+    assert result["base_dtype"] == resolve_base_dtype(base_dtype, torch.device("cuda:0"))
 
 
 @pytest.fixture

@@ -57,3 +57,22 @@ def test_a_search_driver_turns_off_rays_checkpoint_snapshot_warning(monkeypatch,
     monkeypatch.setenv(variable, "5")
     quiet_search_driver()
     assert os.environ[variable] == "5"
+
+
+HARMLESS_LOG = """
+import logging
+import sora_tune
+import peft  # imports bitsandbytes and torchao, where installed
+cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
+cpu_ops.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "No 'kernels'")
+cpu_ops.warning("another bitsandbytes warning")
+"""
+
+
+def test_known_harmless_log_lines_of_the_libraries_are_hidden_and_no_others():
+    done = subprocess.run(
+        [sys.executable, "-c", HARMLESS_LOG], capture_output=True, text=True, check=True
+    )
+    for hidden in ("gemm_4bit_forward", "Enum subclass", "torchao/_C"):
+        assert hidden not in done.stderr, done.stderr
+    assert "another bitsandbytes warning" in done.stderr

@@ -203,6 +203,43 @@ def test_a_bf16_trial_serves_in_fp32_on_a_cpu_unless_asked(
         predict_file(info.model_uri, tmp_path / "rows.csv", precision="int8")
 
 
+def test_an_nf4_trial_is_registered_with_its_base_dtype_and_served_on_a_4bit_base(
+    store, tiny_glue, tiny_model_dir, tmp_path, capsys
+):
+    """The registered version records base_dtype, and serving loads the base as the trial
+    stored it: on a 4-bit base it predicts exactly the scores the run recorded.
+    `sora-tune predict --base-dtype` loads it otherwise."""
+    settings = tiny_settings(
+        tiny_glue, tiny_model_dir, tmp_path / "cache", task="stsb", base_dtype="nf4"
+    )
+    run_id = tracked(settings, store["uri"], tmp_path / "run", experiment="nf4")
+    run = mlflow.MlflowClient(store["uri"]).get_run(run_id)
+    assert run.data.tags["sora_tune.base_dtype"] == "nf4"
+    registered = register(experiment_name="nf4", name="tiny-nf4", tracking_uri=store["uri"])
+    version = mlflow.MlflowClient(store["uri"]).get_model_version("tiny-nf4", registered.version)
+    assert version.tags["base_dtype"] == "nf4"
+
+    mlflow.set_tracking_uri(store["uri"])
+    served = mlflow.pyfunc.load_model(registered.model_uri)
+    assert served.metadata.metadata["unquantised"] == ["bert.pooler", "classifier"]
+    adapter_model = served.unwrap_python_model()
+    assert adapter_model.base_dtype == "nf4"
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(registered.model_uri)).read_text()
+    assert "bitsandbytes==" in requirements
+    assert {type(m).__name__ for m in adapter_model.model.modules()} >= {"Linear4bit"}
+    rows = dev_rows(settings)[["sentence1", "sentence2"]]
+    scores = served.predict(rows)["score"]
+    pearson = np.corrcoef(scores, dev_rows(settings)["label"])[0, 1]
+    assert pearson == pytest.approx(run.data.metrics["test_score"], abs=1e-4)
+
+    rows.to_csv(tmp_path / "rows.csv", index=False)
+    code = main(["predict", "--model", registered.model_uri, "--input", str(tmp_path / "rows.csv"),
+                 "--base-dtype", "fp32", "--mlflow-uri", store["uri"]])  # fmt: skip
+    assert code == 0
+    on_fp32 = pd.read_csv(io.StringIO(capsys.readouterr().out))["score"]
+    assert len(on_fp32) == len(rows) and not np.allclose(on_fp32, scores, atol=1e-5)
+
+
 def test_bad_input_is_refused_with_a_clear_error(model):
     frame = pd.DataFrame({"sentence1": ["red blue", "old"], "sentence2": ["red blue", "new"]})
     with pytest.raises(MlflowException, match="declares 2 inputs"):
@@ -243,6 +280,8 @@ def test_the_model_holds_no_pickle_and_only_safetensors_weights(store, tmp_path)
         "max_length": 32,
         "base_model": store["settings"]["model"],
         "precision": "fp32",
+        "base_dtype": "fp32",
+        "unquantised": ["bert.pooler", "classifier"],
         "pair_separator": None,  # BERT's pair template separates the texts
     }
     requirements = (local / "requirements.txt").read_text().split()

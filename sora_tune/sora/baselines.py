@@ -12,7 +12,7 @@ from peft.tuners.adalora import AdaLoraModel
 from torch import nn
 
 from .config import SoRAConfig
-from .model import resolve_heads
+from .model import keep_in_fp32, resolve_heads
 from .targets import resolve_targets
 
 
@@ -33,6 +33,8 @@ def add_adalora(
     if total_steps < 2:
         raise ValueError(f"AdaLoRA needs total_steps >= 2, got {total_steps}")
     heads = resolve_heads(model, config)
+    for head in heads:  # PEFT trains a copy of each: an fp32 one
+        keep_in_fp32(model.get_submodule(head))
     adalora = AdaLoraConfig(
         task_type="SEQ_CLS",
         init_r=config.r_max,
@@ -47,7 +49,13 @@ def add_adalora(
         deltaT=max(1, total_steps // 20),
         orth_reg_weight=orth_reg_weight,
     )
-    return get_peft_model(model, adalora)
+    peft_model = get_peft_model(model, adalora)
+    # PEFT's fp32 copy of the adapter on a bf16 or fp16 base (autocast_adapter_dtype) makes the
+    # rank counts it divides by trainable parameters; they are constants.
+    for name, p in peft_model.named_parameters():
+        if ".ranknum." in name:
+            p.requires_grad_(False)
+    return peft_model
 
 
 def after_optimizer_step(model: nn.Module, global_step: int) -> None:

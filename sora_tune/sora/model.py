@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import SoRAConfig
-from .layer import PREFIX, SoRALinear
+from .layer import ADAPTER_DTYPE, PREFIX, SoRALinear
 from .targets import resolve_targets, task_heads
 
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for a model wrapped in PeftModel
@@ -74,9 +74,27 @@ def add_sora(model: nn.Module, config: SoRAConfig) -> nn.Module:
         )
         setattr(parent, child_name, layer)
     for head in heads:
-        model.get_submodule(head).requires_grad_(True)
+        keep_in_fp32(model.get_submodule(head)).requires_grad_(True)
     model.sora_config = dataclasses.replace(config, modules_to_save=heads)
     return model
+
+
+def keep_in_fp32(module: nn.Module) -> nn.Module:
+    """Keep a module trained in full (a head) in fp32 like the adapter, whatever the base's
+    dtype: its weights cast up, and its floating inputs too as they come in (a bf16 base hands
+    it bf16 hidden states). Its outputs stay fp32: a head's go to another head or the loss.
+    Returns the module."""
+    module.to(ADAPTER_DTYPE)
+    module.register_forward_pre_hook(_inputs_to_fp32, with_kwargs=True)
+    return module
+
+
+def _inputs_to_fp32(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def cast(value):
+        floating = isinstance(value, torch.Tensor) and value.is_floating_point()
+        return value.to(ADAPTER_DTYPE) if floating else value
+
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
 
 
 def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:

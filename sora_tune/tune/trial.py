@@ -103,7 +103,7 @@ def run_trial(
     import ray
     from ray import tune
 
-    from ..train import resolve_device, resolve_precision, train_trial, trial_data  # torch: here
+    from ..train import resolve_device, train_trial, trial_data, trial_dtypes  # torch: here
 
     trial_id = tune.get_context().get_trial_id()
     config = TrialConfig.from_dict(trial_params)
@@ -147,7 +147,7 @@ def run_trial(
                 return
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
 
-        with record.open(resolve_precision(config.precision, resolve_device(device))):
+        with record.open(trial_dtypes(config, resolve_device(device))):
             data, task, sources = trial_data(config, data, sources)
             record.log_data(task, sources)
             result = train_trial(

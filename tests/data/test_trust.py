@@ -22,7 +22,7 @@ from sora_tune.data import (
     read_table,
 )
 from sora_tune.train import prepare_data
-from tests.test_decoders import word_tokenizer
+from tests.conftest import word_tokenizer
 
 TEXTS = ["Is it raining?", "Where is my parcel?", "Can I pay by card?", "Why so late?"] * 3
 

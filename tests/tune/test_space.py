@@ -38,6 +38,7 @@ def test_conversion_to_ray_domains(tmp_path):
         "  r_max: {type: int, low: 2, high: 8}\n"
         "  seed: {type: int, low: 1, high: 100, log: true}\n"
         "  method: {type: choice, values: [sora, lora]}\n"
+        "  base_dtype: {type: choice, values: [bf16, nf4]}\n"
         "  epochs: 2\n"
     )
     param_space = load_search_space(path).to_tune()
@@ -45,6 +46,7 @@ def test_conversion_to_ray_domains(tmp_path):
     assert isinstance(param_space["xi"], tune.search.sample.Float)
     assert param_space["r_max"].upper == 9  # inclusive high, Ray's bound is exclusive
     assert param_space["method"].categories == ["sora", "lora"]
+    assert param_space["base_dtype"].categories == ["bf16", "nf4"]
 
 
 def test_cli_overrides_fix_searched_and_fixed_values():
