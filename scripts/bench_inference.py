@@ -33,8 +33,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 from transformers import AutoModelForSequenceClassification  # noqa: E402
 
+from sora_tune.config import default_model  # noqa: E402
 from sora_tune.sora import SoRAConfig, add_sora, prune, set_merged, sora_layers  # noqa: E402
-from sora_tune.train import default_model  # noqa: E402
 
 VARIANTS = ("base", "pruned_merged", "pruned", "rmax")
 

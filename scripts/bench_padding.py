@@ -24,8 +24,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from transformers import AutoTokenizer  # noqa: E402
 
+from sora_tune.config import default_model  # noqa: E402
 from sora_tune.data import load_glue, make_splits, padding_ratio, tokenize_splits  # noqa: E402
-from sora_tune.train import default_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # The batching schemes compared, as keyword arguments of `padding_ratio` (pad_to filled in later).

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from .config import TrialConfig
@@ -191,7 +192,16 @@ class TrialRecord:
             )
             for source in sources
         ]
-        if inputs:
+        if not inputs:
+            return
+        try:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+        except MlflowException as err:
+            # Trials of one search log the same files at once, and MLflow's store looks for
+            # the dataset, then inserts it: of two trials, one can lose the race on the
+            # dataset's unique key. Its second try finds the dataset the other inserted.
+            if "unique" not in str(err).lower():
+                raise
             self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_evaluation(self, metrics: dict[str, Any]) -> None:

@@ -3,12 +3,14 @@ store."""
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from mlflow import MlflowClient
 
 from sora_tune.config import TrialConfig
-from sora_tune.tracking import PRECISION_TAG, create_trial_run, tracked_trial
+from sora_tune.data import DataSource, get_task
+from sora_tune.tracking import PRECISION_TAG, TrialRecord, create_trial_run, tracked_trial
 from sora_tune.train import latest_checkpoint
 from tests.conftest import stop_after
 
@@ -60,3 +62,23 @@ def test_an_epoch_trained_again_is_logged_once(tiny_trial, tmp_path):
         assert sorted(steps) == ([3] if key == "head_params" else [1, 2, 3]), key
     logged = {m.step: m.value for m in client.get_metric_history(run_id, "val_score")}
     assert logged[3] == pytest.approx(result["val_score"])
+
+
+def test_trials_logging_the_same_files_at_once_all_record_them(tmp_path):
+    """Trials of one search log the same dataset inputs at the same moment; MLflow's store can
+    fail one of them on the dataset's unique key (seen in CI: a trial FAILED for it)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("at-once")
+    sources = [DataSource("train", "rows.csv", str(tmp_path / "rows.csv"), "local", "0123abcd")]
+    run_ids = [client.create_run(experiment_id).info.run_id for _ in range(8)]
+
+    def log(run_id: str) -> None:
+        record = TrialRecord(MlflowClient(uri), run_id, TrialConfig(), tmp_path)
+        record.log_data(get_task("mrpc"), sources)
+
+    with ThreadPoolExecutor(len(run_ids)) as pool:
+        list(pool.map(log, run_ids))
+    for run_id in run_ids:
+        (logged,) = client.get_run(run_id).inputs.dataset_inputs
+        assert logged.dataset.digest == "0123abcd"
