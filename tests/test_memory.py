@@ -1,10 +1,13 @@
 """The memory estimate: its parts from the model's configuration, against training steps
 measured on this CPU, and the figures of big decoders on paper."""
 
+import json
+
 import pytest
 import torch
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
+from sora_tune.cli import main
 from sora_tune.config import TrialConfig
 from sora_tune.memory import estimate_memory, memory_size
 from sora_tune.peak_memory import check_estimates
@@ -80,6 +83,21 @@ def test_memory_size(text, size):
 def test_memory_size_refuses(text):
     with pytest.raises(ValueError, match="is not a memory size"):
         memory_size(text)
+
+
+def test_estimate_command(tiny_decoder_dir, capsys):
+    flags = ["estimate", "--model", tiny_decoder_dir, "--base-dtype", "bf16"]
+    assert main([*flags, "--batch-size", "4", "--gpu-memory", "1GiB", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    config = TrialConfig(model=tiny_decoder_dir, base_dtype="bf16", batch_size=4)
+    estimate = estimate_memory(config, device="cuda")
+    assert printed["total_bytes"] == estimate.total_bytes
+    assert printed["trials_per_gpu"] == 2**30 // estimate.total_bytes
+    assert [part["name"] for part in printed["parts"]][-2:] == ["CUDA context", "allocator slack"]
+    assert main([*flags, "--device", "cpu", "--gradient-checkpointing"]) == 0
+    table = capsys.readouterr().out
+    assert "frozen weights" in table and "activations" in table and "total" in table
+    assert "CUDA context" not in table and "trials per GPU" not in table
 
 
 @pytest.fixture(scope="module")
