@@ -62,10 +62,12 @@ INTERMEDIATE_TERMS = 2
 # token: softmax's output, dropout's mask and dropout's output (counted as above, BERT).
 MATH_ATTENTION_HIDDEN_TERMS = 2
 MATH_ATTENTION_PROBABILITY_TERMS = 3
-# Outside the blocks, hidden sizes a token: the embeddings' output and the head's input.
+# Outside the blocks, hidden sizes a token: the head's input (counted as above) and one more,
+# fitted with BACKWARD_TERMS.
 OUTSIDE_TERMS = 2
 # The backward pass's gradients in flight at its peak, intermediate sizes a token: fitted to the
-# measured steps' peaks beyond the saved tensors (6.5-8 MiB at 1,024 tokens of 1,024).
+# measured steps' peaks beyond their saved tensors (7-8 MiB at 1,024 tokens of intermediate
+# size 1,024, fp32).
 BACKWARD_TERMS = 2
 # With gradient checkpointing a block keeps only its input, one hidden size a token, and the
 # backward pass recomputes one block at a time (transformers' gradient_checkpointing_enable).
