@@ -59,9 +59,11 @@ KV_TERMS = 2
 INTERMEDIATE_TERMS = 2
 # Attention that keeps its probabilities (`_attention_probabilities_kept`; torch's math kernel)
 # also keeps query and key scaled (two hidden sizes) and, per head, three tensors of a length a
-# token: softmax's output, dropout's mask and dropout's output (counted as above, BERT).
+# token: softmax's output, dropout's mask and dropout's output; all fp32, whatever the model
+# computes in (counted as above, BERT in fp32 and bf16: the kernel upcasts 16-bit inputs).
 MATH_ATTENTION_HIDDEN_TERMS = 2
 MATH_ATTENTION_PROBABILITY_TERMS = 3
+MATH_ATTENTION_BYTES = 4
 # Outside the blocks, hidden sizes a token: the head's input (counted as above) and one more,
 # fitted with BACKWARD_TERMS.
 OUTSIDE_TERMS = 2
@@ -317,7 +319,7 @@ def activation_bytes(
 
     - a block keeps hidden, key/value and intermediate widths a token; each adapted linear, an
       `adapter_input_bytes` copy of its input (0: none); attention that keeps its probabilities
-      (`probabilities_kept`), scaled queries and keys and three tensors of heads × length;
+      (`probabilities_kept`), scaled queries and keys and three tensors of heads × length, fp32;
     - outside the blocks, the embeddings' output and the head's input;
     - with `gradient_checkpointing`, every block keeps only its input and one block at a time
       is recomputed in the backward pass; but with `inputs_kept` (an int8 base, see above) every
@@ -348,10 +350,11 @@ def activation_bytes(
     )
     block = HIDDEN_TERMS * hidden + KV_TERMS * key_value
     block += INTERMEDIATE_TERMS * widening * intermediate
-    if probabilities_kept:
-        block += MATH_ATTENTION_HIDDEN_TERMS * hidden
-        block += MATH_ATTENTION_PROBABILITY_TERMS * heads * max_length
     block_bytes = block * element_bytes + adapted_inputs * adapter_input_bytes
+    if probabilities_kept:
+        attention = MATH_ATTENTION_HIDDEN_TERMS * hidden
+        attention += MATH_ATTENTION_PROBABILITY_TERMS * heads * max_length
+        block_bytes += attention * MATH_ATTENTION_BYTES
     kept = OUTSIDE_TERMS * hidden + BACKWARD_TERMS * intermediate
     if gradient_checkpointing:
         kept += len(blocks) * CHECKPOINTED_TERMS * hidden

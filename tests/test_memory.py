@@ -102,7 +102,8 @@ def test_estimate_command(tiny_decoder_dir, capsys):
 
 @pytest.fixture(scope="module")
 def measured_models(tmp_path_factory) -> dict[str, str]:
-    """A random BERT and Llama of `MEASURED_SIZE`, saved with their tokenizers."""
+    """A random BERT and Llama of `MEASURED_SIZE`, saved with their tokenizers, and the
+    packaged MiniLM (hidden 384, 6 layers, 12 heads)."""
     from transformers import AutoTokenizer
 
     folders = {}
@@ -125,16 +126,17 @@ def measured_models(tmp_path_factory) -> dict[str, str]:
     ).save_pretrained(llama)
     tokenizer.save_pretrained(llama)
     folders["llama"] = str(llama)
+    folders["minilm"] = MINILM_PATH  # a real model, kept out of the constants' fit
     return folders
 
 
 MEASURED_CASES = [
     (family, base_dtype, checkpointing)
-    for family in ("bert", "llama")
+    for family in ("bert", "llama", "minilm")
     for base_dtype in CPU_BASE_DTYPES
     for checkpointing in (False, True)
 ]
-# The fast twin of the whole grid: each family, base_dtype and checkpointing setting once,
+# The fast twin of the whole grid: each random model, base_dtype and checkpointing setting once,
 # bitsandbytes' 8-bit matmul with checkpointing among them (what it keeps defeats checkpointing).
 FAST_CASES = [
     ("bert", "int8", True),
