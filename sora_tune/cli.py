@@ -1,8 +1,8 @@
 """`sora-tune`: a thin shell over the Python API, one parser/command pair per verb.
 
-The flags of a trial's settings (`train`, `sparsify`, `search`) are generated from `TrialConfig`,
-and the search's own from `SearchConfig` (`sora_tune.flags`): a setting's name, type, default,
-choices and help are written once, in its dataclass. Known failures end with one line on stderr
+The flags of a trial's settings (`train`, `sparsify`, `search`, `estimate`) are generated from
+`TrialConfig`, and the search's own from `SearchConfig` (`sora_tune.flags`): a setting's name,
+type, default, choices and help are written once, in its dataclass. Known failures end with one line on stderr
 and exit code 2; `--debug` shows the traceback.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -314,6 +315,58 @@ def search_summary(search) -> str:
     return "\n".join(lines)
 
 
+# ---- estimate ----
+
+
+def estimate_command_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "estimate",
+        help="the memory one trial needs, part by part, from the model's configuration alone",
+        description="Builds the model on the meta device (no weights read) and adds up its "
+        "frozen weights at --base-dtype, the adapter and head with their gradients and AdamW "
+        "states, the activations of a step at --batch-size × --max-length, and on a GPU the "
+        "CUDA context and the allocator's slack.",
+    )
+    add_common_flags(parser)
+    estimate = parser.add_argument_group("estimate")
+    estimate.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="where the trial would run (default: cuda; auto dtypes are bf16 on a GPU that is "
+        "not here)",
+    )
+    estimate.add_argument(
+        "--gpu-memory",
+        metavar="SIZE",
+        help="also say how many such trials one GPU of this memory holds, e.g. 24GiB or 80GB",
+    )
+    estimate.add_argument("--json", action="store_true", help="print one JSON object")
+    add_trial_flags(parser)
+    parser.set_defaults(command=estimate_command)
+
+
+def estimate_command(args: argparse.Namespace) -> int:
+    from .memory import estimate_memory, format_bytes, memory_size  # torch only when estimating
+
+    gpu_bytes = memory_size(args.gpu_memory) if args.gpu_memory is not None else None
+    config = TrialConfig.from_dict(trial_values(args))
+    estimate = estimate_memory(config, device=args.device)
+    if args.json:
+        print(json.dumps(estimate.to_dict(gpu_bytes)))
+        return 0
+    print(
+        f"one trial of {config.model or 'the packaged MiniLM'} on {estimate.device}: base "
+        f"{estimate.base_dtype}, precision {estimate.precision}"
+    )
+    for part in estimate.parts:
+        print(f"  {part.name:<16}{format_bytes(part.bytes):>12}  {part.detail}")
+    print(f"  {'total':<16}{format_bytes(estimate.total_bytes):>12}")
+    if gpu_bytes is not None:
+        print(f"trials per GPU of {format_bytes(gpu_bytes)}: {estimate.trials_per_gpu(gpu_bytes)}")
+    return 0
+
+
 # ---- pareto, register, predict ----
 
 
@@ -465,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_command_parser(subparsers)
     sparsify_command_parser(subparsers)
     search_command_parser(subparsers)
+    estimate_command_parser(subparsers)
     pareto_command_parser(subparsers)
     register_command_parser(subparsers)
     predict_command_parser(subparsers)
@@ -484,7 +538,7 @@ def known_failures() -> tuple[type[BaseException], ...]:
 
 
 # Their output is the product (a table, a registered version, predictions): no library chatter.
-READ_COMMANDS = (pareto_command, register_command, predict_command)
+READ_COMMANDS = (estimate_command, pareto_command, register_command, predict_command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,16 @@ def resolve_base_dtype(base_dtype: str, device: torch.device) -> str:
     return "fp32"
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`bf16`, `fp16` or `fp32` for a trial on `device`: `auto` is bf16 on a CUDA device with
+    native bf16 (Ampere and newer) and fp32 elsewhere: on older GPUs (T4, V100), which only
+    emulate bf16, slowly, and on the CPU, where bf16 autocast is slower than fp32 on most
+    processors."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
+
+
 def load_tokenizer(config: TrialConfig):
     """The backbone's tokenizer; the first thing a trial or a search loads from the model.
 
@@ -177,7 +187,13 @@ def load_base(config: TrialConfig, num_labels: int, device: torch.device) -> Pre
 def unquantised_modules(model: str | None, modules_to_save: list[str] | None) -> list[str]:
     """What a quantised base of `model` (`None`: the packaged backbone) keeps in floats: its
     task heads and pooler (`task_heads`) and `modules_to_save`, by full name."""
-    return sorted(set(task_heads(skeleton(model))) | set(modules_to_save or ()))
+    return floating_modules(skeleton(model), modules_to_save)
+
+
+def floating_modules(model: torch.nn.Module, modules_to_save: list[str] | None) -> list[str]:
+    """What a quantised base of the task model `model` keeps in floats (see
+    `unquantised_modules`), by full name."""
+    return sorted(set(task_heads(model)) | set(modules_to_save or ()))
 
 
 def skeleton(model: str | None) -> PreTrainedModel:

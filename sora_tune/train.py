@@ -43,7 +43,13 @@ from .data import (
     pair_separator,
     tokenize_splits,
 )
-from .models import PAD_FROM_EOS, build_model, load_tokenizer, native_bf16, resolve_base_dtype
+from .models import (
+    PAD_FROM_EOS,
+    build_model,
+    load_tokenizer,
+    resolve_base_dtype,
+    resolve_precision,
+)
 from .sora import (
     ProximalGateOptimizer,
     adalora_state,
@@ -90,16 +96,6 @@ def default_device() -> torch.device:
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """The device a trial trains on: `device`, or `default_device()` when it is `None`."""
     return torch.device(device) if device is not None else default_device()
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`bf16`, `fp16` or `fp32` for a trial on `device`: `auto` is bf16 on a CUDA device with
-    native bf16 (Ampere and newer) and fp32 elsewhere: on older GPUs (T4, V100), which only
-    emulate bf16, slowly, and on the CPU, where bf16 autocast is slower than fp32 on most
-    processors."""
-    if precision != "auto":
-        return precision
-    return "bf16" if native_bf16(device) else "fp32"
 
 
 def trial_dtypes(config: TrialConfig, device: torch.device) -> dict[str, str]:
@@ -404,21 +400,24 @@ def train_steps(
     began = time.perf_counter()
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    gates = optimization.gate_optimizer
     loss_sum, examples, tokens, padded = 0.0, 0, 0, 0
     total = config.epochs * len(loader)
     steps = zip(range(start, end), batches_from(loader, start), strict=False)  # batches: endless
     bar = _progress(steps, progress, f"steps {start + 1}-{end}/{total}", total=end - start)
     for step, batch in bar:
         batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast(device, precision):
-            loss = model(**batch).loss
-        if not torch.isfinite(loss):
+        loss = train_step(
+            model,
+            batch,
+            optimization,
+            trainable,
+            config=config,
+            step=step,
+            device=device,
+            precision=precision,
+        )
+        if loss is None:
             return None
-        penalty = gates.l1_penalty() if gates is not None else 0.0
-        optimization.step(loss + penalty, trainable, config.max_grad_norm)
-        after_optimizer_step(model, step)
-        optimization.zero_grad()
         mask = batch["attention_mask"]
         loss_sum += loss.item() * len(mask)
         examples += len(mask)
@@ -433,6 +432,32 @@ def train_steps(
         seconds=time.perf_counter() - began,
         padding_ratio=padded / max(tokens, 1),
     )
+
+
+def train_step(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    optimization: Optimization,
+    trainable: list[torch.nn.Parameter],
+    *,
+    config: TrialConfig,
+    step: int,
+    device: torch.device,
+    precision: str,
+) -> torch.Tensor | None:
+    """Optimizer step `step` (0-based) on `batch`, already on `device`: forward, the gates'
+    penalty, backward, clip, step. Returns the loss, or `None` (nothing stepped) when it is not
+    finite."""
+    with autocast(device, precision):
+        loss = model(**batch).loss
+    if not torch.isfinite(loss):
+        return None
+    gates = optimization.gate_optimizer
+    penalty = gates.l1_penalty() if gates is not None else 0.0
+    optimization.step(loss + penalty, trainable, config.max_grad_norm)
+    after_optimizer_step(model, step)
+    optimization.zero_grad()
+    return loss
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ def actions(command: str) -> dict[str, object]:
     return {a.dest: a for a in subparsers.choices[command]._actions}
 
 
-@pytest.mark.parametrize("command", ["train", "sparsify", "search"])
+@pytest.mark.parametrize("command", ["train", "sparsify", "search", "estimate"])
 def test_every_trial_field_has_a_flag_with_its_choices_and_help(command):
     flags = actions(command)
     helps = field_help(TrialConfig)

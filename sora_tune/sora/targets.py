@@ -38,7 +38,8 @@ ROLE_NAMES = {
 PRESET_ROLES = {"attention": ("q", "k", "v", "o"), "qkv": ("q", "k", "v"), "qk": ("q", "k")}
 
 
-def _inside(name: str, prefixes: Iterable[str]) -> bool:
+def inside(name: str, prefixes: Iterable[str]) -> bool:
+    """Whether module `name` is one of `prefixes` or inside one."""
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
@@ -47,7 +48,7 @@ def transformer_blocks(model: nn.Module) -> list[str]:
     that hold linear layers (not a list of bare linear layers)."""
     found: list[str] = []
     for name, module in model.named_modules():  # parents come before their children
-        if not isinstance(module, nn.ModuleList) or len(module) == 0 or _inside(name, found):
+        if not isinstance(module, nn.ModuleList) or len(module) == 0 or inside(name, found):
             continue
         if all(
             not isinstance(item, LINEAR_TYPES)
@@ -91,7 +92,7 @@ def linear_layers(model: nn.Module) -> list[str]:
 def block_linears(model: nn.Module) -> list[str]:
     """The linear layers inside the transformer blocks: the default targets (`all`)."""
     blocks = transformer_blocks(model)
-    return [name for name in linear_layers(model) if _inside(name, blocks)]
+    return [name for name in linear_layers(model) if inside(name, blocks)]
 
 
 def attention_roles(model: nn.Module) -> dict[str, str]:
@@ -161,7 +162,7 @@ def resolve_targets(
             for n in linear_layers(model)
             if any(n == t or n.endswith("." + t) for t in target_modules)
         ]
-    names = [n for n in names if not _inside(n, exclude)]
+    names = [n for n in names if not inside(n, exclude)]
     if not names:
         raise ValueError(
             f"target_modules={target_modules!r} matches no linear layer; "
