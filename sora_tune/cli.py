@@ -254,7 +254,7 @@ def search_summary(search) -> str:
     default rule chooses, the trials that stopped or failed and why, and the next commands."""
     import pandas as pd
 
-    from .pareto.runs import ladder_lines
+    from .pareto.runs import gpu_memory_line, ladder_lines
     from .registry import choose_trial
 
     config = search.config
@@ -263,6 +263,8 @@ def search_summary(search) -> str:
         f"search {config.name}: MLflow experiment {config.experiment_name!r}, parent run "
         f"{search.parent_run_id}",
     ]
+    memory = gpu_memory_line(config.mlflow_uri, search.parent_run_id)
+    lines += [memory] if memory else []
     # The next commands name the store only when it is not the one they find by default.
     store = ""
     if config.mlflow_uri != resolve_tracking_uri(default_tracking_uri()):

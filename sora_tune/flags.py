@@ -55,12 +55,26 @@ def _kind(annotation: Any) -> tuple[Any, tuple | None]:
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         if str in options and any(typing.get_origin(a) is list for a in options):
             return parse_target_modules, None  # a regex or a list of names
+        words = [a for a in options if typing.get_origin(a) is Literal]
+        if words and len(options) == 2:  # a number or a word, such as `0.5` or `auto`
+            number = next(a for a in options if a not in words)
+            return _number_or(number, typing.get_args(words[0])), None
         return _kind(options[0])
     if typing.get_origin(annotation) is Literal:
         return type(typing.get_args(annotation)[0]), typing.get_args(annotation)
     if typing.get_origin(annotation) is list:
         return _parse_list, None
     return annotation, None
+
+
+def _number_or(number: type, words: tuple[str, ...]):
+    """An argparse type taking one of `words`, else a `number`."""
+
+    def parse(value: str):
+        return value if value in words else number(value)
+
+    parse.__name__ = f"{number.__name__} or {' or '.join(words)}"  # argparse's error names it
+    return parse
 
 
 def flag(name: str) -> str:

@@ -33,6 +33,19 @@ if TYPE_CHECKING:
 
 Device = Literal["cuda", "cpu"]
 
+# The settings `estimate_memory` reads: trials that agree on them need the same memory.
+MEMORY_FIELDS = (
+    "model",
+    "method",
+    "r_max",
+    "target_modules",
+    "modules_to_save",
+    "precision",
+    "base_dtype",
+    "batch_size",
+    "max_length",
+    "gradient_checkpointing",
+)
 # QLoRA's NF4 (Dettmers et al. 2023, §3): 4 bits a weight, and double quantisation's constants,
 # an 8-bit absmax per block of 64 weights and an fp32 one per 256 of those blocks:
 # 8/64 + 32/(64·256) = 0.127 bits a weight.

@@ -121,6 +121,73 @@ def test_two_trials_share_one_gpu(local_gpu_ray, tiny_trial, write_space, tmp_pa
     assert second.info.start_time < first.info.end_time, "the two trials ran at the same time"
 
 
+def trial_runs(uri: str, experiment: str) -> list:
+    client = mlflow.MlflowClient(uri)
+    return client.search_runs(
+        [client.get_experiment_by_name(experiment).experiment_id],
+        "tags.`sora_tune.role` = 'trial'",
+    )
+
+
+def test_auto_shares_cap_each_trial_and_record_its_peak(
+    local_gpu_ray, tiny_trial, write_space, tmp_path, capsys
+):
+    """`gpus_per_trial auto` on this GPU, its memory asked of it: each trial is capped at its
+    share, records its measured peak beside its estimate, and the search's end prints the worst
+    ratio."""
+    from sora_tune.cli import search_summary
+
+    _, space = write_space(tiny_search_parameters(tiny_trial) | {"epochs": 1})
+    config, uri = search_in(tmp_path, space, "capped", num_samples=2, gpus_per_trial="auto")
+    search = run_search(config)
+    assert not search.results.errors
+    total = torch.cuda.get_device_properties(0).total_memory
+    for run in trial_runs(uri, "capped"):
+        share = float(run.data.params["gpu_share"])
+        assert 0 < share <= 1 and (share * 8).is_integer()
+        cap = int(run.data.params["gpu_memory_cap"])
+        assert cap == int(share * total)
+        assert 0 < run.data.metrics["gpu_memory_peak"] <= cap
+    assert "GPU memory: measured peak / estimate (tensors) at most" in search_summary(search)
+
+
+def test_a_trial_over_its_cap_fails_alone(local_gpu_ray, tiny_trial, write_space, tmp_path):
+    """Two trials, each capped at 192 MiB of the GPU: the tiny BERT trains within it; a BERT
+    with 1024 hidden units (about 330 MB of fp32 weights) runs out when its weights move to the
+    GPU. Its run is FAILED with the estimate and the cap, Ray does not retry it, and the other
+    trial finishes."""
+    from transformers import BertConfig, BertModel
+
+    big = tmp_path / "big-bert"
+    config = BertConfig(hidden_size=1024, num_hidden_layers=4, num_attention_heads=16,
+                        intermediate_size=1024, max_position_embeddings=128)  # fmt: skip
+    BertModel(config).save_pretrained(big)
+    for file in (tmp_path / "tiny-bert").iterdir():  # the tokenizer's files
+        if file.name not in ("config.json", "model.safetensors"):
+            (big / file.name).write_bytes(file.read_bytes())
+    parameters = tiny_trial | {
+        "epochs": 1,
+        "precision": "fp32",
+        "base_dtype": "fp32",
+        "model": {"type": "choice", "values": ["tiny-bert", "big-bert"]},
+        "xi": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+    }
+    points = [{"model": model, "xi": 1e-3} for model in ("tiny-bert", "big-bert")]
+    _, space = write_space(parameters, points=points)
+    total = torch.cuda.get_device_properties(0).total_memory
+    config, uri = search_in(
+        tmp_path, space, "over", num_samples=2, gpus_per_trial=192 * 2**20 / total
+    )
+    search = run_search(config)
+    runs = {run.data.params["model"].rsplit("/", 1)[-1]: run for run in trial_runs(uri, "over")}
+    assert runs["tiny-bert"].info.status == "FINISHED"
+    failed = runs["big-bert"]
+    assert failed.info.status == "FAILED"
+    reason = failed.data.tags["failure_reason"]
+    assert "out of GPU memory: estimated" in reason and "cap 192.00 MiB" in reason
+    assert not search.results.errors, "the trial failed in its run, not by raising to Ray"
+
+
 def test_the_step_benchmark_runs_on_cuda(tmp_path):
     from tests.test_bench_scripts import load_script
 

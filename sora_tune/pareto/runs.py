@@ -227,6 +227,26 @@ def _search_trials(client: MlflowClient, parent_run_id: str) -> tuple[Experiment
     return experiment, runs
 
 
+def gpu_memory_line(tracking_uri: str, parent_run_id: str) -> str | None:
+    """The worst ratio of a trial's measured peak GPU memory to its estimate among the trials
+    of the search `parent_run_id` (their `gpu_memory_peak` and `gpu_memory_estimated_tensors`,
+    `tune.resources.GpuMemoryPlan`); `None` when no trial measured one (no GPU)."""
+    _, runs = _search_trials(MlflowClient(tracking_uri), parent_run_id)
+    ratios = [
+        (metrics["gpu_memory_peak"] / metrics["gpu_memory_estimated_tensors"], run)
+        for run in runs
+        if "gpu_memory_peak" in (metrics := run.data.metrics)
+        and metrics.get("gpu_memory_estimated_tensors")
+    ]
+    if not ratios:
+        return None
+    ratio, run = max(ratios, key=lambda pair: pair[0])
+    return (
+        f"GPU memory: measured peak / estimate (tensors) at most {ratio:.2f}, in "
+        f"{run.info.run_name} (of {len(ratios)} trials measured)"
+    )
+
+
 def _newest_search_trials(
     client: MlflowClient, experiment_name: str
 ) -> tuple[Experiment, list[Run], str | None, str | None]:

@@ -11,9 +11,12 @@ from typing import Literal
 from ..config import literal_choices
 from ..data.tasks import data_name
 from ..front import OBJECTIVES
+from ..memory import memory_size
 from ..uris import default_tracking_uri, local_store_path, resolve_tracking_uri
 from .cluster import check_client_storage, check_tracking_for_cluster
 from .space import SearchSpace
+
+AUTO = "auto"
 
 Sampler = Literal["tpe", "nsga2", "gp", "random"]
 Baseline = Literal["none", "lora-ladder"]
@@ -49,7 +52,13 @@ class SearchConfig:
         name: The Ray experiment name (a folder under `storage_path`) and the Optuna study's; a
             new search refuses the name of an earlier one (`--resume` finishes that).
         cpus_per_trial, gpus_per_trial: Resources of one trial. A trial is one process on one
-            device: at most 1 GPU, and fractions let several small trials share one.
+            device: at most 1 GPU, and fractions let several small trials share one. `auto`:
+            each trial's share from its own memory estimate, in eighths of `gpu_memory`
+            (`tune.resources`); a trial that fits no GPU is refused before the search starts.
+            On a GPU, a trial with a share is capped at it
+            (`torch.cuda.set_per_process_memory_fraction`).
+        gpu_memory: The memory of the cluster's smallest GPU (`24GiB`, `80GB`), which `auto`
+            shares are eighths of; `None`: asked of the cluster's GPUs when the search starts.
         max_concurrent: At most this many trials at once; `None`: `default_max_concurrent`, a
             quarter of `num_samples` (at least 2) for the model-based samplers, so that they see
             finished trials before they suggest most of theirs; as many as resources allow for
@@ -83,7 +92,10 @@ class SearchConfig:
     name: str | None = None  # a new Ray experiment and Optuna study; none: <experiment-name>-<time>
     # resources
     cpus_per_trial: float = 1.0  # CPUs of one trial
-    gpus_per_trial: float = 0.0  # at most 1 (a trial is one process); 0.5 lets two share a GPU
+    gpus_per_trial: float | Literal["auto"] = (
+        0.0  # at most 1; 0.5: two share a GPU; auto: estimated
+    )
+    gpu_memory: str | None = None  # the smallest GPU's memory, e.g. 24GiB; none: asked of the GPUs
     max_concurrent: int | None = None  # trials at once; none: num_samples/4, >= 2 (random: all)
     address: str | None = None  # Ray cluster: auto or ray://host:port; none: a local Ray
     storage_path: str | None = None  # Ray experiment storage; shared (NFS, s3://) on a cluster
@@ -119,14 +131,22 @@ class SearchConfig:
             raise ValueError(f"grace_period must be >= 1 epoch, got {self.grace_period}")
         if self.reduction_factor is not None and not self.reduction_factor > 1:
             raise ValueError(f"reduction_factor must be > 1, got {self.reduction_factor}")
-        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
-            raise ValueError("cpus_per_trial must be > 0 and gpus_per_trial >= 0")
-        if self.gpus_per_trial > 1:
+        if self.cpus_per_trial <= 0:
+            raise ValueError(f"cpus_per_trial must be > 0, got {self.cpus_per_trial:g}")
+        if isinstance(self.gpus_per_trial, str) and self.gpus_per_trial != AUTO:
+            raise ValueError(
+                f"gpus_per_trial must be a number or auto, got {self.gpus_per_trial!r}"
+            )
+        if self.gpus_per_trial != AUTO and self.gpus_per_trial < 0:
+            raise ValueError(f"gpus_per_trial must be >= 0, got {self.gpus_per_trial:g}")
+        if self.gpus_per_trial != AUTO and self.gpus_per_trial > 1:
             raise ValueError(
                 f"gpus_per_trial must be at most 1, got {self.gpus_per_trial:g}: a trial is one "
                 "process on one device (fractions such as 0.5 let trials share a GPU); run more "
                 "trials at once instead"
             )
+        if self.gpu_memory is not None:
+            memory_size(self.gpu_memory)  # refused here if not a size
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {self.max_concurrent}")
         if self.max_concurrent is None:
@@ -151,6 +171,11 @@ class SearchConfig:
     def path(self) -> str:
         """The search's Ray folder: what `--resume` takes."""
         return f"{self.storage_path}/{self.name}"
+
+    @property
+    def gpu_bytes(self) -> int | None:
+        """`gpu_memory` in bytes, if given."""
+        return None if self.gpu_memory is None else memory_size(self.gpu_memory)
 
     @property
     def directions(self) -> dict[str, str]:
@@ -199,6 +224,13 @@ SEARCH_GROUPS = {
         "baseline_seeds",
         "name",
     ),
-    "resources": ("cpus_per_trial", "gpus_per_trial", "max_concurrent", "address", "storage_path"),
+    "resources": (
+        "cpus_per_trial",
+        "gpus_per_trial",
+        "gpu_memory",
+        "max_concurrent",
+        "address",
+        "storage_path",
+    ),
     "tracking": ("mlflow_uri", "experiment_name", "optuna_storage"),
 }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -29,6 +30,7 @@ from .. import __version__
 from ..config import DATA_FIELDS, FILE_FIELDS, TrialConfig
 from ..data import DataSource, load_glue
 from ..front import OBJECTIVES
+from ..memory import format_bytes
 from ..models import check_targets, load_tokenizer
 from ..quiet import QUIET_ENV, quiet_search_driver
 from ..tracking import ROLE_TAG, experiment_id_of
@@ -46,8 +48,15 @@ from .cluster import (
     check_storage,
     check_tracking_for_cluster,
 )
-from .config import Sampler, SearchConfig
+from .config import AUTO, Sampler, SearchConfig
 from .outcome import RAY_MODES, StoppedAsPrunedOptunaSearch, TrialRecorder, close_open_runs
+from .resources import (
+    GpuRequest,
+    check_trials_fit,
+    cluster_gpu_bytes,
+    gpu_share,
+    trial_resources,
+)
 from .schedulers import ParetoSuccessiveHalving
 from .space import SearchSpace
 from .state import SEARCH_STATE_FILE, read_json, read_search_state, write_search_state
@@ -151,6 +160,10 @@ def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None)
     import ray
 
     data = _check_inputs(config, new=resume is None)
+    # GPU shares are checked before Ray starts when the GPU memory is known, else once Ray runs
+    # and its GPUs can be asked.
+    sized_now = config.gpus_per_trial != AUTO or config.gpu_memory is not None
+    gpus = gpu_request(config) if sized_now else None
     # Shared data come with their sources, hashed on the driver (the digests of the files just
     # read); otherwise every trial reads its own.
     representative = TrialConfig.from_dict(config.space.representative())
@@ -162,6 +175,8 @@ def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None)
         # errors still reach it, and every trial's full log stays in Ray's session folder.
         ray.init(address=config.address, runtime_env={"env_vars": QUIET_ENV})
     _check_cluster(config, shares_data=data is not None)
+    if not sized_now:
+        gpus = gpu_request(config)
 
     client = mlflow.MlflowClient(config.mlflow_uri)
     experiment = client.get_experiment(experiment_id_of(client, config.experiment_name))
@@ -185,7 +200,7 @@ def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None)
     quiet_search_driver()
     with stop_gracefully_on_signals() as received:
         try:
-            results = _make_tuner(config, tracking, data, sources, resume).fit()
+            results = _make_tuner(config, tracking, data, sources, resume, gpus).fit()
         except KeyboardInterrupt:  # a second signal, or one before Ray Tune started
             client.set_terminated(parent_run_id, status="KILLED")
             raise
@@ -291,14 +306,59 @@ def _check_cluster(config: SearchConfig, *, shares_data: bool) -> None:
     )
 
 
-def _make_tuner(config: SearchConfig, tracking: dict[str, str], data, sources, resume):
+def gpu_request(config: SearchConfig) -> GpuRequest | None:
+    """How the search's trials get GPUs (`None`: they get none), checked against the GPU memory:
+    with `auto`, the cluster's smallest GPU (`--gpu-memory`, else asked of the GPUs) must hold
+    every trial of the space; with a share and `--gpu-memory`, the share must.
+
+    Raises:
+        ValueError: a trial of the space that does not fit, or GPU memory that cannot be known.
+    """
+    if config.gpus_per_trial == 0:
+        return None
+    gpu_bytes = config.gpu_bytes
+    if config.gpus_per_trial == AUTO:
+        gpu_bytes = gpu_bytes or cluster_gpu_bytes()
+        largest = check_trials_fit(
+            config.space, gpu_bytes, f"the {format_bytes(gpu_bytes)} of the smallest GPU"
+        )
+        print(
+            f"GPU shares: each trial's estimate in eighths of {format_bytes(gpu_bytes)}; the "
+            f"space's largest trial needs {format_bytes(largest)} "
+            f"({gpu_share(largest, gpu_bytes):g} of a GPU)",
+            flush=True,
+        )
+    elif gpu_bytes is not None:
+        share = config.gpus_per_trial
+        check_trials_fit(
+            config.space,
+            int(share * gpu_bytes),
+            f"its {share:g} share of a {format_bytes(gpu_bytes)} GPU (try --gpus-per-trial auto)",
+        )
+    return GpuRequest(gpus_per_trial=config.gpus_per_trial, gpu_bytes=gpu_bytes)
+
+
+def _make_tuner(
+    config: SearchConfig,
+    tracking: dict[str, str],
+    data,
+    sources,
+    resume,
+    gpus: GpuRequest | None,
+):
     """The Tuner of a new search, or the restored one of an interrupted search."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, data=data, sources=sources, tracking=tracking),
-        {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
+        tune.with_parameters(run_trial, data=data, sources=sources, tracking=tracking, gpus=gpus),
+        # Each trial's own request: with gpus_per_trial auto, its share of a GPU.
+        functools.partial(
+            trial_resources,
+            cpus=config.cpus_per_trial,
+            gpus_per_trial=config.gpus_per_trial,
+            gpu_bytes=gpus["gpu_bytes"] if gpus else None,
+        ),
     )
     if resume is not None:
         return tune.Tuner.restore(
@@ -482,6 +542,7 @@ def start_parent_run(config: SearchConfig, experiment_id: str) -> str:
         "objective": config.objective,
         "cpus_per_trial": config.cpus_per_trial,
         "gpus_per_trial": config.gpus_per_trial,
+        "gpu_memory": config.gpu_memory,
         "code_version": _code_version(),
         "cluster_resources": json.dumps(ray.cluster_resources()),
         "ray_storage": redact_uri(config.path),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import tempfile
@@ -14,6 +15,7 @@ from mlflow import MlflowClient
 from ..config import TrialConfig
 from ..front import OBJECTIVES
 from ..tracking import DEVICE_TAG, ROLE_TAG, TrialRecord
+from .resources import GpuRequest, OutOfGpuMemory, gpu_memory_plan
 
 # Reported with every epoch, so that whoever reads a trial's last result (the searcher, a
 # scheduler, the end-of-search table) can tell a trial stopped early from one that finished.
@@ -24,6 +26,8 @@ BUDGET_KEY = "budget_epochs"
 COMPARABLE_KEY = "comparable"
 # In a front-tracing trial's last result: the objectives at the end of every stage.
 STAGE_POINTS_KEY = "stage_points"
+# The trial run's tag of the resources Ray assigned it.
+RESOURCES_TAG = "ray_resources"
 # Reported first: Ray's live table shows a result's first four metrics.
 LIVE_TABLE_KEYS = ("epoch", "val_score", "retained_params", "test_score")
 
@@ -43,19 +47,23 @@ def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def trial_device(gpu_ids: list[str] | list[int], visible_devices: str | None) -> str:
+def trial_device(
+    gpu_ids: list[str] | list[int], visible_devices: str | None, *, cuda: bool = True
+) -> str:
     """The torch device of a trial that Ray assigned the GPUs `gpu_ids` (`ray.get_gpu_ids()`).
 
     No GPU means the CPU, even on a GPU node: Ray no longer hides the node's GPUs from actors
     that asked for none (ray-project/ray#62492), so `torch.cuda.is_available()` says nothing
     about the trial's share. Otherwise the first assigned GPU, numbered as torch sees it: its
     position in `CUDA_VISIBLE_DEVICES`, which Ray sets to the assigned ids (or the id itself
-    where Ray was told not to set it).
+    where Ray was told not to set it). GPUs Ray lists where torch has no `cuda` (logical GPUs
+    given to `ray.init(num_gpus=...)`, a CPU build of torch) leave the trial on the CPU; its
+    run's device tag says so.
 
     Raises:
         RuntimeError: an assigned id that is neither listed nor a number.
     """
-    if not gpu_ids:
+    if not gpu_ids or not cuda:
         return "cpu"
     first = str(gpu_ids[0])
     listed = [d.strip() for d in (visible_devices or "").split(",") if d.strip()]
@@ -96,11 +104,18 @@ def trial_run(client: MlflowClient, tracking: dict[str, str], trial_id: str, nam
 
 
 def run_trial(
-    trial_params: dict[str, Any], *, data=None, sources=None, tracking: dict[str, str]
+    trial_params: dict[str, Any],
+    *,
+    data=None,
+    sources=None,
+    tracking: dict[str, str],
+    gpus: GpuRequest | None = None,
 ) -> None:
     """The Ray Tune function trainable: one trial, its own MLflow child run, resumable. `data`
-    and their `sources` are shared by the search (`None`: the trial prepares its own)."""
+    and their `sources` are shared by the search (`None`: the trial prepares its own); `gpus`:
+    how the search sized the trials' GPU shares (`None`: no GPU)."""
     import ray
+    import torch
     from ray import tune
 
     from ..train import resolve_device, train_trial, trial_data, trial_dtypes  # torch: here
@@ -109,9 +124,20 @@ def run_trial(
     config = TrialConfig.from_dict(trial_params)
     client = MlflowClient(tracking["uri"])
     run_id = trial_run(client, tracking, trial_id, tune.get_context().get_trial_name())
-    device = trial_device(ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    device = trial_device(
+        ray.get_gpu_ids(),
+        os.environ.get("CUDA_VISIBLE_DEVICES"),
+        cuda=torch.cuda.is_available(),
+    )
     client.set_tag(run_id, "ray_node_id", ray.get_runtime_context().get_node_id())
+    # What Ray reserved for the trial (its GPU share among them), to check how trials packed.
+    client.set_tag(
+        run_id, RESOURCES_TAG, json.dumps(ray.get_runtime_context().get_assigned_resources())
+    )
     client.set_tag(run_id, DEVICE_TAG, device)
+    memory = gpu_memory_plan(config, gpus, device) if gpus is not None else None
+    if memory is not None:
+        memory.log(client, run_id)
 
     checkpoint = tune.get_checkpoint()
     # Not in the trial's Ray folder, which Ray copies to the storage path while trials write:
@@ -147,18 +173,30 @@ def run_trial(
                 return
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
 
-        with record.open(trial_dtypes(config, resolve_device(device))):
-            data, task, sources = trial_data(config, data, sources)
-            record.log_data(task, sources)
-            result = train_trial(
-                config,
-                report=end_evaluation,
-                output_dir=output_dir,
-                data=data,
-                resume_from=resume_from,
-                device=device,
-            )
-        record.close(result)
+        try:
+            with (
+                record.open(trial_dtypes(config, resolve_device(device))),
+                memory.capped() if memory is not None else contextlib.nullcontext(),
+            ):
+                data, task, sources = trial_data(config, data, sources)
+                record.log_data(task, sources)
+                result = train_trial(
+                    config,
+                    report=end_evaluation,
+                    output_dir=output_dir,
+                    data=data,
+                    resume_from=resume_from,
+                    device=device,
+                )
+        except OutOfGpuMemory:
+            # Failed alone, its run FAILED with the reason (`record.open`); Ray would retry a
+            # trial that raised, and it would run out again.
+            result = {"status": "out_of_gpu_memory"}
+            held_back.clear()
+        else:
+            if memory is not None:
+                memory.log_peak(client, run_id, step=result.get("evaluation", 0))
+            record.close(result)
         for metrics, checkpoint_dir in held_back:
             points = stage_points(result["history"])
             tune.report(

@@ -232,3 +232,10 @@ def test_a_searched_budget_with_no_dense_phase(local_ray, tiny_trial, write_spac
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_score")]
         assert steps == list(range(1, len(steps) + 1))
         assert run.data.metrics["stage"] == 1  # two stages, the first with no epoch
+
+
+def test_auto_on_a_cluster_without_gpus_is_refused(local_ray, tiny_trial, write_space, tmp_path):
+    _, space = write_space(tiny_search_parameters(tiny_trial))
+    config, _ = search_in(tmp_path, space, "none", num_samples=1, gpus_per_trial="auto")
+    with pytest.raises(ValueError, match="the Ray cluster has no GPU"):
+        run_search(config)

@@ -1,0 +1,164 @@
+"""Trials sized to GPU memory (`gpus_per_trial: auto`): each trial's share from its own
+estimate, refusals of trials that fit no GPU, and what each trial records. Ray's logical GPUs
+on this CPU (`ray.init(num_gpus=1)`) stand in for a GPU: Ray packs trials by their shares, and
+the trials train on the CPU. The caps themselves need CUDA (tests/test_gpu.py)."""
+
+import json
+
+import mlflow
+import pytest
+import ray
+
+from sora_tune.config import TrialConfig
+from sora_tune.memory import MEMORY_FIELDS, estimate_memory
+from sora_tune.tune import SearchConfig, run_search
+from sora_tune.tune.resources import (
+    check_trials_fit,
+    gpu_estimate,
+    gpu_share,
+    trial_resources,
+    worst_trials,
+)
+from sora_tune.tune.space import SearchSpace
+from tests.test_memory import llama_31
+from tests.tune.conftest import search_in, tiny_search_parameters
+
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def logical_gpu():
+    """A local Ray told this machine has one GPU, which torch does not see."""
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize(
+    "estimate, share", [(1, 0.125), (GIB // 8, 0.125), (GIB // 8 + 1, 0.25), (GIB, 1.0)]
+)
+def test_shares_are_eighths_rounded_up(estimate, share):
+    assert gpu_share(estimate, GIB) == share
+
+
+def test_an_estimate_reads_only_the_memory_settings(tiny_trial):
+    """Trials that agree on `MEMORY_FIELDS` share one estimate (`gpu_estimate` caches on them):
+    every other setting leaves it as it is."""
+    trial = TrialConfig.from_dict(tiny_trial)
+    others = TrialConfig.from_dict(
+        tiny_trial | {"lr": 0.1, "epochs": 9, "seed": 3, "xi": 0.5, "lam": 2.0, "task": "sst2"}
+    )
+    assert estimate_memory(others) == estimate_memory(trial)
+    kept = TrialConfig.from_dict({name: getattr(trial, name) for name in MEMORY_FIELDS})
+    assert estimate_memory(kept) == estimate_memory(trial)
+
+
+def test_the_worst_trials_of_a_space():
+    space = SearchSpace(
+        distributions={
+            "base_dtype": {"type": "choice", "values": ["fp32", "nf4"]},
+            "r_max": {"type": "int", "low": 2, "high": 16},
+            "batch_size": {"type": "choice", "values": [4, 16]},
+            "lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+        },
+        fixed={"max_length": 64},
+    )
+    worst = worst_trials(space)
+    assert sorted(c.base_dtype for c in worst) == ["fp32", "nf4"]
+    assert {(c.r_max, c.batch_size, c.max_length) for c in worst} == {(16, 16, 64)}
+
+
+def test_a_trial_that_fits_no_gpu_is_refused_with_what_would_fit(tmp_path):
+    """Llama-3.1-8B in fp32 (about 30 GB of weights) fits no 24 GB GPU; in bf16 or NF4 it
+    does, at batch 8 × 256 tokens with checkpointing (tests/test_memory.py)."""
+    model = llama_31("8B", tmp_path / "8b")
+    fixed = {"model": model, "batch_size": 8, "max_length": 256, "gradient_checkpointing": True}
+    space = SearchSpace(
+        distributions={"base_dtype": {"type": "choice", "values": ["nf4", "fp32"]}}, fixed=fixed
+    )
+    with pytest.raises(ValueError) as refused:
+        check_trials_fit(space, 24 * 10**9, "the 22.35 GiB of the smallest GPU")
+    message = str(refused.value)
+    assert "base_dtype fp32" in message and "needs an estimated" in message
+    assert "more than the 22.35 GiB of the smallest GPU" in message
+    assert "it would fit with base_dtype bf16" in message
+    nf4 = SearchSpace(fixed=fixed | {"base_dtype": "nf4"})
+    assert check_trials_fit(nf4, 24 * 10**9, "a GPU") < 12 * 10**9  # two trials a GPU
+
+
+def test_a_trial_no_single_change_fits_is_told_so(tmp_path):
+    model = llama_31("70B", tmp_path / "70b")
+    space = SearchSpace(fixed={"model": model, "base_dtype": "bf16"})
+    with pytest.raises(ValueError, match="no single change of base_dtype, gradient_checkpointing"):
+        check_trials_fit(space, 24 * 10**9, "a 24 GB GPU")
+
+
+def test_the_resource_request_is_the_trials_share(tiny_trial):
+    estimate = gpu_estimate(TrialConfig.from_dict(tiny_trial)).total_bytes
+    request = trial_resources(tiny_trial, cpus=1, gpus_per_trial="auto", gpu_bytes=4 * GIB)
+    assert request.bundles == [{"CPU": 1, "GPU": gpu_share(estimate, 4 * GIB)}]
+    fixed = trial_resources(tiny_trial, cpus=2, gpus_per_trial=0.5, gpu_bytes=None)
+    assert fixed.bundles == [{"CPU": 2, "GPU": 0.5}]
+    assert trial_resources(tiny_trial, cpus=1, gpus_per_trial=0, gpu_bytes=None).bundles == [
+        {"CPU": 1}
+    ]
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"gpus_per_trial": "half"}, "gpus_per_trial must be a number or auto, got 'half'"),
+        ({"gpus_per_trial": -1}, "gpus_per_trial must be >= 0, got -1"),
+        ({"gpu_memory": "24"}, "--gpu-memory '24' is not a memory size"),
+    ],
+)
+def test_bad_gpu_settings_are_refused(tiny_trial, settings, message):
+    space = SearchSpace(fixed=tiny_trial)
+    with pytest.raises(ValueError, match=message):
+        SearchConfig(space=space, **settings)
+
+
+def test_auto_shares_pack_trials_by_their_estimates(
+    logical_gpu, tiny_trial, write_space, tmp_path, capsys
+):
+    """Two trials whose estimates are 3/8 of a 4 GiB GPU each: Ray runs them side by side on
+    the one logical GPU, reserves each its share, and each run records its share and estimate."""
+    _, space = write_space(tiny_search_parameters(tiny_trial) | {"epochs": 1})
+    config, uri = search_in(
+        tmp_path,
+        space,
+        "auto",
+        num_samples=2,
+        max_concurrent=2,
+        gpus_per_trial="auto",
+        gpu_memory="4GiB",
+    )
+    assert not run_search(config).results.errors
+    assert "GPU shares: each trial's estimate in eighths of 4.00 GiB" in capsys.readouterr().out
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("auto").experiment_id], "tags.`sora_tune.role` = 'trial'"
+    )
+    assert len(runs) == 2
+    for run in runs:
+        estimate = gpu_estimate(
+            TrialConfig.from_dict(tiny_trial | {"r_max": int(run.data.params["r_max"])})
+        )
+        share = gpu_share(estimate.total_bytes, 4 * GIB)
+        assert share == 0.375
+        assert float(run.data.params["gpu_share"]) == share
+        assert json.loads(run.data.tags["ray_resources"])["GPU"] == share
+        assert run.data.metrics["gpu_memory_estimated"] == estimate.total_bytes
+        assert run.data.tags["sora_tune.device"] == "cpu"  # torch sees no CUDA here
+        assert "gpu_memory_cap" not in run.data.params and "gpu_memory_peak" not in run.data.metrics
+    first, second = sorted(runs, key=lambda r: r.info.start_time)
+    assert second.info.start_time < first.info.end_time, "both shares fit the GPU at once"
+
+
+def test_auto_without_gpu_memory_asks_the_gpus(logical_gpu, tiny_trial, write_space, tmp_path):
+    """The GPU Ray lists here is not one torch sees: the search says so before any trial."""
+    _, space = write_space(tiny_search_parameters(tiny_trial))
+    config, _ = search_in(tmp_path, space, "asks", num_samples=1, gpus_per_trial="auto")
+    with pytest.raises(ValueError, match="torch sees no CUDA device there"):
+        run_search(config)
+
