@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
 # What a single-GPU machine can show, offline (the packaged MiniLM and the GLUE TSVs in
-# ../shared/data/glue or $SORA_TUNE_DATA_DIR), in an estimated 8 minutes (not yet timed on a GPU):
-#   1. pytest -m gpu: device choice, every precision, a resume across devices, two trials on one
-#      GPU at 0.5 each, bench_step on CUDA;
+# ../shared/data/glue or $SORA_TUNE_DATA_DIR), in an estimated 10 minutes on one H200 (not yet
+# timed on a GPU):
+#   1. pytest -m gpu: device choice, every precision and base dtype, a resume across devices,
+#      two trials on one GPU at 0.5 each, auto shares with caps, a trial over its cap failing
+#      alone, bench_step on CUDA;
 #   2. scripts/bench_step.py on CUDA: ms per step of SoRA, PEFT LoRA and PEFT AdaLoRA (batch 32,
 #      length 128; the paper claims SoRA ~30% faster than AdaLoRA);
-#   3. a 4-trial search with --gpus-per-trial 0.5 on full MRPC, 2 epochs, from a fresh folder.
+#   3. a 4-trial search with --gpus-per-trial 0.5 on full MRPC, 2 epochs, from a fresh folder;
+#   4. the memory grid: Llama-3.2-1B, -3.1-8B and -3.1-70B shapes cut to 2 layers, random
+#      weights, {bf16, nf4} x checkpointing x lengths {256, 1024} x batches {4, 8}: each step's
+#      peak (max_memory_allocated) beside the estimate's tensors, the data to refit the
+#      activation constants on CUDA (scripts/bench_memory.py --device cuda);
+#   5. six tiny trials (MRPC, 1 epoch, 256 rows) packed onto the GPU with --gpus-per-trial auto,
+#      each capped at its share, against the same six one at a time: none may run out of memory.
 # Writes JSON for each part and summary.json + summary.md to OUT_DIR.
 #
 # Usage: scripts/gpu_check.sh [--dry-run] [OUT_DIR]      (OUT_DIR default: ./gpu_check)
@@ -18,7 +26,7 @@ if [[ ${1:-} == --dry-run ]]; then
     dry_run=true
     shift
 fi
-[[ ${1:-} == -h || ${1:-} == --help ]] && { sed -n '2,14p' "$0"; exit 0; }
+[[ ${1:-} == -h || ${1:-} == --help ]] && { sed -n '2,24p' "$0"; exit 0; }
 repo=$(cd "$(dirname "$0")/.." && pwd)
 out=$(mkdir -p "${1:-gpu_check}" && cd "${1:-gpu_check}" && pwd)
 data=${SORA_TUNE_DATA_DIR:-$repo/../shared/data/glue}
@@ -40,12 +48,19 @@ if [[ $dry_run == true ]]; then
     device=cpu step_args=(--rounds 1 --steps 1 --batch-size 4 --length 32)
     search_args=(--max-train-samples 64 --max-eval-samples 32 --train-eval-samples 16 --epochs 1
         --max-length 64 --gpus-per-trial 0)
+    grid_args=(--shape Llama-3.2-1B --layers 1 --base-dtypes bf16 --batch-sizes 2 --max-lengths 32
+        --timed-steps 0)
+    packing_args=(--max-train-samples 64 --max-eval-samples 32 --train-eval-samples 16
+        --max-length 64 --gpus-per-trial 0)
 else
     device=cuda step_args=(--rounds 5 --steps 5 --batch-size 32 --length 128)
     search_args=(--epochs 2 --gpus-per-trial 0.5)
+    grid_args=(--shape Llama-3.2-1B --shape Llama-3.1-8B --shape Llama-3.1-70B --layers 2
+        --base-dtypes bf16,nf4 --batch-sizes 4,8 --max-lengths 256,1024 --timed-steps 0)
+    packing_args=(--max-train-samples 256 --max-eval-samples 128 --gpus-per-trial auto)
 fi
 
-echo "== 1/3 pytest -m gpu"
+echo "== 1/5 pytest -m gpu"
 start=$SECONDS
 set +e
 (cd "$repo" && "$python" -m pytest -m gpu -q -p no:cacheprovider --junitxml "$out/gpu_tests.xml") |
@@ -54,12 +69,12 @@ tests_status=${PIPESTATUS[0]}
 set -e
 tests_s=$((SECONDS - start))
 
-echo "== 2/3 bench_step.py on $device"
+echo "== 2/5 bench_step.py on $device"
 start=$SECONDS
 "$python" "$repo/scripts/bench_step.py" --device "$device" "${step_args[@]}" --output "$out/step.json"
 step_s=$((SECONDS - start))
 
-echo "== 3/3 a 4-trial search on MRPC, from a fresh folder"
+echo "== 3/5 a 4-trial search on MRPC, from a fresh folder"
 start=$SECONDS
 mkdir -p "$out/search"
 (cd "$out/search" && "$python" -m sora_tune.cli search --config "$repo/search_spaces/sora_glue.yaml" \
@@ -67,8 +82,27 @@ mkdir -p "$out/search"
     "${search_args[@]}") | tee "$out/search.log"
 search_s=$((SECONDS - start))
 
-"$python" - "$out" "$dry_run" "$tests_status" "$tests_s" "$step_s" "$search_s" <<'EOF'
-"""summary.json and summary.md from the three parts' outputs."""
+echo "== 4/5 the memory grid on $device"
+start=$SECONDS
+"$python" "$repo/scripts/bench_memory.py" --device "$device" "${grid_args[@]}" \
+    --output "$out/memory_grid.json"
+grid_s=$((SECONDS - start))
+
+echo "== 5/5 six tiny trials packed onto the GPU, then one at a time"
+start=$SECONDS
+for concurrent in 6 1; do
+    mkdir -p "$out/packing-$concurrent"
+    (cd "$out/packing-$concurrent" && "$python" -m sora_tune.cli search \
+        --config "$repo/search_spaces/sora_glue.yaml" --task mrpc --data-dir "$data" --epochs 1 \
+        --num-samples 6 --max-concurrent "$concurrent" --cpus-per-trial 1 --sampler random \
+        --name "packing-$concurrent" "${packing_args[@]}") >"$out/packing-$concurrent.log"
+    echo "$concurrent at once: $((SECONDS - start)) s"
+done
+packing_s=$((SECONDS - start))
+
+"$python" - "$out" "$dry_run" "$tests_status" "$tests_s" "$step_s" "$search_s" "$grid_s" \
+    "$packing_s" <<'EOF'
+"""summary.json and summary.md from the five parts' outputs."""
 import json
 import sys
 import xml.etree.ElementTree as ElementTree
@@ -79,13 +113,26 @@ import mlflow
 from sora_tune.tracking import DEVICE_TAG, PRECISION_TAG, ROLE_TAG
 
 out, dry_run = Path(sys.argv[1]), sys.argv[2] == "true"
-tests_status, tests_s, step_s, search_s = map(int, sys.argv[3:7])
+tests_status, tests_s, step_s, search_s, grid_s, packing_s = map(int, sys.argv[3:9])
 suite = ElementTree.parse(out / "gpu_tests.xml").getroot().find("testsuite")
 tests = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
 step = json.loads((out / "step.json").read_text())
-client = mlflow.MlflowClient(f"sqlite:///{out / 'search' / 'mlflow.db'}")
-experiment = client.get_experiment_by_name("sora-mrpc")
-runs = client.search_runs([experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'trial'")
+
+
+def trial_runs(folder: str) -> list:
+    client = mlflow.MlflowClient(f"sqlite:///{out / folder / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sora-mrpc")
+    return client.search_runs([experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'trial'")
+
+
+def wall_s(runs: list) -> float:
+    return (max(r.info.end_time or 0 for r in runs) - min(r.info.start_time for r in runs)) / 1000
+
+
+runs = trial_runs("search")
+grid = json.loads((out / "memory_grid.json").read_text())["results"]
+worst = max(grid, key=lambda row: abs(row["ratio"] - 1))
+packing = {n: trial_runs(f"packing-{n}") for n in (6, 1)}
 trials = sorted(
     (
         {
@@ -111,14 +158,33 @@ summary = {
     "step": {"device": step["machine"]["device"], "precision": step["config"]["precision"]}
     | {"median_ms": step["median_ms"], "ratios": step["ratios"]},
     "search": {"trials": trials, "trials_overlapped": overlap},
+    "memory_grid": {"cases": len(grid), "worst": worst, "seconds": grid_s},
+    "packing": {
+        str(n): {
+            "finished": sum(r.info.status == "FINISHED" for r in p),
+            "failed": [r.data.tags.get("failure_reason") for r in p if r.info.status == "FAILED"],
+            "wall_s": wall_s(p),
+            "gpu_shares": sorted(r.data.params.get("gpu_share", "0") for r in p),
+            "worst_peak_over_estimate": max(
+                (
+                    r.data.metrics["gpu_memory_peak"] / r.data.metrics["gpu_memory_estimated_tensors"]
+                    for r in p
+                    if "gpu_memory_peak" in r.data.metrics
+                ),
+                default=None,
+            ),
+        }
+        for n, p in packing.items()
+    }
+    | {"seconds": packing_s},
 }
 (out / "summary.json").write_text(json.dumps(summary, indent=2))
 ms = step["median_ms"]
 lines = [
     f"# GPU check{' (dry run on the CPU: toy sizes, gpu tests skipped)' if dry_run else ''}",
     "",
-    f"Total {tests_s + step_s + search_s} s: tests {tests_s} s, step benchmark {step_s} s, "
-    f"search {search_s} s.",
+    f"Total {tests_s + step_s + search_s + grid_s + packing_s} s: tests {tests_s} s, step "
+    f"benchmark {step_s} s, search {search_s} s, memory grid {grid_s} s, packing {packing_s} s.",
     "",
     f"- `pytest -m gpu`: {tests['tests']} tests, {tests['failures']} failed, {tests['errors']} "
     f"errors, {tests['skipped']} skipped (exit code {tests_status}).",
@@ -130,6 +196,19 @@ lines = [
     f"devices {sorted({t['device'] for t in trials})}, precision "
     f"{sorted({t['precision'] for t in trials if t['precision']})}; trials ran side by side: "
     f"{'yes' if overlap else 'no'}.",
+    "",
+    f"- Memory grid: {len(grid)} steps; the estimate's tensors over the measured peak furthest "
+    f"from 1: {worst['ratio']:.3f} ({worst['model']}, {worst['base_dtype']}, batch "
+    f"{worst['batch_size']} x {worst['max_length']}, checkpointing "
+    f"{worst['gradient_checkpointing']}).",
+    *(
+        f"- Packing, {n} at once: {summary['packing'][str(n)]['finished']} of {len(p)} finished, "
+        f"failed {summary['packing'][str(n)]['failed']}, trials' wall time "
+        f"{summary['packing'][str(n)]['wall_s']:.0f} s, shares "
+        f"{summary['packing'][str(n)]['gpu_shares']}, worst peak/estimate "
+        f"{summary['packing'][str(n)]['worst_peak_over_estimate']}."
+        for n, p in packing.items()
+    ),
     "",
     "| trial | status | device | val | test | retained params | train s |",
     "|---|---|---|---|---|---|---|",

@@ -314,6 +314,66 @@ def _curves(data: dict) -> list[str]:
     ]
 
 
+def _memory(data: dict) -> list[str]:
+    config, rows = data["config"], data["results"]
+    mib = 2**20
+    gpu = config["device"] == "cuda"
+
+    def row(r: dict) -> list[str]:
+        return [
+            r["model"],
+            r["base_dtype"],
+            f"{r['batch_size']} × {r['max_length']}",
+            "yes" if r["gradient_checkpointing"] else "no",
+            f"{r['frozen_bytes'] / mib:.0f}",
+            f"{r['peak_bytes'] / mib:.0f}",
+            f"{r['estimated_bytes'] / mib:.0f}",
+            f"{r['ratio']:.2f}",
+            "–" if r["step_seconds"] is None else f"{r['step_seconds']:.2f}",
+        ]
+
+    lines = [
+        f"One SoRA training step (r_max {config['r_max']}, every row full) "
+        + (
+            "on the GPU, its peak read from the caching allocator, beside the estimate's tensors "
+            "(`sora-tune estimate` without the CUDA context and the allocator's slack)"
+            if gpu
+            else "on this CPU, one thread, its peak the model's own bytes plus what the step "
+            "added to the resident memory, beside the estimate (`sora-tune estimate --device cpu`)"
+        )
+        + ", measured in a fresh process (`sora_tune.peak_memory`), with the frozen base's "
+        f"bytes and the median time of {config['timed_steps']} steps after it. MiB.",
+        "",
+        *_table(
+            [
+                "model",
+                "base",
+                "batch",
+                "checkpointing",
+                "frozen",
+                "peak",
+                "estimate",
+                "est./peak",
+                "step s",
+            ],
+            [row(r) for r in rows],
+        ),  # fmt: skip
+    ]
+    fp32 = {
+        r["model"]: r["frozen_bytes"]
+        for r in rows
+        if r["base_dtype"] == "fp32" and not r["gradient_checkpointing"]
+    }
+    shares = [
+        f"{r['model']} {r['base_dtype']} {r['frozen_bytes'] / fp32[r['model']]:.2f}×"
+        for r in rows
+        if r["model"] in fp32 and r["base_dtype"] != "fp32" and not r["gradient_checkpointing"]
+    ]
+    if shares:
+        lines += ["", "Frozen bytes against fp32: " + ", ".join(dict.fromkeys(shares)) + "."]
+    return lines
+
+
 def _generic(data: dict) -> list[str]:
     medians = data.get("median_ms", {})
     rows = [[name, f"{ms:.1f}"] for name, ms in medians.items()]
@@ -330,6 +390,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
     "data_sharing": ("Data shared with the trials", _data_sharing),
     "data_file": ("Your own data file at scale", _data_file),
     "curves": ("Recorded learning curves", _curves),
+    "memory": ("A trial's memory at each base_dtype", _memory),
 }
 
 

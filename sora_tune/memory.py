@@ -33,6 +33,28 @@ if TYPE_CHECKING:
 
 Device = Literal["cuda", "cpu"]
 
+# Published decoders' shapes, from their config.json on the Hugging Face Hub: the README's "Big
+# models" table and the GPU memory grid (scripts/bench_memory.py --shape) build them.
+LLAMA_31_SHARED = dict(num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+PUBLISHED_SHAPES: dict[str, dict] = {
+    "SmolLM2-135M": dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
+    ),
+    "Llama-3.2-1B": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+    ),
+    "Llama-3.1-8B": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        **LLAMA_31_SHARED,
+    ),
+    "Llama-3.1-70B": dict(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+        **LLAMA_31_SHARED,
+    ),
+}  # fmt: skip
+
 # The settings `estimate_memory` reads: trials that agree on them need the same memory.
 MEMORY_FIELDS = (
     "model",
@@ -53,6 +75,8 @@ NF4_BYTES_PER_WEIGHT = (4 + 8 / 64 + 32 / (64 * 256)) / 8
 # LLM.int8 (bitsandbytes' int8_vectorwise_quant): one byte a weight, one fp32 scale a row (SCB).
 INT8_BYTES_PER_WEIGHT = 1
 INT8_BYTES_PER_ROW = 4
+# The parts of a GPU estimate that are not tensors.
+GPU_OVERHEADS = ("CUDA context", "allocator slack")
 # A trained parameter: its fp32 value and gradient, and AdamW's two fp32 moments.
 TRAINED_BYTES = 4 + 4 + 2 * 4
 # PEFT's AdaLoRA RankAllocator keeps ipt, exp_avg_ipt and exp_avg_unc, fp32, for every
@@ -133,6 +157,12 @@ class MemoryEstimate:
     @property
     def total_bytes(self) -> int:
         return sum(part.bytes for part in self.parts)
+
+    @property
+    def tensor_bytes(self) -> int:
+        """The tensors' part: the total without the CUDA context and the allocator's slack,
+        what `torch.cuda.max_memory_allocated` counts."""
+        return sum(part.bytes for part in self.parts if part.name not in GPU_OVERHEADS)
 
     def trials_per_gpu(self, gpu_bytes: int) -> int:
         """How many such trials fit in `gpu_bytes` of one GPU, side by side (each its own
@@ -249,9 +279,9 @@ def estimate_memory(config: TrialConfig, *, device: Device = "cuda") -> MemoryEs
     if where.type == "cuda":
         tensors = sum(part.bytes for part in parts)
         parts += [
-            MemoryPart("CUDA context", CUDA_CONTEXT_BYTES, "per process, lazy module loading"),
+            MemoryPart(GPU_OVERHEADS[0], CUDA_CONTEXT_BYTES, "per process, lazy module loading"),
             MemoryPart(
-                "allocator slack",
+                GPU_OVERHEADS[1],
                 round(tensors * ALLOCATOR_SLACK),
                 f"{ALLOCATOR_SLACK:.0%} of the tensors above",
             ),

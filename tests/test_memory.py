@@ -2,6 +2,7 @@
 measured on this CPU, and the figures of big decoders on paper."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,17 +10,10 @@ from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 from sora_tune.cli import main
 from sora_tune.config import TrialConfig
-from sora_tune.memory import estimate_memory, memory_size
+from sora_tune.memory import PUBLISHED_SHAPES, estimate_memory, memory_size
 from sora_tune.peak_memory import check_estimates
 from tests.conftest import MINILM_PATH, word_tokenizer
 
-# From their config.json on the Hugging Face Hub (meta-llama/Llama-3.1-8B, Llama-3.1-70B).
-LLAMA_31 = {
-    "8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32),
-    "70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80),
-}
-LLAMA_31_SHARED = dict(num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
-LLAMA_31_HEADS = {"8B": 32, "70B": 64}
 GB = 10**9
 
 # Big enough that what the estimate models (weights, activations) outweighs the constants of a
@@ -30,12 +24,9 @@ CPU_BASE_DTYPES = ("fp32", "bf16", "int8", "nf4")
 
 
 def llama_31(size: str, folder) -> str:
-    """Llama-3.1 of `size` as a folder holding only its config.json: the estimate reads no
-    weights and no tokenizer."""
-    config = LlamaConfig(
-        **LLAMA_31[size], **LLAMA_31_SHARED, num_attention_heads=LLAMA_31_HEADS[size]
-    )
-    config.save_pretrained(folder)
+    """Llama-3.1 of `size` (8B, 70B) as a folder holding only its config.json: the estimate reads
+    no weights and no tokenizer."""
+    LlamaConfig(**PUBLISHED_SHAPES[f"Llama-3.1-{size}"]).save_pretrained(folder)
     return str(folder)
 
 
@@ -191,3 +182,60 @@ def test_estimate_within_15_percent_of_the_measured_peak(fast_checks, case):
 @pytest.mark.parametrize("case", MEASURED_CASES, ids=case_id)
 def test_every_cpu_case_within_15_percent_of_the_measured_peak(all_checks, case):
     assert_within_15_percent(all_checks[case])
+
+
+# The README's "Big models" table.
+BIG_MODEL_GPUS_GB = (24, 48, 80, 141)
+BIG_MODEL_BASES = ("fp32", "bf16", "int8", "nf4")
+
+
+def big_models_table(folder) -> str:
+    """One trial of each model at each base_dtype, batch 8 × 256 tokens with checkpointing, on a
+    GPU: its estimate and how many such trials a 24, 48, 80 and 141 GB GPU holds."""
+    lines = [
+        "| model | base_dtype | one trial | "
+        + " | ".join(f"{gb} GB" for gb in BIG_MODEL_GPUS_GB)
+        + " |",
+        "|---|---|---:|" + "---:|" * len(BIG_MODEL_GPUS_GB),
+    ]
+    for name, settings in PUBLISHED_SHAPES.items():
+        LlamaConfig(**settings).save_pretrained(folder / name)
+        for base_dtype in BIG_MODEL_BASES:
+            config = TrialConfig(
+                model=str(folder / name), base_dtype=base_dtype, batch_size=8, max_length=256,
+                gradient_checkpointing=True,
+            )  # fmt: skip
+            estimate = estimate_memory(config, device="cuda")
+            fits = [str(estimate.trials_per_gpu(gb * GB)) for gb in BIG_MODEL_GPUS_GB]
+            lines.append(
+                f"| {name} | {base_dtype} | {estimate.total_bytes / GB:.1f} GB | "
+                + " | ".join(fits)
+                + " |"
+            )
+    return "\n".join(lines)
+
+
+def test_the_readme_big_models_table_is_the_estimate(tmp_path):
+    table = big_models_table(tmp_path)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert table in readme, f"README's Big models table is stale; it is now:\n{table}"
+
+
+@pytest.fixture(scope="module")
+def smollm2_checks(smollm2_dir):
+    """SmolLM2-135M, a real decoder, at every CPU base_dtype with and without checkpointing."""
+    configs = [
+        TrialConfig(model=smollm2_dir, base_dtype=base_dtype, gradient_checkpointing=checkpointing,
+                    **MEASURED_TRIAL)
+        for base_dtype in CPU_BASE_DTYPES
+        for checkpointing in (False, True)
+    ]  # fmt: skip
+    return check_estimates(configs)
+
+
+@pytest.mark.slow
+def test_smollm2_estimates_within_15_percent_and_nf4_frozen_at_most_035(smollm2_checks):
+    for check in smollm2_checks:
+        assert_within_15_percent(check)
+    frozen = {c.config.base_dtype: c.measured.frozen_bytes for c in smollm2_checks}
+    assert frozen["nf4"] <= 0.35 * frozen["fp32"]  # transformers' own NF4 load: 0.31×

@@ -35,8 +35,6 @@ LARGER_NEEDS_MORE = ("r_max", "batch_size", "max_length")
 # What the refusal tries, one change at a time, on the trial that does not fit.
 SMALLER_BASES = ("bf16", "int8", "nf4")
 SMALLEST_BATCH, SMALLEST_LENGTH = 1, 32
-# The estimate's parts that are not tensors, which `max_memory_allocated` does not count.
-GPU_OVERHEADS = ("CUDA context", "allocator slack")
 
 
 @functools.lru_cache(maxsize=256)
@@ -99,18 +97,14 @@ class GpuMemoryPlan:
     Logged to the trial's run: `gpu_share` and `gpu_memory_cap` (bytes) as params, and the
     metrics `gpu_memory_estimated` (the estimate's total, at step 0) and `gpu_memory_peak`
     (`torch.cuda.max_memory_allocated` over the trial, at its last evaluation). The peak counts
-    tensors only; the estimate's tensor part (`estimated_tensor_bytes`, without the CUDA
-    context and the allocator's slack) is what the peak is compared with.
+    tensors only; the estimate's tensors' part (`MemoryEstimate.tensor_bytes`, logged as
+    `gpu_memory_estimated_tensors`) is what the peak is compared with.
     """
 
     share: float
     estimate: MemoryEstimate
     device: str
     cap_bytes: int | None  # None on the CPU
-
-    @property
-    def estimated_tensor_bytes(self) -> int:
-        return sum(part.bytes for part in self.estimate.parts if part.name not in GPU_OVERHEADS)
 
     def log(self, client: MlflowClient, run_id: str) -> None:
         client.log_param(run_id, "gpu_share", self.share)
@@ -119,7 +113,7 @@ class GpuMemoryPlan:
         if not client.get_metric_history(run_id, "gpu_memory_estimated"):  # a retried trial
             client.log_metric(run_id, "gpu_memory_estimated", self.estimate.total_bytes, step=0)
             client.log_metric(
-                run_id, "gpu_memory_estimated_tensors", self.estimated_tensor_bytes, step=0
+                run_id, "gpu_memory_estimated_tensors", self.estimate.tensor_bytes, step=0
             )
 
     @contextlib.contextmanager

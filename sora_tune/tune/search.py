@@ -159,11 +159,11 @@ def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None)
     """
     import ray
 
-    data = _check_inputs(config, new=resume is None)
-    # GPU shares are checked before Ray starts when the GPU memory is known, else once Ray runs
-    # and its GPUs can be asked.
+    # GPU shares are checked before the data are read when the GPU memory is known (from the
+    # models' configurations, in seconds), else once Ray runs and its GPUs can be asked.
     sized_now = config.gpus_per_trial != AUTO or config.gpu_memory is not None
     gpus = gpu_request(config) if sized_now else None
+    data = _check_inputs(config, new=resume is None)
     # Shared data come with their sources, hashed on the driver (the digests of the files just
     # read); otherwise every trial reads its own.
     representative = TrialConfig.from_dict(config.space.representative())

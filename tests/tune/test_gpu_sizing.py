@@ -161,4 +161,3 @@ def test_auto_without_gpu_memory_asks_the_gpus(logical_gpu, tiny_trial, write_sp
     config, _ = search_in(tmp_path, space, "asks", num_samples=1, gpus_per_trial="auto")
     with pytest.raises(ValueError, match="torch sees no CUDA device there"):
         run_search(config)
-
