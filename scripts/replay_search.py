@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "configurations": len(table.configs),
             "digest": digest,
         },
+        "design": {k: first["design"][k] for k in ("threshold_quantiles", "threshold_every")},
         "clock": {"kind": args.clock} | dataclasses.asdict(clock),
         "reference": table.reference(),
         "replays": len(lines),
