@@ -85,6 +85,26 @@ def from_unit(spec: dict[str, Any], u: float) -> Any:
     return min(int(value), high) if kind == "int" else float(value)
 
 
+def to_unit(spec: dict[str, Any], value: Any) -> float:
+    """Where `value` sits in [0, 1] for the distribution `spec`: `from_unit`'s inverse, so that
+    settings are compared on the scale the design filled. A choice or a whole number is the
+    middle of its share; a number is clipped into its range."""
+    kind = spec["type"]
+    if kind == "choice":
+        return (spec["values"].index(value) + 0.5) / len(spec["values"])
+    if kind == "int":  # `from_unit` floors: the share of v is [v, v + 1) on the scale
+        return (_scaled(spec, value) + _scaled(spec, value + 1)) / 2
+    return min(max(_scaled(spec, value), 0.0), 1.0)
+
+
+def _scaled(spec: dict[str, Any], value: float) -> float:
+    """`value`'s place between low and high (high + 1 for whole numbers), on the spec's scale."""
+    low, upper = spec["low"], spec["high"] + 1 if spec["type"] == "int" else spec["high"]
+    if spec["type"] == "loguniform" or spec.get("log"):
+        return (math.log(value) - math.log(low)) / (math.log(upper) - math.log(low))
+    return (value - low) / (upper - low)
+
+
 def design(space: SearchSpace, configurations: int, *, seed: int) -> list[dict[str, Any]]:
     """`configurations` settings of the searched parameters of `space`: a Latin hypercube
     (scipy's, scrambled and seeded, its centred discrepancy lowered by swaps within columns,

@@ -201,3 +201,26 @@ def test_bench_memory_measures_each_base_dtype(tiny_decoder_dir, tmp_path):
     )
     assert "## A trial's memory at each base_dtype" in text
     assert "Frozen bytes against fp32: " in text and " nf4 0." in text
+
+
+def test_replay_search_resumes_and_renders(tmp_path):
+    table = Path(__file__).resolve().parents[1] / "docs/bench/curves.jsonl"
+    output = tmp_path / "replay.jsonl"
+    module = load_script("replay_search")
+    args = [f"--table={table}", "--trials=12", "--budgets=6", "--workers=2", "--seeds=2"]
+    summary = module.main([*args, f"--output={output}"])
+    setting = summary["settings"]["6|2"]
+    assert setting["seeds"] == [0, 1] and set(setting["arms"]) == set(module.ARMS)
+    assert setting["arms"]["random"]["trials"] == 6
+    lines = output.read_text().splitlines()
+    assert len(lines) == 1 + 2 * len(module.ARMS)  # a header, then one line a replay
+    # Run again: every replay is read back, none is run twice.
+    module.main([*args, f"--output={output}"])
+    assert output.read_text().splitlines() == lines
+    assert summary["command"].startswith("python scripts/replay_search.py --trials 12")
+    assert (tmp_path / "replay.png").stat().st_size > 0
+    text = load_script("make_benchmarks_md").main(
+        [f"--bench-dir={tmp_path}", f"--output={tmp_path / 'benchmarks.md'}"]
+    )
+    assert "## Replayed searches" in text and "the first 12 trials of" in text
+    assert str(tmp_path) not in text

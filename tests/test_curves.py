@@ -7,7 +7,14 @@ import math
 import pytest
 
 from sora_tune.config import TrialConfig
-from sora_tune.curves import GateThresholds, design, from_unit, rank_correlations, read_table
+from sora_tune.curves import (
+    GateThresholds,
+    design,
+    from_unit,
+    rank_correlations,
+    read_table,
+    to_unit,
+)
 from sora_tune.train import prepare_data, train_trial
 from sora_tune.tune.space import SearchSpace
 from tests.test_bench_scripts import load_script
@@ -43,6 +50,19 @@ def test_the_design_fills_each_parameter_on_its_own_scale():
 )
 def test_from_unit(spec, u, value):
     assert from_unit(spec, u) == pytest.approx(value)
+
+
+@pytest.mark.parametrize(
+    ("spec", "value"),
+    [
+        ({"type": "loguniform", "low": 1e-4, "high": 1e-2}, 3e-3),
+        ({"type": "uniform", "low": 0.1, "high": 1.5}, 0.7),
+        ({"type": "int", "low": 1, "high": 7, "log": True}, 5),
+        ({"type": "choice", "values": [4, 8]}, 8),
+    ],
+)
+def test_to_unit_is_from_unit_s_inverse(spec, value):
+    assert from_unit(spec, to_unit(spec, value)) == pytest.approx(value)
 
 
 def test_gate_thresholds_leave_the_trial_as_it_trains_without_them(tiny_trial, tmp_path):
