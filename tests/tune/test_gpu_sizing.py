@@ -161,3 +161,26 @@ def test_auto_without_gpu_memory_asks_the_gpus(logical_gpu, tiny_trial, write_sp
     config, _ = search_in(tmp_path, space, "asks", num_samples=1, gpus_per_trial="auto")
     with pytest.raises(ValueError, match="torch sees no CUDA device there"):
         run_search(config)
+
+
+def test_the_search_end_names_the_worst_peak_over_estimate(tmp_path):
+    """What the end of a search prints from its trials' records: the largest measured peak over
+    the estimate's tensors (here from runs logged as trials on a GPU log them)."""
+    from sora_tune.pareto.runs import gpu_memory_line
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("peaks")
+    parent = client.create_run(experiment).info.run_id
+    assert gpu_memory_line(uri, parent) is None  # no trial measured a peak: nothing printed
+    for name, peak in (("trial-a", 900), ("trial-b", 1100)):
+        run = client.create_run(
+            experiment, run_name=name, tags={"mlflow.parentRunId": parent}
+        ).info.run_id
+        client.log_metric(run, "gpu_memory_estimated_tensors", 1000, step=0)
+        client.log_metric(run, "gpu_memory_peak", peak, step=1)
+    line = gpu_memory_line(uri, parent)
+    assert (
+        line
+        == "GPU memory: measured peak / estimate (tensors) at most 1.10, in trial-b (of 2 trials measured)"
+    )
