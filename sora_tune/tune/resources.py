@@ -5,7 +5,7 @@ With `gpus_per_trial: auto` a trial's GPU share comes from its own memory estima
 memory, so that Ray's logical shares match physical memory: two trials Ray puts on one GPU fit
 in it side by side. A space holding a trial that fits no GPU is refused before the search
 starts (`check_trials_fit`), naming the settings that would make it fit. Each trial process is
-then capped at its share (`gpu_cap_bytes`, applied in `tune.trial`).
+then capped at its share on a GPU (`GpuMemoryPlan`, applied by `tune.trial`).
 """
 
 from __future__ import annotations
