@@ -21,20 +21,6 @@ import torch
 import torch.distributed as dist
 
 
-def check_batch_size(batch_size: int, workers: int) -> None:
-    """Refuse a global batch that does not split evenly across `workers`.
-
-    Raises:
-        ValueError: naming both settings.
-    """
-    if batch_size % workers:
-        raise ValueError(
-            f"batch_size {batch_size} does not split across workers_per_trial {workers}: the "
-            f"global batch is batch_size rows, {batch_size}/{workers} per worker; give a "
-            f"batch_size that is a multiple of {workers}"
-        )
-
-
 @dataclass(frozen=True)
 class Workers:
     """This process's place among the data-parallel workers of one trial.

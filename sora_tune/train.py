@@ -25,7 +25,7 @@ import torch
 from datasets import ClassLabel, DatasetDict
 from torch.utils.data import DataLoader
 
-from .config import DATA_FIELDS, TrialConfig
+from .config import DATA_FIELDS, TrialConfig, check_batch_size
 from .data import (
     DataLocation,
     DataSource,
@@ -44,7 +44,7 @@ from .data import (
     shard_loader,
     tokenize_splits,
 )
-from .distributed import ONE_PROCESS, Workers, check_batch_size
+from .distributed import ONE_PROCESS, Workers
 from .models import (
     PAD_FROM_EOS,
     build_model,

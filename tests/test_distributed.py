@@ -13,8 +13,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from transformers import BertConfig, BertModel
 
-from sora_tune.config import TrialConfig
-from sora_tune.distributed import Workers, check_batch_size
+from sora_tune.config import TrialConfig, check_batch_size
+from sora_tune.distributed import Workers
 from sora_tune.models import load_tokenizer
 from sora_tune.train import (
     build_trial,

@@ -14,6 +14,7 @@ from ..front import OBJECTIVES
 from ..uris import default_tracking_uri, local_store_path, resolve_tracking_uri
 from .cluster import check_client_storage, check_tracking_for_cluster
 from .space import SearchSpace
+from .workers import check_worker_batch_sizes
 
 Sampler = Literal["tpe", "nsga2", "gp", "random"]
 Baseline = Literal["none", "lora-ladder"]
@@ -49,7 +50,12 @@ class SearchConfig:
         name: The Ray experiment name (a folder under `storage_path`) and the Optuna study's; a
             new search refuses the name of an earlier one (`--resume` finishes that).
         cpus_per_trial, gpus_per_trial: Resources of one trial. A trial is one process on one
-            device: at most 1 GPU, and fractions let several small trials share one.
+            device: at most 1 GPU, and fractions let several small trials share one. With
+            `workers_per_trial` > 1, the resources of each of the trial's workers.
+        workers_per_trial: Processes of one trial (`tune.workers`): 1 trains in the Tune trial
+            itself; N > 1 makes each trial a Ray Train run of N data-parallel workers, each on
+            `1/N` of every batch (`batch_size` must be a multiple of N), with the results of
+            one process.
         max_concurrent: At most this many trials at once; `None`: `default_max_concurrent`, a
             quarter of `num_samples` (at least 2) for the model-based samplers, so that they see
             finished trials before they suggest most of theirs; as many as resources allow for
@@ -84,6 +90,7 @@ class SearchConfig:
     # resources
     cpus_per_trial: float = 1.0  # CPUs of one trial
     gpus_per_trial: float = 0.0  # at most 1 (a trial is one process); 0.5 lets two share a GPU
+    workers_per_trial: int = 1  # data-parallel processes of a trial (a Ray Train run when > 1)
     max_concurrent: int | None = None  # trials at once; none: num_samples/4, >= 2 (random: all)
     address: str | None = None  # Ray cluster: auto or ray://host:port; none: a local Ray
     storage_path: str | None = None  # Ray experiment storage; shared (NFS, s3://) on a cluster
@@ -127,6 +134,9 @@ class SearchConfig:
                 "process on one device (fractions such as 0.5 let trials share a GPU); run more "
                 "trials at once instead"
             )
+        if self.workers_per_trial < 1:
+            raise ValueError(f"workers_per_trial must be >= 1, got {self.workers_per_trial}")
+        check_worker_batch_sizes(self.space, self.workers_per_trial)
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {self.max_concurrent}")
         if self.max_concurrent is None:
@@ -199,6 +209,13 @@ SEARCH_GROUPS = {
         "baseline_seeds",
         "name",
     ),
-    "resources": ("cpus_per_trial", "gpus_per_trial", "max_concurrent", "address", "storage_path"),
+    "resources": (
+        "cpus_per_trial",
+        "gpus_per_trial",
+        "workers_per_trial",
+        "max_concurrent",
+        "address",
+        "storage_path",
+    ),
     "tracking": ("mlflow_uri", "experiment_name", "optuna_storage"),
 }

@@ -51,7 +51,8 @@ from .outcome import RAY_MODES, StoppedAsPrunedOptunaSearch, TrialRecorder, clos
 from .schedulers import ParetoSuccessiveHalving
 from .space import SearchSpace
 from .state import SEARCH_STATE_FILE, read_json, read_search_state, write_search_state
-from .trial import run_trial, trial_dirname
+from .trial import WORKERS_PARAM, run_trial, trial_dirname
+from .workers import DRIVER_RESOURCES, WorkerGroup
 
 
 @dataclass
@@ -278,6 +279,9 @@ def _check_cluster(config: SearchConfig, *, shares_data: bool) -> None:
     import ray
 
     check_storage(config.storage_path)
+    workers = WorkerGroup.of(config)
+    if workers:  # before any run is recorded: a trial that fits no cluster would never start
+        workers.trials_at_once(ray.cluster_resources(), config.max_concurrent)
     nodes = sum(node.get("Alive", False) for node in ray.nodes())
     if nodes <= 1 and not config.address:
         return
@@ -293,12 +297,18 @@ def _check_cluster(config: SearchConfig, *, shares_data: bool) -> None:
 
 def _make_tuner(config: SearchConfig, tracking: dict[str, str], data, sources, resume):
     """The Tuner of a new search, or the restored one of an interrupted search."""
+    import ray
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
+    workers = WorkerGroup.of(config)  # `None`: a trial is one process
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, data=data, sources=sources, tracking=tracking),
-        {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
+        tune.with_parameters(
+            run_trial, data=data, sources=sources, tracking=tracking, workers=workers
+        ),
+        DRIVER_RESOURCES
+        if workers
+        else {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
     )
     if resume is not None:
         return tune.Tuner.restore(
@@ -322,8 +332,11 @@ def _make_tuner(config: SearchConfig, tracking: dict[str, str], data, sources, r
     )
     if baselines:
         searcher = BaselinesFirst(searcher, baselines)
-    if config.max_concurrent:
-        searcher = ConcurrencyLimiter(searcher, max_concurrent=config.max_concurrent)
+    max_concurrent = config.max_concurrent
+    if workers:
+        max_concurrent = workers.trials_at_once(ray.cluster_resources(), max_concurrent)
+    if max_concurrent:
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
     scheduler = None
     max_epochs = space.largest("epochs")  # trials may differ in budget: rungs go up to the most
     if config.early_stop == "pareto":
@@ -482,6 +495,7 @@ def start_parent_run(config: SearchConfig, experiment_id: str) -> str:
         "objective": config.objective,
         "cpus_per_trial": config.cpus_per_trial,
         "gpus_per_trial": config.gpus_per_trial,
+        WORKERS_PARAM: config.workers_per_trial,
         "code_version": _code_version(),
         "cluster_resources": json.dumps(ray.cluster_resources()),
         "ray_storage": redact_uri(config.path),
