@@ -5,7 +5,9 @@
 #      GPU at 0.5 each, bench_step on CUDA;
 #   2. scripts/bench_step.py on CUDA: ms per step of SoRA, PEFT LoRA and PEFT AdaLoRA (batch 32,
 #      length 128; the paper claims SoRA ~30% faster than AdaLoRA);
-#   3. a 4-trial search with --gpus-per-trial 0.5 on full MRPC, 2 epochs, from a fresh folder.
+#   3. a 4-trial search with --gpus-per-trial 0.5 on full MRPC, 2 epochs, from a fresh folder;
+#   4. with 2 GPUs or more: a 2-trial search of 2-worker trials (--workers-per-trial 2, a GPU
+#      each: DDP on nccl), 1 epoch of MRPC (a dry run: 2 CPU workers on gloo).
 # Writes JSON for each part and summary.json + summary.md to OUT_DIR.
 #
 # Usage: scripts/gpu_check.sh [--dry-run] [OUT_DIR]      (OUT_DIR default: ./gpu_check)
@@ -18,7 +20,7 @@ if [[ ${1:-} == --dry-run ]]; then
     dry_run=true
     shift
 fi
-[[ ${1:-} == -h || ${1:-} == --help ]] && { sed -n '2,14p' "$0"; exit 0; }
+[[ ${1:-} == -h || ${1:-} == --help ]] && { sed -n '2,16p' "$0"; exit 0; }
 repo=$(cd "$(dirname "$0")/.." && pwd)
 out=$(mkdir -p "${1:-gpu_check}" && cd "${1:-gpu_check}" && pwd)
 data=${SORA_TUNE_DATA_DIR:-$repo/../shared/data/glue}
@@ -40,10 +42,14 @@ if [[ $dry_run == true ]]; then
     device=cpu step_args=(--rounds 1 --steps 1 --batch-size 4 --length 32)
     search_args=(--max-train-samples 64 --max-eval-samples 32 --train-eval-samples 16 --epochs 1
         --max-length 64 --gpus-per-trial 0)
+    workers_args=(--max-train-samples 64 --max-eval-samples 32 --train-eval-samples 16 --epochs 1
+        --max-length 64 --gpus-per-trial 0 --cpus-per-trial 0.5)
 else
     device=cuda step_args=(--rounds 5 --steps 5 --batch-size 32 --length 128)
     search_args=(--epochs 2 --gpus-per-trial 0.5)
+    workers_args=(--epochs 1 --gpus-per-trial 1 --cpus-per-trial 1)
 fi
+gpus=$("$python" -c 'import torch; print(torch.cuda.device_count())')
 
 echo "== 1/3 pytest -m gpu"
 start=$SECONDS
@@ -67,7 +73,20 @@ mkdir -p "$out/search"
     "${search_args[@]}") | tee "$out/search.log"
 search_s=$((SECONDS - start))
 
-"$python" - "$out" "$dry_run" "$tests_status" "$tests_s" "$step_s" "$search_s" <<'EOF'
+workers_s=0
+if [[ $dry_run == true || $gpus -ge 2 ]]; then
+    echo "== 4/4 2-worker trials (DDP), from a fresh folder"
+    start=$SECONDS
+    mkdir -p "$out/workers"
+    (cd "$out/workers" && "$python" -m sora_tune.cli search --task mrpc --data-dir "$data" \
+        --config "$repo/search_spaces/sora_glue.yaml" --num-samples 2 --workers-per-trial 2 \
+        --batch-size 32 --name gpu-check-workers "${workers_args[@]}") | tee "$out/workers.log"
+    workers_s=$((SECONDS - start))
+else
+    echo "== 4/4 skipped: 2-worker trials need 2 GPUs, torch sees $gpus"
+fi
+
+"$python" - "$out" "$dry_run" "$tests_status" "$tests_s" "$step_s" "$search_s" "$workers_s" <<'EOF'
 """summary.json and summary.md from the three parts' outputs."""
 import json
 import sys
@@ -79,46 +98,56 @@ import mlflow
 from sora_tune.tracking import DEVICE_TAG, PRECISION_TAG, ROLE_TAG
 
 out, dry_run = Path(sys.argv[1]), sys.argv[2] == "true"
-tests_status, tests_s, step_s, search_s = map(int, sys.argv[3:7])
+tests_status, tests_s, step_s, search_s, workers_s = map(int, sys.argv[3:8])
 suite = ElementTree.parse(out / "gpu_tests.xml").getroot().find("testsuite")
 tests = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
 step = json.loads((out / "step.json").read_text())
-client = mlflow.MlflowClient(f"sqlite:///{out / 'search' / 'mlflow.db'}")
-experiment = client.get_experiment_by_name("sora-mrpc")
-runs = client.search_runs([experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'trial'")
-trials = sorted(
-    (
-        {
-            "status": r.info.status,
-            "device": r.data.tags.get(DEVICE_TAG),
-            "precision": r.data.tags.get(PRECISION_TAG),
-            "val_score": r.data.metrics.get("val_score"),
-            "test_score": r.data.metrics.get("test_score"),
-            "retained_params": r.data.metrics.get("retained_params"),
-            "train_time_s": r.data.metrics.get("train_time_s"),
-            "start": r.info.start_time / 1000,
-            "end": (r.info.end_time or r.info.start_time) / 1000,
-        }
-        for r in runs
-    ),
-    key=lambda t: t["start"],
-)
+
+
+def trial_runs(folder: Path) -> list[dict]:
+    """The trials of the search run in `folder`, in the order they started."""
+    client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sora-mrpc")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'trial'")
+    return sorted(
+        (
+            {
+                "status": r.info.status,
+                "device": r.data.tags.get(DEVICE_TAG),
+                "precision": r.data.tags.get(PRECISION_TAG),
+                "workers": int(r.data.params.get("workers_per_trial", 1)),
+                "val_score": r.data.metrics.get("val_score"),
+                "test_score": r.data.metrics.get("test_score"),
+                "retained_params": r.data.metrics.get("retained_params"),
+                "train_time_s": r.data.metrics.get("train_time_s"),
+                "start": r.info.start_time / 1000,
+                "end": (r.info.end_time or r.info.start_time) / 1000,
+            }
+            for r in runs
+        ),
+        key=lambda t: t["start"],
+    )
+
+
+trials = trial_runs(out / "search")
+workers = trial_runs(out / "workers") if (out / "workers" / "mlflow.db").exists() else []
 overlap = any(b["start"] < a["end"] for a, b in zip(trials, trials[1:]))
 summary = {
     "dry_run": dry_run,
-    "seconds": {"tests": tests_s, "step": step_s, "search": search_s},
+    "seconds": {"tests": tests_s, "step": step_s, "search": search_s, "workers": workers_s},
     "gpu_tests": tests | {"exit_code": tests_status},
     "step": {"device": step["machine"]["device"], "precision": step["config"]["precision"]}
     | {"median_ms": step["median_ms"], "ratios": step["ratios"]},
     "search": {"trials": trials, "trials_overlapped": overlap},
+    "workers": {"trials": workers},
 }
 (out / "summary.json").write_text(json.dumps(summary, indent=2))
 ms = step["median_ms"]
 lines = [
     f"# GPU check{' (dry run on the CPU: toy sizes, gpu tests skipped)' if dry_run else ''}",
     "",
-    f"Total {tests_s + step_s + search_s} s: tests {tests_s} s, step benchmark {step_s} s, "
-    f"search {search_s} s.",
+    f"Total {tests_s + step_s + search_s + workers_s} s: tests {tests_s} s, step benchmark "
+    f"{step_s} s, search {search_s} s, 2-worker trials {workers_s} s.",
     "",
     f"- `pytest -m gpu`: {tests['tests']} tests, {tests['failures']} failed, {tests['errors']} "
     f"errors, {tests['skipped']} skipped (exit code {tests_status}).",
@@ -130,11 +159,16 @@ lines = [
     f"devices {sorted({t['device'] for t in trials})}, precision "
     f"{sorted({t['precision'] for t in trials if t['precision']})}; trials ran side by side: "
     f"{'yes' if overlap else 'no'}.",
+    f"- 2-worker trials: {len(workers)} trials, "
+    f"{sum(t['status'] == 'FINISHED' for t in workers)} finished, each one run of "
+    f"{sorted({t['workers'] for t in workers})} workers"
+    if workers
+    else "- 2-worker trials: not run (fewer than 2 GPUs).",
     "",
     "| trial | status | device | val | test | retained params | train s |",
     "|---|---|---|---|---|---|---|",
 ]
-for index, t in enumerate(trials):
+for index, t in enumerate(trials + workers):
     cells = [
         str(index),
         t["status"],
