@@ -3,6 +3,7 @@ on one: the same loss curve, scores, gates and pruned ranks. No Ray here: `train
 torch.distributed only, and the Ray Train path is tested by the search (tests/tune/test_workers.py).
 """
 
+import contextlib
 import json
 import os
 
@@ -55,9 +56,19 @@ def parity_trial(tiny_trial, no_dropout_model) -> dict:
     }
 
 
+class Stop(Exception):
+    pass
+
+
+def stop_after_fifth(metrics: dict, checkpoint: str | None) -> None:
+    if metrics["evaluation"] == 5:
+        raise Stop
+
+
 def _worker(rank: int, size: int, port: int, settings: dict, out: str) -> None:
-    """One of `size` workers: the trial through `train_trial`, then the same training through
-    the loop's parts (`build_trial`, `train_steps`) to read this rank's gates."""
+    """One of `size` workers: the trial through `train_trial`; the trial stopped after its 5th
+    evaluation (inside the first epoch) and resumed from rank 0's checkpoint; then the same
+    training through the loop's parts (`build_trial`, `train_steps`) to read this rank's gates."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -70,6 +81,22 @@ def _worker(rank: int, size: int, port: int, settings: dict, out: str) -> None:
             settings,
             report=lambda metrics, checkpoint: reports.append(checkpoint),
             output_dir=os.path.join(out, f"trial-{rank}"),
+            workers=workers,
+            device="cpu",
+        )
+        with contextlib.suppress(Stop):
+            train_trial(
+                settings,
+                report=stop_after_fifth,
+                output_dir=os.path.join(out, f"stopped-{rank}"),
+                workers=workers,
+                device="cpu",
+            )
+        dist.barrier()  # rank 0's checkpoint is written
+        resumed = train_trial(
+            settings,
+            output_dir=os.path.join(out, f"resumed-{rank}"),
+            resume_from=latest_checkpoint(os.path.join(out, "stopped-0")),
             workers=workers,
             device="cpu",
         )
@@ -99,6 +126,7 @@ def _worker(rank: int, size: int, port: int, settings: dict, out: str) -> None:
         summary = {"status": result["status"], "reports": reports}
         if workers.main:
             summary["result"] = {k: result[k] for k in ("history", "rank_pattern", "val_score")}
+            summary["resumed"] = resumed["history"]
         with open(os.path.join(out, f"result-{rank}.json"), "w") as file:
             json.dump(summary, file)
     finally:
@@ -145,6 +173,11 @@ def test_two_workers_train_as_one_process(parity_trial, tmp_path):
     assert not list((two / "trial-1").glob("checkpoint-*"))
     assert not (two / "trial-1" / "metrics.json").exists()
     assert ranks[0]["status"] == ranks[1]["status"] == "finished"
+
+    # Stopped inside an epoch and resumed from rank 0's checkpoint: as if never stopped
+    for resumed, uninterrupted in zip(ranks[0]["resumed"], main["history"], strict=True):
+        for key in ("train_loss", "val_score", "nonzero_rank", "retained_params"):
+            assert resumed[key] == pytest.approx(uninterrupted[key], rel=1e-6, abs=1e-9), key
 
 
 def test_a_batch_that_does_not_split_is_refused():

@@ -6,18 +6,19 @@ import pytest
 import yaml
 
 from sora_tune.cli import main
-from sora_tune.tune import SearchConfig
+from sora_tune.tune import SearchConfig, run_search
 from sora_tune.tune.workers import DRIVER_RESOURCES, WorkerGroup
-from tests.tune.conftest import tiny_search_parameters
+from tests.tune.conftest import search_in, tiny_search_parameters
+from tests.tune.test_pareto_stopping import dominance_space, stopped_trials
 
 
 def test_a_search_of_two_worker_trials_through_the_command_line(local_ray, tiny_trial, tmp_path):
     (tmp_path / "space.yaml").write_text(
         yaml.safe_dump({"parameters": tiny_search_parameters(tiny_trial)})
     )
-    # Two trials at once on the test's 2 CPUs: 2 workers of half a CPU each.
-    command = ["search", "--config", "space.yaml", "--num-samples", "2", "--name", "workers"]
-    command += ["--workers-per-trial", "2", "--cpus-per-trial", "0.5"]
+    # One trial of 2 workers, a CPU each: the test's 2 CPUs (several trials: the slow test below)
+    command = ["search", "--config", "space.yaml", "--num-samples", "1", "--name", "workers"]
+    command += ["--workers-per-trial", "2"]
     assert main(command) == 0
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -26,8 +27,7 @@ def test_a_search_of_two_worker_trials_through_the_command_line(local_ray, tiny_
     trials = [r for r in runs if r.data.tags.get("sora_tune.role") == "trial"]
     assert len(parents) == 1 and parents[0].data.params["workers_per_trial"] == "2"
     # One run per trial, whatever its workers: rank 0 records, the others log nothing.
-    assert len(trials) == 2
-    assert len({r.data.tags["ray_trial_id"] for r in trials}) == 2
+    assert len(trials) == 1
     client = mlflow.MlflowClient()
     for run in trials:
         assert run.info.status == "FINISHED", run.data.tags.get("failure_reason")
@@ -45,6 +45,33 @@ def test_a_search_of_two_worker_trials_through_the_command_line(local_ray, tiny_
         p.name for p in (tmp_path / "ray_results" / "workers" / "workers").iterdir()
     )
     assert train_runs == sorted(f"trial_{r.data.tags['ray_trial_id']}" for r in trials)
+
+
+@pytest.mark.slow
+def test_pareto_early_stopping_stops_two_worker_trials(
+    local_ray, tiny_trial, write_space, tmp_path
+):
+    """The fast test's search with three trials, one at a time, under MO-ASHA: the scheduler
+    reads rank 0's reports through TuneReportCallback and stops the dominated trials, whose Train
+    runs end with them; each trial keeps one run."""
+    parameters, points = dominance_space(tiny_trial)
+    _, space = write_space(parameters, points=points)
+    config, uri = search_in(
+        tmp_path,
+        space,
+        "workers-mo-asha",
+        num_samples=3,
+        max_concurrent=1,
+        early_stop="pareto",
+        reduction_factor=3,
+        workers_per_trial=2,
+    )
+    search = run_search(config)
+    assert not search.results.errors
+    assert stopped_trials(uri, "workers-mo-asha") == {"2": "finished", "4": "1", "8": "1"}
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([search.experiment_id], "tags.`sora_tune.role` = 'trial'")
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
 
 
 @pytest.mark.parametrize(
