@@ -52,7 +52,7 @@ from .schedulers import ParetoSuccessiveHalving
 from .space import SearchSpace
 from .state import SEARCH_STATE_FILE, read_json, read_search_state, write_search_state
 from .trial import WORKERS_PARAM, run_trial, trial_dirname
-from .workers import DRIVER_RESOURCES, WorkerGroup
+from .workers import DRIVER_RESOURCES, FORCE_CLEANUP_ENV, STOPPED_TRIAL_SECONDS, WorkerGroup
 
 
 @dataclass
@@ -302,6 +302,11 @@ def _make_tuner(config: SearchConfig, tracking: dict[str, str], data, sources, r
     from ray.tune.search import ConcurrencyLimiter
 
     workers = WorkerGroup.of(config)  # `None`: a trial is one process
+    if workers:
+        # A trial that a scheduler stops waits in its Train run's `fit`, which nothing ends but
+        # the end of its actor (its workers go with it): Tune kills such an actor after this
+        # many seconds, by default 600, while the workers hold their CPUs and GPUs.
+        os.environ.setdefault(FORCE_CLEANUP_ENV, str(STOPPED_TRIAL_SECONDS))
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial, data=data, sources=sources, tracking=tracking, workers=workers
@@ -364,7 +369,9 @@ def _make_tuner(config: SearchConfig, tracking: dict[str, str], data, sources, r
             search_alg=searcher,
             scheduler=scheduler,
             num_samples=config.num_samples + len(baselines),
-            reuse_actors=True,
+            # Not for a trial of several workers: a stopped trial's driver waits in the Train
+            # run's `fit`, which only the end of its actor ends (its workers go with it).
+            reuse_actors=workers is None,
             trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(

@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 # What a Tune trial that drives a Ray Train run holds: a token of memory (bytes), so that it is
 # scheduled anywhere and takes nothing the workers need.
 DRIVER_RESOURCES = {"memory": 2**20}
+# Tune's grace for the actor of a stopped trial before it kills it (its variable, and ours: a
+# stopped trial's workers hold their resources until then).
+FORCE_CLEANUP_ENV = "TUNE_FORCE_TRIAL_CLEANUP_S"
+STOPPED_TRIAL_SECONDS = 10
 
 
 def check_worker_batch_sizes(space: SearchSpace, workers: int) -> None:

@@ -3,6 +3,7 @@ its Tune trial, recorded and reported as one trial (a real local Ray, nothing mo
 
 import mlflow
 import pytest
+import ray
 import yaml
 
 from sora_tune.cli import main
@@ -12,7 +13,19 @@ from tests.tune.conftest import search_in, tiny_search_parameters
 from tests.tune.test_pareto_stopping import dominance_space, stopped_trials
 
 
-def test_a_search_of_two_worker_trials_through_the_command_line(local_ray, tiny_trial, tmp_path):
+@pytest.fixture(scope="module")
+def ray_with_state_api():
+    """A local Ray with its dashboard, unlike `local_ray`: Ray Train's PlacementGroupCleaner asks
+    the state API whether a Train run's controller is alive, and removes the workers' placement
+    group when it is not, as when Tune kills the driver of a trial a scheduler stopped."""
+    ray.init(num_cpus=2, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_a_search_of_two_worker_trials_through_the_command_line(
+    ray_with_state_api, tiny_trial, tmp_path
+):
     (tmp_path / "space.yaml").write_text(
         yaml.safe_dump({"parameters": tiny_search_parameters(tiny_trial)})
     )
@@ -49,7 +62,7 @@ def test_a_search_of_two_worker_trials_through_the_command_line(local_ray, tiny_
 
 @pytest.mark.slow
 def test_pareto_early_stopping_stops_two_worker_trials(
-    local_ray, tiny_trial, write_space, tmp_path
+    ray_with_state_api, tiny_trial, write_space, tmp_path
 ):
     """The fast test's search with three trials, one at a time, under MO-ASHA: the scheduler
     reads rank 0's reports through TuneReportCallback and stops the dominated trials, whose Train
