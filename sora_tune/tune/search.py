@@ -52,7 +52,13 @@ from .schedulers import ParetoSuccessiveHalving
 from .space import SearchSpace
 from .state import SEARCH_STATE_FILE, read_json, read_search_state, write_search_state
 from .trial import WORKERS_PARAM, run_trial, trial_dirname
-from .workers import DRIVER_RESOURCES, FORCE_CLEANUP_ENV, STOPPED_TRIAL_SECONDS, WorkerGroup
+from .workers import (
+    DRIVER_RESOURCES,
+    FORCE_CLEANUP_ENV,
+    STOPPED_TRIAL_SECONDS,
+    WorkerGroup,
+    check_stops_free_workers,
+)
 
 
 @dataclass
@@ -282,6 +288,8 @@ def _check_cluster(config: SearchConfig, *, shares_data: bool) -> None:
     workers = WorkerGroup.of(config)
     if workers:  # before any run is recorded: a trial that fits no cluster would never start
         workers.trials_at_once(ray.cluster_resources(), config.max_concurrent)
+        if config.asha or config.early_stop != "none":
+            check_stops_free_workers()
     nodes = sum(node.get("Alive", False) for node in ray.nodes())
     if nodes <= 1 and not config.address:
         return

@@ -64,6 +64,30 @@ def check_worker_batch_sizes(space: SearchSpace, workers: int) -> None:
         check_batch_size(batch_size, workers)
 
 
+def check_stops_free_workers() -> None:
+    """Refuse to stop trials of several workers early where their workers would never be freed.
+
+    A trial that a scheduler stops is a Tune actor waiting in its Train run; Tune ends the actor,
+    the run's controller goes with it, and Ray Train's `PlacementGroupCleaner` frees the
+    workers' reservation once Ray's state API says the controller is gone. That API is served by
+    the dashboard of `ray[default]`: with the minimal Ray, the reservation stays and every later
+    trial waits for resources that never come.
+
+    Raises:
+        ValueError: this Ray lacks the dashboard's packages.
+    """
+    from ray._private.utils import get_dashboard_dependency_error  # what ray.init checks
+
+    missing = get_dashboard_dependency_error()
+    if missing is not None:
+        raise ValueError(
+            "early stopping (asha, early_stop pareto) of trials of several workers needs Ray's "
+            "state API to free a stopped trial's workers, and this Ray has no dashboard "
+            f"({missing}): pip install 'ray[default]', or give workers_per_trial 1 or no early "
+            "stopping"
+        )
+
+
 @dataclass(frozen=True)
 class WorkerGroup:
     """The workers of every trial of a search.

@@ -3,7 +3,6 @@ its Tune trial, recorded and reported as one trial (a real local Ray, nothing mo
 
 import mlflow
 import pytest
-import ray
 import yaml
 
 from sora_tune.cli import main
@@ -13,19 +12,7 @@ from tests.tune.conftest import search_in, tiny_search_parameters
 from tests.tune.test_pareto_stopping import dominance_space, stopped_trials
 
 
-@pytest.fixture(scope="module")
-def ray_with_state_api():
-    """A local Ray with its dashboard, unlike `local_ray`: Ray Train's PlacementGroupCleaner asks
-    the state API whether a Train run's controller is alive, and removes the workers' placement
-    group when it is not, as when Tune kills the driver of a trial a scheduler stopped."""
-    ray.init(num_cpus=2, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def test_a_search_of_two_worker_trials_through_the_command_line(
-    ray_with_state_api, tiny_trial, tmp_path
-):
+def test_a_search_of_two_worker_trials_through_the_command_line(local_ray, tiny_trial, tmp_path):
     (tmp_path / "space.yaml").write_text(
         yaml.safe_dump({"parameters": tiny_search_parameters(tiny_trial)})
     )
@@ -60,13 +47,23 @@ def test_a_search_of_two_worker_trials_through_the_command_line(
     assert train_runs == sorted(f"trial_{r.data.tags['ray_trial_id']}" for r in trials)
 
 
+def dashboard_missing() -> str | None:
+    from ray._private.utils import get_dashboard_dependency_error
+
+    return get_dashboard_dependency_error()
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(
+    dashboard_missing() is not None,
+    reason="a stopped trial's workers are freed through Ray's state API: needs ray[default]",
+)
 def test_pareto_early_stopping_stops_two_worker_trials(
-    ray_with_state_api, tiny_trial, write_space, tmp_path
+    local_ray, tiny_trial, write_space, tmp_path
 ):
     """The fast test's search with three trials, one at a time, under MO-ASHA: the scheduler
-    reads rank 0's reports through TuneReportCallback and stops the dominated trials, whose Train
-    runs end with them; each trial keeps one run."""
+    reads rank 0's reports through TuneReportCallback and stops the dominated trials, whose
+    workers Ray frees for the next trial; each trial keeps one run."""
     parameters, points = dominance_space(tiny_trial)
     _, space = write_space(parameters, points=points)
     config, uri = search_in(
@@ -148,6 +145,16 @@ def test_every_batch_size_must_split_across_the_workers(
         with pytest.raises(ValueError, match=message):
             SearchConfig(space=space, workers_per_trial=4)
     SearchConfig(space=space)  # one process takes any batch
+
+
+def test_early_stopping_of_worker_trials_needs_the_state_api(local_ray):
+    from sora_tune.tune.workers import check_stops_free_workers
+
+    if dashboard_missing() is None:
+        check_stops_free_workers()
+    else:
+        with pytest.raises(ValueError, match=r"pip install 'ray\[default\]'"):
+            check_stops_free_workers()
 
 
 def test_workers_per_trial_is_at_least_one(write_space, tiny_trial):
