@@ -44,13 +44,13 @@ def no_dropout_model(tmp_path_factory, tokenizer) -> str:
 @pytest.fixture
 def parity_trial(tiny_trial, no_dropout_model) -> dict:
     """Two epochs of 41 training rows at batch 8: 6 steps an epoch, the last of one row, so one
-    worker's share of it is empty; evaluated after every step (the loss curve), scored in
+    worker's share of it is empty; evaluated every 2 steps (the loss curve), scored in
     batches of 4 spread over the workers; ξ large enough that some ranks are pruned."""
     return tiny_trial | {
         "model": no_dropout_model,
         "epochs": 2,
         "val_size": 7,
-        "eval_steps": 1,
+        "eval_steps": 2,
         "eval_batch_size": 4,
         "xi": 2e-3,
     }
@@ -60,13 +60,13 @@ class Stop(Exception):
     pass
 
 
-def stop_after_fifth(metrics: dict, checkpoint: str | None) -> None:
-    if metrics["evaluation"] == 5:
+def stop_inside_the_first_epoch(metrics: dict, checkpoint: str | None) -> None:
+    if metrics["evaluation"] == 2:  # step 4 of the first epoch's 6
         raise Stop
 
 
 def _worker(rank: int, size: int, port: int, settings: dict, out: str) -> None:
-    """One of `size` workers: the trial through `train_trial`; the trial stopped after its 5th
+    """One of `size` workers: the trial through `train_trial`; the trial stopped after its 2nd
     evaluation (inside the first epoch) and resumed from rank 0's checkpoint; then the same
     training through the loop's parts (`build_trial`, `train_steps`) to read this rank's gates."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -87,7 +87,7 @@ def _worker(rank: int, size: int, port: int, settings: dict, out: str) -> None:
         with contextlib.suppress(Stop):
             train_trial(
                 settings,
-                report=stop_after_fifth,
+                report=stop_inside_the_first_epoch,
                 output_dir=os.path.join(out, f"stopped-{rank}"),
                 workers=workers,
                 device="cpu",
@@ -145,7 +145,7 @@ def test_two_workers_train_as_one_process(parity_trial, tmp_path):
     main = ranks[0]["result"]
 
     # The loss curve, step by step, and every score
-    assert len(main["history"]) == len(one["history"]) == 12
+    assert len(main["history"]) == len(one["history"]) == 6
     for ours, theirs in zip(main["history"], one["history"], strict=True):
         for key in ("train_loss", "train_score", "val_score", "test_score", "nonzero_rank"):
             assert ours[key] == pytest.approx(theirs[key], abs=1e-5), (ours["step"], key)
@@ -168,8 +168,8 @@ def test_two_workers_train_as_one_process(parity_trial, tmp_path):
         assert torch.equal(gate, rank_gates[1][name]), name
 
     # Both ranks reported every evaluation; rank 0 alone wrote checkpoints
-    assert len(ranks[0]["reports"]) == 12 and None not in ranks[0]["reports"]
-    assert ranks[1]["reports"] == [None] * 12
+    assert len(ranks[0]["reports"]) == 6 and None not in ranks[0]["reports"]
+    assert ranks[1]["reports"] == [None] * 6
     assert not list((two / "trial-1").glob("checkpoint-*"))
     assert not (two / "trial-1" / "metrics.json").exists()
     assert ranks[0]["status"] == ranks[1]["status"] == "finished"
