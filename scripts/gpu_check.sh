@@ -13,7 +13,9 @@
 #      peak (max_memory_allocated) beside the estimate's tensors, the data to refit the
 #      activation constants on CUDA (scripts/bench_memory.py --device cuda);
 #   5. six tiny trials (MRPC, 1 epoch, 256 rows) packed onto the GPU with --gpus-per-trial auto,
-#      each capped at its share, against the same six one at a time: none may run out of memory.
+#      each capped at its share, against the same six one at a time: none may run out of memory;
+#   6. with 2 GPUs or more: a 2-trial search of 2-worker trials (--workers-per-trial 2, a GPU
+#      each: DDP on nccl), 1 epoch of MRPC (a dry run: 2 CPU workers on gloo).
 # Writes JSON for each part and summary.json + summary.md to OUT_DIR.
 #
 # Usage: scripts/gpu_check.sh [--dry-run] [OUT_DIR]      (OUT_DIR default: ./gpu_check)
@@ -26,7 +28,7 @@ if [[ ${1:-} == --dry-run ]]; then
     dry_run=true
     shift
 fi
-[[ ${1:-} == -h || ${1:-} == --help ]] && { sed -n '2,24p' "$0"; exit 0; }
+[[ ${1:-} == -h || ${1:-} == --help ]] && { sed -n '2,26p' "$0"; exit 0; }
 repo=$(cd "$(dirname "$0")/.." && pwd)
 out=$(mkdir -p "${1:-gpu_check}" && cd "${1:-gpu_check}" && pwd)
 data=${SORA_TUNE_DATA_DIR:-$repo/../shared/data/glue}
@@ -52,15 +54,19 @@ if [[ $dry_run == true ]]; then
         --timed-steps 0)
     packing_args=(--max-train-samples 64 --max-eval-samples 32 --train-eval-samples 16
         --max-length 64 --gpus-per-trial 0)
+    workers_args=(--max-train-samples 64 --max-eval-samples 32 --train-eval-samples 16 --epochs 1
+        --max-length 64 --gpus-per-trial 0 --cpus-per-trial 0.5)
 else
     device=cuda step_args=(--rounds 5 --steps 5 --batch-size 32 --length 128)
     search_args=(--epochs 2 --gpus-per-trial 0.5)
     grid_args=(--shape Llama-3.2-1B --shape Llama-3.1-8B --shape Llama-3.1-70B --layers 2
         --base-dtypes bf16,nf4 --batch-sizes 4,8 --max-lengths 256,1024 --timed-steps 0)
     packing_args=(--max-train-samples 256 --max-eval-samples 128 --gpus-per-trial auto)
+    workers_args=(--epochs 1 --gpus-per-trial 1 --cpus-per-trial 1)
 fi
+gpus=$("$python" -c 'import torch; print(torch.cuda.device_count())')
 
-echo "== 1/5 pytest -m gpu"
+echo "== 1/6 pytest -m gpu"
 start=$SECONDS
 set +e
 (cd "$repo" && "$python" -m pytest -m gpu -q -p no:cacheprovider --junitxml "$out/gpu_tests.xml") |
@@ -69,12 +75,12 @@ tests_status=${PIPESTATUS[0]}
 set -e
 tests_s=$((SECONDS - start))
 
-echo "== 2/5 bench_step.py on $device"
+echo "== 2/6 bench_step.py on $device"
 start=$SECONDS
 "$python" "$repo/scripts/bench_step.py" --device "$device" "${step_args[@]}" --output "$out/step.json"
 step_s=$((SECONDS - start))
 
-echo "== 3/5 a 4-trial search on MRPC, from a fresh folder"
+echo "== 3/6 a 4-trial search on MRPC, from a fresh folder"
 start=$SECONDS
 mkdir -p "$out/search"
 (cd "$out/search" && "$python" -m sora_tune.cli search --config "$repo/search_spaces/sora_glue.yaml" \
@@ -82,13 +88,13 @@ mkdir -p "$out/search"
     "${search_args[@]}") | tee "$out/search.log"
 search_s=$((SECONDS - start))
 
-echo "== 4/5 the memory grid on $device"
+echo "== 4/6 the memory grid on $device"
 start=$SECONDS
 "$python" "$repo/scripts/bench_memory.py" --device "$device" "${grid_args[@]}" \
     --output "$out/memory_grid.json"
 grid_s=$((SECONDS - start))
 
-echo "== 5/5 six tiny trials packed onto the GPU, then one at a time"
+echo "== 5/6 six tiny trials packed onto the GPU, then one at a time"
 start=$SECONDS
 for concurrent in 6 1; do
     mkdir -p "$out/packing-$concurrent"
@@ -100,9 +106,22 @@ for concurrent in 6 1; do
 done
 packing_s=$((SECONDS - start))
 
+workers_s=0
+if [[ $dry_run == true || $gpus -ge 2 ]]; then
+    echo "== 6/6 2-worker trials (DDP), from a fresh folder"
+    start=$SECONDS
+    mkdir -p "$out/workers"
+    (cd "$out/workers" && "$python" -m sora_tune.cli search --task mrpc --data-dir "$data" \
+        --config "$repo/search_spaces/sora_glue.yaml" --num-samples 2 --workers-per-trial 2 \
+        --batch-size 32 --name gpu-check-workers "${workers_args[@]}") | tee "$out/workers.log"
+    workers_s=$((SECONDS - start))
+else
+    echo "== 6/6 skipped: 2-worker trials need 2 GPUs, torch sees $gpus"
+fi
+
 "$python" - "$out" "$dry_run" "$tests_status" "$tests_s" "$step_s" "$search_s" "$grid_s" \
-    "$packing_s" <<'EOF'
-"""summary.json and summary.md from the five parts' outputs."""
+    "$packing_s" "$workers_s" <<'EOF'
+"""summary.json and summary.md from the six parts' outputs."""
 import json
 import sys
 import xml.etree.ElementTree as ElementTree
@@ -113,7 +132,7 @@ import mlflow
 from sora_tune.tracking import DEVICE_TAG, PRECISION_TAG, ROLE_TAG
 
 out, dry_run = Path(sys.argv[1]), sys.argv[2] == "true"
-tests_status, tests_s, step_s, search_s, grid_s, packing_s = map(int, sys.argv[3:9])
+tests_status, tests_s, step_s, search_s, grid_s, packing_s, workers_s = map(int, sys.argv[3:10])
 suite = ElementTree.parse(out / "gpu_tests.xml").getroot().find("testsuite")
 tests = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
 step = json.loads((out / "step.json").read_text())
@@ -129,35 +148,42 @@ def wall_s(runs: list) -> float:
     return (max(r.info.end_time or 0 for r in runs) - min(r.info.start_time for r in runs)) / 1000
 
 
-runs = trial_runs("search")
+def trial_rows(runs: list) -> list[dict]:
+    """The trials of a search, in the order they started."""
+    return sorted(
+        (
+            {
+                "status": r.info.status,
+                "device": r.data.tags.get(DEVICE_TAG),
+                "precision": r.data.tags.get(PRECISION_TAG),
+                "workers": int(r.data.params.get("workers_per_trial", 1)),
+                "val_score": r.data.metrics.get("val_score"),
+                "test_score": r.data.metrics.get("test_score"),
+                "retained_params": r.data.metrics.get("retained_params"),
+                "train_time_s": r.data.metrics.get("train_time_s"),
+                "start": r.info.start_time / 1000,
+                "end": (r.info.end_time or r.info.start_time) / 1000,
+            }
+            for r in runs
+        ),
+        key=lambda t: t["start"],
+    )
+
+
+trials = trial_rows(trial_runs("search"))
+workers = trial_rows(trial_runs("workers")) if (out / "workers" / "mlflow.db").exists() else []
 grid = json.loads((out / "memory_grid.json").read_text())["results"]
 worst = max(grid, key=lambda row: abs(row["ratio"] - 1))
 packing = {n: trial_runs(f"packing-{n}") for n in (6, 1)}
-trials = sorted(
-    (
-        {
-            "status": r.info.status,
-            "device": r.data.tags.get(DEVICE_TAG),
-            "precision": r.data.tags.get(PRECISION_TAG),
-            "val_score": r.data.metrics.get("val_score"),
-            "test_score": r.data.metrics.get("test_score"),
-            "retained_params": r.data.metrics.get("retained_params"),
-            "train_time_s": r.data.metrics.get("train_time_s"),
-            "start": r.info.start_time / 1000,
-            "end": (r.info.end_time or r.info.start_time) / 1000,
-        }
-        for r in runs
-    ),
-    key=lambda t: t["start"],
-)
 overlap = any(b["start"] < a["end"] for a, b in zip(trials, trials[1:]))
 summary = {
     "dry_run": dry_run,
-    "seconds": {"tests": tests_s, "step": step_s, "search": search_s},
+    "seconds": {"tests": tests_s, "step": step_s, "search": search_s, "workers": workers_s},
     "gpu_tests": tests | {"exit_code": tests_status},
     "step": {"device": step["machine"]["device"], "precision": step["config"]["precision"]}
     | {"median_ms": step["median_ms"], "ratios": step["ratios"]},
     "search": {"trials": trials, "trials_overlapped": overlap},
+    "workers": {"trials": workers},
     "memory_grid": {"cases": len(grid), "worst": worst, "seconds": grid_s},
     "packing": {
         str(n): {
@@ -183,8 +209,9 @@ ms = step["median_ms"]
 lines = [
     f"# GPU check{' (dry run on the CPU: toy sizes, gpu tests skipped)' if dry_run else ''}",
     "",
-    f"Total {tests_s + step_s + search_s + grid_s + packing_s} s: tests {tests_s} s, step "
-    f"benchmark {step_s} s, search {search_s} s, memory grid {grid_s} s, packing {packing_s} s.",
+    f"Total {tests_s + step_s + search_s + grid_s + packing_s + workers_s} s: tests {tests_s} s, "
+    f"step benchmark {step_s} s, search {search_s} s, memory grid {grid_s} s, packing "
+    f"{packing_s} s, 2-worker trials {workers_s} s.",
     "",
     f"- `pytest -m gpu`: {tests['tests']} tests, {tests['failures']} failed, {tests['errors']} "
     f"errors, {tests['skipped']} skipped (exit code {tests_status}).",
@@ -209,11 +236,16 @@ lines = [
         f"{summary['packing'][str(n)]['worst_peak_over_estimate']}."
         for n, p in packing.items()
     ),
+    f"- 2-worker trials: {len(workers)} trials, "
+    f"{sum(t['status'] == 'FINISHED' for t in workers)} finished, each one run of "
+    f"{sorted({t['workers'] for t in workers})} workers"
+    if workers
+    else "- 2-worker trials: not run (fewer than 2 GPUs).",
     "",
     "| trial | status | device | val | test | retained params | train s |",
     "|---|---|---|---|---|---|---|",
 ]
-for index, t in enumerate(trials):
+for index, t in enumerate(trials + workers):
     cells = [
         str(index),
         t["status"],

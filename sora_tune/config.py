@@ -556,6 +556,20 @@ class TrialConfig:
         return dataclasses.replace(unbounded, epochs=length)
 
 
+def check_batch_size(batch_size: int, workers: int) -> None:
+    """Refuse a global batch that does not split evenly across `workers`.
+
+    Raises:
+        ValueError: naming both settings.
+    """
+    if batch_size % workers:
+        raise ValueError(
+            f"batch_size {batch_size} does not split across workers_per_trial {workers}: the "
+            f"global batch is batch_size rows, {batch_size}/{workers} per worker; give a "
+            f"batch_size that is a multiple of {workers}"
+        )
+
+
 def literal_choices(cls: type, name: str) -> tuple[Any, ...]:
     """The values the `Literal` field `name` of the dataclass `cls` takes."""
     from typing import get_args, get_type_hints

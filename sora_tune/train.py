@@ -25,7 +25,7 @@ import torch
 from datasets import ClassLabel, DatasetDict
 from torch.utils.data import DataLoader
 
-from .config import DATA_FIELDS, TrialConfig
+from .config import DATA_FIELDS, TrialConfig, check_batch_size
 from .data import (
     DataLocation,
     DataSource,
@@ -41,8 +41,10 @@ from .data import (
     make_splits,
     own_task,
     pair_separator,
+    shard_loader,
     tokenize_splits,
 )
+from .distributed import ONE_PROCESS, Workers
 from .models import (
     PAD_FROM_EOS,
     build_model,
@@ -219,9 +221,10 @@ def trial_pair_separator(config: TrialConfig, task: GlueTask, tokenizer) -> str 
     return pair_separator(tokenizer, config.pair_separator) if len(task.text_fields) == 2 else None
 
 
-def make_loaders(config: TrialConfig, data: DatasetDict, tokenizer):
+def make_loaders(config: TrialConfig, data: DatasetDict, tokenizer, workers: Workers = ONE_PROCESS):
     """The shuffled training loader and the evaluation loaders (`train_eval`, `val`, and `test`
-    when there is a test set)."""
+    when there is a test set): of several `workers`, this one's share of every training batch
+    and of the evaluation batches."""
     train_loader = make_dataloader(
         data["train"],
         tokenizer,
@@ -230,7 +233,14 @@ def make_loaders(config: TrialConfig, data: DatasetDict, tokenizer):
         seed=config.seed,
         group_by_length=config.group_by_length,
     )
-    return train_loader, make_eval_loaders(config, data, tokenizer)
+    eval_loaders = make_eval_loaders(config, data, tokenizer)
+    if workers.size > 1:
+        train_loader = shard_loader(train_loader, workers.rank, workers.size)
+        eval_loaders = {
+            split: shard_loader(loader, workers.rank, workers.size, whole_batches=True)
+            for split, loader in eval_loaders.items()
+        }
+    return train_loader, eval_loaders
 
 
 def make_eval_loaders(config: TrialConfig, data: DatasetDict, tokenizer) -> dict[str, DataLoader]:
@@ -257,14 +267,19 @@ class Optimization:
     gate_optimizer: ProximalGateOptimizer | None
     schedulers: list[torch.optim.lr_scheduler.LambdaLR]
     scaler: torch.amp.GradScaler
+    workers: Workers = ONE_PROCESS  # whose gradients are summed before every step
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [o for o in (self.adamw, self.gate_optimizer) if o is not None]
 
     def step(self, loss: torch.Tensor, trainable: list[torch.nn.Parameter], max_grad_norm: float):
-        """Backward, clip every trainable tensor together, step, advance the schedules."""
+        """Backward, sum the workers' gradients, clip every trainable tensor together, step,
+        advance the schedules."""
         self.scaler.scale(loss).backward()
+        # Before anything reads a gradient: every rank then unscales, clips and steps the same
+        # numbers, so weights, AdamW states and the gates' thresholding agree bit for bit.
+        self.workers.reduce_gradients(trainable)
         for optimizer in self.optimizers:
             self.scaler.unscale_(optimizer)  # clip the true gradients
         if max_grad_norm > 0:
@@ -302,6 +317,7 @@ def configure_optimization(
     steps_per_epoch: int,
     device: torch.device,
     precision: str,
+    workers: Workers = ONE_PROCESS,
 ) -> Optimization:
     """AdamW for the adapter matrices and the head (no decay on biases and norms) and the proximal
     optimizer for the gates (SoRA only: the LoRA baseline's gates are frozen).
@@ -340,6 +356,7 @@ def configure_optimization(
         ],
         # fp16's narrow range needs loss scaling; bf16 has fp32's range and needs none.
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+        workers=workers,
     )
 
 
@@ -377,8 +394,10 @@ def batches_from(loader, step: int) -> Iterator[dict]:
     order an uninterrupted run sees them: a trial resumed from a checkpoint taken inside an epoch
     goes on with that epoch's order where it stopped."""
     epoch, offset = divmod(step, len(loader))
+    # The loader's global batches: one process's, or those a worker takes its share of.
+    batches = loader.batch_sampler
     while True:
-        loader.sampler.set_epoch(epoch, start=offset * loader.batch_size)
+        batches.sampler.set_epoch(epoch, start=offset * batches.batch_size)
         yield from loader
         epoch, offset = epoch + 1, 0
 
@@ -396,9 +415,12 @@ def train_steps(
     progress: bool = False,
 ) -> TrainingStats | None:
     """Optimizer steps `start` … `end - 1` (0-based, across epochs); `None` when the loss stopped
-    being finite."""
+    being finite. Of several workers, each trains on its share of every batch, and the
+    statistics are the global batches'."""
     began = time.perf_counter()
     model.train()
+    workers = optimization.workers
+    workers.seed(config.seed, start)
     trainable = [p for p in model.parameters() if p.requires_grad]
     loss_sum, examples, tokens, padded = 0.0, 0, 0, 0
     total = config.epochs * len(loader)
@@ -406,7 +428,7 @@ def train_steps(
     bar = _progress(steps, progress, f"steps {start + 1}-{end}/{total}", total=end - start)
     for step, batch in bar:
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss = train_step(
+        stepped = train_step(
             model,
             batch,
             optimization,
@@ -416,15 +438,18 @@ def train_steps(
             device=device,
             precision=precision,
         )
-        if loss is None:
+        if stepped is None:
             return None
-        mask = batch["attention_mask"]
-        loss_sum += loss.item() * len(mask)
-        examples += len(mask)
-        tokens += mask.numel()
-        padded += mask.numel() - int(mask.sum())
+        loss, rows = stepped
+        loss_sum += loss.item() * rows
+        examples += rows
+        if batch:  # a worker's share of a short last batch may be empty
+            mask = batch["attention_mask"]
+            tokens += mask.numel()
+            padded += mask.numel() - int(mask.sum())
         if progress:
             bar.set_postfix(loss=f"{loss.item():.4f}")
+    tokens, padded = workers.sum([tokens, padded], device)
     return TrainingStats(
         loss=loss_sum / max(examples, 1),
         examples=examples,
@@ -444,44 +469,67 @@ def train_step(
     step: int,
     device: torch.device,
     precision: str,
-) -> torch.Tensor | None:
+) -> tuple[torch.Tensor, int] | None:
     """Optimizer step `step` (0-based) on `batch`, already on `device`: forward, the gates'
-    penalty, backward, clip, step. Returns the loss, or `None` (nothing stepped) when it is not
-    finite."""
-    with autocast(device, precision):
-        loss = model(**batch).loss
-    if not torch.isfinite(loss):
+    penalty, backward, clip, step. Returns the global batch's mean loss and rows, or `None`
+    (nothing stepped, on any worker) when the loss is not finite.
+
+    Of several workers, each weights its loss and penalty by its share of the global batch's
+    rows, so that the summed gradients are one process's (`Workers.share`).
+    """
+    rows = len(batch["labels"]) if batch else 0
+    loss = torch.zeros((), device=device)
+    if rows:
+        with autocast(device, precision):
+            loss = model(**batch).loss
+    mean, weight, all_rows = optimization.workers.share(loss, rows)
+    if not torch.isfinite(mean):
         return None
     gates = optimization.gate_optimizer
     penalty = gates.l1_penalty() if gates is not None else 0.0
-    optimization.step(loss + penalty, trainable, config.max_grad_norm)
+    optimization.step((loss + penalty) * weight, trainable, config.max_grad_norm)
     after_optimizer_step(model, step)
     optimization.zero_grad()
-    return loss
+    return mean, all_rows
 
 
 @torch.no_grad()
-def evaluate(model, loader, task, device, precision: str = "fp32") -> dict[str, float]:
+def evaluate(
+    model, loader, task, device, precision: str = "fp32", workers: Workers = ONE_PROCESS
+) -> dict[str, float]:
+    """The task's metrics on `loader`'s rows; of several workers, on every worker's batches,
+    gathered in one process's order."""
     model.eval()
-    predictions, labels = [], []
+    scored = []
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(device, precision):
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        predictions.append(logits.float().cpu())
-        labels.append(batch["labels"].cpu())
+        scored.append((logits.float().cpu(), batch["labels"].cpu()))
+    predictions, labels = zip(*workers.gather_batches(scored), strict=True)
     return compute_metrics(task, torch.cat(predictions).numpy(), torch.cat(labels).numpy())
 
 
 def score_epoch(
-    model, eval_loaders, task, device, precision: str, progress: bool = False
+    model,
+    eval_loaders,
+    task,
+    device,
+    precision: str,
+    progress: bool = False,
+    workers: Workers = ONE_PROCESS,
 ) -> dict[str, float]:
     """Memorization (`train_score` on a fixed training subset), `val_score` (selection) and
     `test_score` (GLUE dev or the test file, reported only; none without a test set), with
     `val_<metric>` and `test_<metric>`."""
     scores = {
         split: evaluate(
-            model, _progress(loader, progress, f"scoring {split}"), task, device, precision
+            model,
+            _progress(loader, progress, f"scoring {split}"),
+            task,
+            device,
+            precision,
+            workers,
         )
         for split, loader in eval_loaders.items()
     }
@@ -596,19 +644,31 @@ class TrialParts:
 
 
 def build_trial(
-    config: TrialConfig, data: DatasetDict, tokenizer, *, device: torch.device, precision: str
+    config: TrialConfig,
+    data: DatasetDict,
+    tokenizer,
+    *,
+    device: torch.device,
+    precision: str,
+    workers: Workers = ONE_PROCESS,
 ) -> TrialParts:
     """A trial's loaders over its tokenised `data`, its model with the adapter on `device`, and
-    its optimizers, as `train_trial` trains with them."""
+    its optimizers, as `train_trial` trains with them (of several `workers`, this one's)."""
     task = data_task(config, data)
-    train_loader, eval_loaders = make_loaders(config, data, tokenizer)
+    train_loader, eval_loaders = make_loaders(config, data, tokenizer, workers)
     steps_per_epoch = len(train_loader)
     config.check_steps(steps_per_epoch)  # stages in steps that the epochs never reach
     total_steps = steps_per_epoch * config.epochs
     model = build_model(config, total_steps, task, tokenizer=tokenizer, device=device)
     model = model.to(device)
+    workers.broadcast([p for p in model.parameters() if p.requires_grad])
     optimization = configure_optimization(
-        model, config, steps_per_epoch=steps_per_epoch, device=device, precision=precision
+        model,
+        config,
+        steps_per_epoch=steps_per_epoch,
+        device=device,
+        precision=precision,
+        workers=workers,
     )
     return TrialParts(task, train_loader, eval_loaders, model, optimization)
 
@@ -616,19 +676,20 @@ def build_trial(
 def train_trial(
     config: TrialConfig | dict[str, Any],
     *,
-    report: Callable[[dict[str, Any], str], None] | None = None,
+    report: Callable[[dict[str, Any], str | None], None] | None = None,
     output_dir: str | os.PathLike | None = None,
     resume_from: str | os.PathLike | None = None,
     data: DatasetDict | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
+    workers: Workers = ONE_PROCESS,
 ) -> dict[str, Any]:
     """Train one trial and return its final metrics (also written to `output_dir/metrics.json`).
 
     Args:
         config: A `TrialConfig` or a flat dict of its fields.
         report: Called after each epoch with the metrics (`REPORT_KEYS` and the task's metrics)
-            and the path of that epoch's checkpoint.
+            and the path of that epoch's checkpoint (`None` on workers other than rank 0).
         output_dir: Where checkpoints, `adapter/` (the pruned adapter in PEFT format) and
             `metrics.json` go; a temporary folder if `None`.
         resume_from: A checkpoint folder to continue from; `None`: the newest checkpoint in
@@ -636,6 +697,10 @@ def train_trial(
         data: Pre-tokenised splits from `prepare_data` (the search shares them across trials).
         device: Where to train; `None`: `default_device()`.
         progress: Show progress bars for training and scoring.
+        workers: This process's place among the trial's data-parallel workers
+            (`Workers.current()` in a torch.distributed process group). Every worker trains
+            and scores its share and calls `report` after every evaluation; rank 0 alone writes
+            checkpoints, the adapter and `metrics.json`.
 
     Returns:
         The last evaluation's metrics plus `status` (`finished` or `diverged`), `precision` and
@@ -647,6 +712,7 @@ def train_trial(
         ValueError: bad configuration (before any data or model is loaded).
     """
     config = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
+    check_batch_size(config.batch_size, workers.size)
     output_dir = Path(output_dir or tempfile.mkdtemp(prefix="sora-trial-"))
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = Path(resume_from) if resume_from else latest_checkpoint(output_dir)
@@ -658,7 +724,9 @@ def train_trial(
 
     tokenizer = load_tokenizer(config)
     data = data if data is not None else prepare_data(config, tokenizer)
-    trial = build_trial(config, data, tokenizer, device=device, precision=precision)
+    trial = build_trial(
+        config, data, tokenizer, device=device, precision=precision, workers=workers
+    )
     model, optimization, steps_per_epoch = trial.model, trial.optimization, trial.steps_per_epoch
     history = load_checkpoint(checkpoint, model, optimization) if checkpoint is not None else []
 
@@ -682,23 +750,27 @@ def train_trial(
             status = "diverged"
             break
         scoring_start = time.perf_counter()
-        scores = score_epoch(model, trial.eval_loaders, trial.task, device, precision, progress)
+        scores = score_epoch(
+            model, trial.eval_loaders, trial.task, device, precision, progress, workers
+        )
         stats.scoring_seconds = time.perf_counter() - scoring_start
         history.append(
             evaluation_metrics(
                 model, optimization, config, end, steps_per_epoch, stats, scores, history
             )
         )
-        checkpoint = save_evaluation(output_dir, config, model, optimization, history)
+        saved = None
+        if workers.main:
+            saved = str(save_evaluation(output_dir, config, model, optimization, history))
         if report is not None:
-            report(history[-1], str(checkpoint))
+            report(history[-1], saved)
         done = end
 
     result = trial_dtypes(config, device) | {
         "pad_from_eos": getattr(tokenizer, PAD_FROM_EOS),
         "pair_separator": trial_pair_separator(config, trial.task, tokenizer),
     }
-    return _finish(model, config, output_dir, history, status, result)
+    return _finish(model, config, output_dir, history, status, result, write=workers.main)
 
 
 def stage_at_step(config: TrialConfig, step: int, steps_per_epoch: int) -> int:
@@ -791,11 +863,16 @@ def _finish(
     history: list[dict],
     status: str,
     how: dict[str, Any],
+    *,
+    write: bool = True,
 ) -> dict:
     """Prune, export the adapter in PEFT format and write `metrics.json` (atomically), with
-    `how` the trial ran (its precision and base dtype, whether eos padded its batches)."""
+    `how` the trial ran (its precision and base dtype, whether eos padded its batches). Without
+    `write` (a worker other than rank 0), the result alone: rank 0 writes the trial's files."""
     result: dict[str, Any] = (dict(history[-1]) if history else {}) | how
     result["status"] = status
+    if not write:
+        return result | {"config": dataclasses.asdict(config), "history": history}
     if status == "finished":
         if config.method == "adalora":
             model.save_pretrained(output_dir / "adapter")

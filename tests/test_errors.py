@@ -162,6 +162,7 @@ def commands(inputs: dict, tmp_path: Path) -> dict[str, list[str]]:
         "bad-flag-value": [*search, "--r-max", "eight"],
         "unknown-sampler": [*search, "--sampler", "bayes"],
         "gpus-per-trial": [*search, "--gpus-per-trial", "2"],
+        "workers-batch-size": [*search, "--workers-per-trial", "3"],
         "gpu-memory-value": ["estimate", *inputs["model"], "--gpu-memory", "24XB"],
         "gpus-auto-fits-none": [*search, "--gpus-per-trial", "auto", "--gpu-memory", "1GiB"],
         "cluster-local-store": [*search, "--address", "auto"],

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         make_dataloader,
         padding_ratio,
         pair_separator,
+        shard_loader,
         tokenize_splits,
     )
     from .files import DataLocation, DataSource, OwnData, data_sources, load_own_data
@@ -41,6 +42,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
             "make_dataloader",
             "padding_ratio",
             "pair_separator",
+            "shard_loader",
             "tokenize_splits",
         ),
         "files": ("DataLocation", "DataSource", "OwnData", "data_sources", "load_own_data"),

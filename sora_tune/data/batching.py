@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, load_from_disk
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Sampler
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
@@ -33,6 +33,7 @@ __all__ = [
     "make_dataloader",
     "padding_ratio",
     "pair_separator",
+    "shard_loader",
     "tokenize_splits",
 ]
 
@@ -314,6 +315,55 @@ def make_dataloader(
         batch_size=batch_size,
         sampler=sampler,
         collate_fn=DataCollatorWithPadding(tokenizer),
+    )
+
+
+class _RowShards(BatchSampler):
+    """Worker `rank`'s rows of every batch of `sampler`: a contiguous slice, the shares as even
+    as the batch allows (a short last batch may leave a worker none, an empty list). Every worker
+    yields as many batches as one process would, so the workers step together."""
+
+    def __init__(self, sampler: Sampler[int], batch_size: int, rank: int, workers: int) -> None:
+        super().__init__(sampler, batch_size, drop_last=False)
+        self.rank, self.workers = rank, workers
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in super().__iter__():
+            rows = len(batch)
+            yield batch[rows * self.rank // self.workers : rows * (self.rank + 1) // self.workers]
+
+
+class _BatchShards(BatchSampler):
+    """Worker `rank`'s whole batches of `sampler`: batches rank, rank + workers, … (scoring,
+    where the batches are independent and their predictions are gathered in order)."""
+
+    def __init__(self, sampler: Sampler[int], batch_size: int, rank: int, workers: int) -> None:
+        super().__init__(sampler, batch_size, drop_last=False)
+        self.rank, self.workers = rank, workers
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return itertools.islice(super().__iter__(), self.rank, None, self.workers)
+
+    def __len__(self) -> int:
+        return len(range(self.rank, super().__len__(), self.workers))
+
+
+def shard_loader(
+    loader: DataLoader, rank: int, workers: int, *, whole_batches: bool = False
+) -> DataLoader:
+    """Worker `rank`'s share, of `workers`, of the batches of a `make_dataloader` loader.
+
+    The batches are the loader's own, drawn in the same order from the same sampler (whose
+    `set_epoch` still sets the order): with `whole_batches`, every `workers`-th batch; without, a
+    slice of every batch, so that the workers together train on the batches one process would.
+    Only the worker's own rows are read and padded. A worker's empty slice is an empty dict.
+    """
+    shards = _BatchShards if whole_batches else _RowShards
+    collate = loader.collate_fn
+    return DataLoader(
+        loader.dataset,
+        batch_sampler=shards(loader.sampler, loader.batch_size, rank, workers),
+        collate_fn=lambda rows: collate(rows) if rows else {},
     )
 
 

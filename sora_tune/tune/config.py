@@ -15,6 +15,7 @@ from ..memory import memory_size
 from ..uris import default_tracking_uri, local_store_path, resolve_tracking_uri
 from .cluster import check_client_storage, check_tracking_for_cluster
 from .space import SearchSpace
+from .workers import check_worker_batch_sizes
 
 AUTO = "auto"
 
@@ -56,9 +57,14 @@ class SearchConfig:
             each trial's share from its own memory estimate, in eighths of `gpu_memory`
             (`tune.resources`); a trial that fits no GPU is refused before the search starts.
             On a GPU, a trial with a share is capped at it
-            (`torch.cuda.set_per_process_memory_fraction`).
+            (`torch.cuda.set_per_process_memory_fraction`). With `workers_per_trial` > 1, the
+            resources of each of the trial's workers.
         gpu_memory: The memory of the cluster's smallest GPU (`24GiB`, `80GB`), which `auto`
             shares are eighths of; `None`: asked of the cluster's GPUs when the search starts.
+        workers_per_trial: Processes of one trial (`tune.workers`): 1 trains in the Tune trial
+            itself; N > 1 makes each trial a Ray Train run of N data-parallel workers, each on
+            `1/N` of every batch (`batch_size` must be a multiple of N), with the results of
+            one process.
         max_concurrent: At most this many trials at once; `None`: `default_max_concurrent`, a
             quarter of `num_samples` (at least 2) for the model-based samplers, so that they see
             finished trials before they suggest most of theirs; as many as resources allow for
@@ -92,10 +98,9 @@ class SearchConfig:
     name: str | None = None  # a new Ray experiment and Optuna study; none: <experiment-name>-<time>
     # resources
     cpus_per_trial: float = 1.0  # CPUs of one trial
-    gpus_per_trial: float | Literal["auto"] = (
-        0.0  # at most 1; 0.5: two share a GPU; auto: estimated
-    )
+    gpus_per_trial: float | Literal["auto"] = 0.0  # ≤ 1; 0.5: two share a GPU; auto: estimated
     gpu_memory: str | None = None  # the smallest GPU's memory, e.g. 24GiB; none: asked of the GPUs
+    workers_per_trial: int = 1  # data-parallel processes of a trial (a Ray Train run when > 1)
     max_concurrent: int | None = None  # trials at once; none: num_samples/4, >= 2 (random: all)
     address: str | None = None  # Ray cluster: auto or ray://host:port; none: a local Ray
     storage_path: str | None = None  # Ray experiment storage; shared (NFS, s3://) on a cluster
@@ -147,6 +152,15 @@ class SearchConfig:
             )
         if self.gpu_memory is not None:
             memory_size(self.gpu_memory)  # refused here if not a size
+        if self.workers_per_trial < 1:
+            raise ValueError(f"workers_per_trial must be >= 1, got {self.workers_per_trial}")
+        if self.workers_per_trial > 1 and self.gpus_per_trial == AUTO:
+            raise ValueError(
+                "gpus_per_trial auto sizes one-process trials; with workers_per_trial "
+                f"{self.workers_per_trial}, give each worker's share as a number (sora-tune "
+                "estimate --batch-size <batch_size / workers> --gpu-memory … shows one worker's)"
+            )
+        check_worker_batch_sizes(self.space, self.workers_per_trial)
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {self.max_concurrent}")
         if self.max_concurrent is None:
@@ -228,6 +242,7 @@ SEARCH_GROUPS = {
         "cpus_per_trial",
         "gpus_per_trial",
         "gpu_memory",
+        "workers_per_trial",
         "max_concurrent",
         "address",
         "storage_path",

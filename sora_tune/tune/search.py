@@ -60,7 +60,14 @@ from .resources import (
 from .schedulers import ParetoSuccessiveHalving
 from .space import SearchSpace
 from .state import SEARCH_STATE_FILE, read_json, read_search_state, write_search_state
-from .trial import run_trial, trial_dirname
+from .trial import WORKERS_PARAM, run_trial, trial_dirname
+from .workers import (
+    DRIVER_RESOURCES,
+    FORCE_CLEANUP_ENV,
+    STOPPED_TRIAL_SECONDS,
+    WorkerGroup,
+    check_stops_free_workers,
+)
 
 
 @dataclass
@@ -293,6 +300,11 @@ def _check_cluster(config: SearchConfig, *, shares_data: bool) -> None:
     import ray
 
     check_storage(config.storage_path)
+    workers = WorkerGroup.of(config)
+    if workers:  # before any run is recorded: a trial that fits no cluster would never start
+        workers.trials_at_once(ray.cluster_resources(), config.max_concurrent)
+        if config.asha or config.early_stop != "none":
+            check_stops_free_workers()
     nodes = sum(node.get("Alive", False) for node in ray.nodes())
     if nodes <= 1 and not config.address:
         return
@@ -347,13 +359,25 @@ def _make_tuner(
     gpus: GpuRequest | None,
 ):
     """The Tuner of a new search, or the restored one of an interrupted search."""
+    import ray
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
+    workers = WorkerGroup.of(config)  # `None`: a trial is one process
+    if workers:
+        # A trial that a scheduler stops waits in its Train run's `fit`, which nothing ends but
+        # the end of its actor (its workers go with it): Tune kills such an actor after this
+        # many seconds, by default 600, while the workers hold their CPUs and GPUs.
+        os.environ.setdefault(FORCE_CLEANUP_ENV, str(STOPPED_TRIAL_SECONDS))
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, data=data, sources=sources, tracking=tracking, gpus=gpus),
-        # Each trial's own request: with gpus_per_trial auto, its share of a GPU.
-        functools.partial(
+        tune.with_parameters(
+            run_trial, data=data, sources=sources, tracking=tracking, gpus=gpus, workers=workers
+        ),
+        # A trial of several workers only drives them; else each trial's own request: with
+        # gpus_per_trial auto, its share of a GPU.
+        DRIVER_RESOURCES
+        if workers
+        else functools.partial(
             trial_resources,
             cpus=config.cpus_per_trial,
             gpus_per_trial=config.gpus_per_trial,
@@ -382,8 +406,11 @@ def _make_tuner(
     )
     if baselines:
         searcher = BaselinesFirst(searcher, baselines)
-    if config.max_concurrent:
-        searcher = ConcurrencyLimiter(searcher, max_concurrent=config.max_concurrent)
+    max_concurrent = config.max_concurrent
+    if workers:
+        max_concurrent = workers.trials_at_once(ray.cluster_resources(), max_concurrent)
+    if max_concurrent:
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
     scheduler = None
     max_epochs = space.largest("epochs")  # trials may differ in budget: rungs go up to the most
     if config.early_stop == "pareto":
@@ -411,7 +438,9 @@ def _make_tuner(
             search_alg=searcher,
             scheduler=scheduler,
             num_samples=config.num_samples + len(baselines),
-            reuse_actors=True,
+            # Not for a trial of several workers: a stopped trial's driver waits in the Train
+            # run's `fit`, which only the end of its actor ends (its workers go with it).
+            reuse_actors=workers is None,
             trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
@@ -543,6 +572,7 @@ def start_parent_run(config: SearchConfig, experiment_id: str) -> str:
         "cpus_per_trial": config.cpus_per_trial,
         "gpus_per_trial": config.gpus_per_trial,
         "gpu_memory": config.gpu_memory,
+        WORKERS_PARAM: config.workers_per_trial,
         "code_version": _code_version(),
         "cluster_resources": json.dumps(ray.cluster_resources()),
         "ray_storage": redact_uri(config.path),

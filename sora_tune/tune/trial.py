@@ -7,15 +7,22 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow import MlflowClient
 
 from ..config import TrialConfig
 from ..front import OBJECTIVES
 from ..tracking import DEVICE_TAG, ROLE_TAG, TrialRecord
-from .resources import GpuRequest, OutOfGpuMemory, gpu_memory_plan
+from .resources import GpuMemoryPlan, GpuRequest, OutOfGpuMemory, gpu_memory_plan
+
+if TYPE_CHECKING:
+    from .workers import WorkerGroup
+
+# The MLflow param of every trial run and of the search's parent run: the trial's processes.
+WORKERS_PARAM = "workers_per_trial"
 
 # Reported with every epoch, so that whoever reads a trial's last result (the searcher, a
 # scheduler, the end-of-search table) can tell a trial stopped early from one that finished.
@@ -103,6 +110,19 @@ def trial_run(client: MlflowClient, tracking: dict[str, str], trial_id: str, nam
     return client.create_run(tracking["experiment_id"], tags=tags).info.run_id
 
 
+def record_placement(client: MlflowClient, run_id: str, device: str) -> None:
+    """Tag the trial's run with where it trains: the Ray node and the torch device (rank 0's,
+    for a trial of several workers)."""
+    import ray
+
+    client.set_tag(run_id, "ray_node_id", ray.get_runtime_context().get_node_id())
+    # What Ray reserved for the trial (its GPU share among them), to check how trials packed.
+    client.set_tag(
+        run_id, RESOURCES_TAG, json.dumps(ray.get_runtime_context().get_assigned_resources())
+    )
+    client.set_tag(run_id, DEVICE_TAG, device)
+
+
 def run_trial(
     trial_params: dict[str, Any],
     *,
@@ -110,34 +130,46 @@ def run_trial(
     sources=None,
     tracking: dict[str, str],
     gpus: GpuRequest | None = None,
+    workers: WorkerGroup | None = None,
 ) -> None:
     """The Ray Tune function trainable: one trial, its own MLflow child run, resumable. `data`
     and their `sources` are shared by the search (`None`: the trial prepares its own); `gpus`:
-    how the search sized the trials' GPU shares (`None`: no GPU)."""
+    how the search sized the trials' GPU shares (`None`: no GPU). With `workers`, the trial is a
+    Ray Train run of that many workers, which this function drives."""
     import ray
     import torch
     from ray import tune
 
-    from ..train import resolve_device, train_trial, trial_data, trial_dtypes  # torch: here
+    from ..train import resolve_device, trial_dtypes  # torch: here
 
     trial_id = tune.get_context().get_trial_id()
     config = TrialConfig.from_dict(trial_params)
     client = MlflowClient(tracking["uri"])
     run_id = trial_run(client, tracking, trial_id, tune.get_context().get_trial_name())
+    client.log_param(run_id, WORKERS_PARAM, str(workers.size if workers else 1))
+    if workers is not None:
+        from .workers import run_workers  # Ray Train: here
+
+        run_workers(config, workers, trial_id, run_id, tracking["uri"], data=data, sources=sources)
+        return
     device = trial_device(
-        ray.get_gpu_ids(),
-        os.environ.get("CUDA_VISIBLE_DEVICES"),
-        cuda=torch.cuda.is_available(),
+        ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"), cuda=torch.cuda.is_available()
     )
-    client.set_tag(run_id, "ray_node_id", ray.get_runtime_context().get_node_id())
-    # What Ray reserved for the trial (its GPU share among them), to check how trials packed.
-    client.set_tag(
-        run_id, RESOURCES_TAG, json.dumps(ray.get_runtime_context().get_assigned_resources())
-    )
-    client.set_tag(run_id, DEVICE_TAG, device)
+    record_placement(client, run_id, device)
     memory = gpu_memory_plan(config, gpus, device) if gpus is not None else None
     if memory is not None:
         memory.log(client, run_id)
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=checkpoint)
+
+    def check_running(metrics: dict[str, Any]) -> None:
+        # An interrupted search ends the sessions of the trials in flight, whose threads train
+        # on to the end of the epoch. Ray will not keep this epoch's checkpoint, so a resumed
+        # search trains the epoch again, and logs it then.
+        if tune.get_context().get_trial_id() != trial_id:  # `None` once the session ended
+            raise SystemExit(f"trial {trial_id} stopped by Ray after epoch {metrics['epoch']}")
 
     checkpoint = tune.get_checkpoint()
     # Not in the trial's Ray folder, which Ray copies to the storage path while trials write:
@@ -146,65 +178,98 @@ def run_trial(
         tempfile.TemporaryDirectory(prefix=f"sora-trial-{trial_id}-") as output_dir,
         checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_from,
     ):
-        record = TrialRecord(client, run_id, config, Path(output_dir))
-        held_back: list[tuple[dict[str, Any], str]] = []
+        train_and_report(
+            config,
+            report,
+            record=TrialRecord(client, run_id, config, Path(output_dir)),
+            dtypes=trial_dtypes(config, resolve_device(device)),
+            check_running=check_running,
+            memory=memory,
+            data=data,
+            sources=sources,
+            output_dir=output_dir,
+            resume_from=resume_from,
+            device=device,
+        )
 
-        def end_evaluation(metrics: dict[str, Any], checkpoint_dir: str) -> None:
-            """The end of every epoch, after its checkpoint is written, in this order:
 
-            1. Stop if Ray has let go of the trial: an interrupted search ends the sessions of
-               the trials in flight, whose threads train on to the end of the epoch. Ray will
-               not keep this epoch's checkpoint, so a resumed search trains the epoch again,
-               and logs it then.
-            2. Log it to MLflow.
-            3. Report it with its checkpoint to Ray, where a scheduler may stop the trial
-               (`SystemExit`). The last epoch is held back until the run is complete.
-            """
-            if tune.get_context().get_trial_id() != trial_id:  # `None` once the session ended
-                raise SystemExit(f"trial {trial_id} stopped by Ray after epoch {metrics['epoch']}")
+def train_and_report(
+    config: TrialConfig,
+    report: Callable[[dict[str, Any], str | None], None],
+    *,
+    record: TrialRecord | None,
+    dtypes: dict[str, str],
+    check_running: Callable[[dict[str, Any]], None] | None = None,
+    memory: GpuMemoryPlan | None = None,
+    data=None,
+    sources=None,
+    **train_kwargs: Any,
+) -> dict[str, Any]:
+    """Train a trial (`train_trial` with `train_kwargs`), record it in MLflow and report it to
+    Ray: the body of a one-process trial and of every worker of a trial of several.
+
+    Args:
+        config: The trial's settings.
+        report: Reports metrics and a checkpoint folder (`None`: none) to Ray: `tune.report`,
+            or `ray.train.report` on every worker of a Ray Train run, which must all report
+            alike (rank 0's metrics and checkpoint are the ones Ray keeps).
+        record: The trial's MLflow run; `None` on workers other than rank 0, which log nothing.
+        dtypes: The precision and base dtype the run is tagged with (`train.trial_dtypes`).
+        check_running: Called first at every evaluation; raises if Ray has let go of the trial.
+        memory: The trial's GPU memory plan: capped to it while it trains, its peak logged.
+        data, sources: The search's shared data and their sources (`None`: prepared here).
+
+    The end of every evaluation, after its checkpoint is written: `check_running`, then the
+    MLflow record, then the report, where a scheduler may stop the trial (`SystemExit`). The last
+    epoch is held back until the run is complete: a scheduler may stop a trial at its last epoch
+    (ASHA at max_t), and Ray stops it inside the report. A trial that diverged reports NaN
+    objectives, which make Optuna record it as failed while the search goes on.
+
+    Returns:
+        `train_trial`'s result.
+    """
+    from ..train import train_trial, trial_data  # torch: here
+
+    held_back: list[tuple[dict[str, Any], str | None]] = []
+
+    def end_evaluation(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        if check_running is not None:
+            check_running(metrics)
+        if record is not None:
             record.log_evaluation(metrics)
-            metrics = {k: metrics[k] for k in LIVE_TABLE_KEYS if k in metrics} | metrics
-            metrics |= {BUDGET_KEY: config.epochs}
-            metrics[COMPARABLE_KEY] = metrics["stage_end"] or not config.traces_front
-            if metrics["epoch"] == config.epochs:
-                # Held back until the run is complete: a scheduler may stop a trial at its last
-                # epoch (ASHA at max_t), and Ray stops it inside the report.
-                held_back.append((metrics, checkpoint_dir))
-                return
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+        metrics = {k: metrics[k] for k in LIVE_TABLE_KEYS if k in metrics} | metrics
+        metrics |= {BUDGET_KEY: config.epochs}
+        metrics[COMPARABLE_KEY] = metrics["stage_end"] or not config.traces_front
+        if metrics["epoch"] == config.epochs:
+            held_back.append((metrics, checkpoint_dir))
+            return
+        report(metrics, checkpoint_dir)
 
-        try:
-            with (
-                record.open(trial_dtypes(config, resolve_device(device))),
-                memory.capped() if memory is not None else contextlib.nullcontext(),
-            ):
-                data, task, sources = trial_data(config, data, sources)
+    try:
+        with (
+            record.open(dtypes) if record is not None else contextlib.nullcontext(),
+            memory.capped() if memory is not None else contextlib.nullcontext(),
+        ):
+            data, task, sources = trial_data(config, data, sources)
+            if record is not None:
                 record.log_data(task, sources)
-                result = train_trial(
-                    config,
-                    report=end_evaluation,
-                    output_dir=output_dir,
-                    data=data,
-                    resume_from=resume_from,
-                    device=device,
-                )
-        except OutOfGpuMemory:
-            # Failed alone, its run FAILED with the reason (`record.open`); Ray would retry a
-            # trial that raised, and it would run out again.
-            result = {"status": "out_of_gpu_memory"}
-            held_back.clear()
-        else:
+            result = train_trial(config, report=end_evaluation, data=data, **train_kwargs)
+    except OutOfGpuMemory:
+        # Failed alone, its run FAILED with the reason (`record.open`); Ray would retry a trial
+        # that raised, and it would run out again.
+        result = {"status": "out_of_gpu_memory"}
+        held_back.clear()
+    else:
+        if record is not None:
             if memory is not None:
-                memory.log_peak(client, run_id, step=result.get("evaluation", 0))
+                memory.log_peak(record.client, record.run_id, step=result.get("evaluation", 0))
             record.close(result)
-        for metrics, checkpoint_dir in held_back:
-            points = stage_points(result["history"])
-            tune.report(
-                metrics | ({STAGE_POINTS_KEY: points} if points else {}),
-                checkpoint=tune.Checkpoint.from_directory(checkpoint_dir),
-            )
+    for metrics, checkpoint_dir in held_back:
+        points = stage_points(result["history"])
+        report(metrics | ({STAGE_POINTS_KEY: points} if points else {}), checkpoint_dir)
     if result["status"] != "finished":
         # NaN objectives make Optuna record the trial as failed; the search goes on.
-        tune.report(
-            {"val_score": math.nan, "retained_params": math.nan, "status": result["status"]}
+        report(
+            {"val_score": math.nan, "retained_params": math.nan, "status": result["status"]}, None
         )
+    return result

@@ -110,6 +110,10 @@ def test_the_resource_request_is_the_trials_share(tiny_trial):
         ({"gpus_per_trial": "half"}, "gpus_per_trial must be a number or auto, got 'half'"),
         ({"gpus_per_trial": -1}, "gpus_per_trial must be >= 0, got -1"),
         ({"gpu_memory": "24"}, "--gpu-memory '24' is not a memory size"),
+        (
+            {"gpus_per_trial": "auto", "workers_per_trial": 2},
+            "gpus_per_trial auto sizes one-process trials; with workers_per_trial 2",
+        ),
     ],
 )
 def test_bad_gpu_settings_are_refused(tiny_trial, settings, message):
