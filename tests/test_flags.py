@@ -38,6 +38,9 @@ def test_every_search_field_has_a_flag_in_a_group():
     fields = {f.name for f in dataclasses.fields(SearchConfig)} - {"space"}
     grouped = [name for names in SEARCH_GROUPS.values() for name in names]
     assert sorted(grouped) == sorted(fields) and len(grouped) == len(set(grouped))
+    helps, flags = field_help(SearchConfig), actions("search")
+    for name in grouped:  # the help is the field's trailing comment, on the field's own line
+        assert helps.get(name) and helps[name] in flags[name].help, name
     flags = actions("search")
     assert fields <= set(flags)
     assert flags["sampler"].choices == ("tpe", "nsga2", "gp", "random")
