@@ -2,8 +2,8 @@
 
 The flags of a trial's settings (`train`, `sparsify`, `search`, `estimate`) are generated from
 `TrialConfig`, and the search's own from `SearchConfig` (`sora_tune.flags`): a setting's name,
-type, default, choices and help are written once, in its dataclass. Known failures end with one line on stderr
-and exit code 2; `--debug` shows the traceback.
+type, default, choices and help are written once, in its dataclass. Known failures end with one
+line on stderr and exit code 2; `--debug` shows the traceback.
 """
 
 from __future__ import annotations

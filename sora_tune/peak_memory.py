@@ -145,10 +145,20 @@ def stored_tensors(model, optimizers) -> list:
             tensors += [t for t in vars(state).values() if isinstance(t, torch.Tensor)]
             state = getattr(state, "state2", None)
         tensors += [t for t in (getattr(param, "SCB", None),) if t is not None]
-    for optimizer in optimizers:
-        for state in optimizer.state.values():
-            tensors += [t for t in state.values() if isinstance(t, torch.Tensor)]
-    return tensors
+    return tensors + optimizer_states(optimizers)
+
+
+def optimizer_states(optimizers) -> list:
+    """The tensors the `optimizers` keep for their parameters (AdamW's moments, …)."""
+    import torch
+
+    return [
+        tensor
+        for optimizer in optimizers
+        for state in optimizer.state.values()
+        for tensor in state.values()
+        if isinstance(tensor, torch.Tensor)
+    ]
 
 
 def stored_bytes(tensors: list) -> int:
@@ -211,9 +221,8 @@ def _measure_here(config: TrialConfig, timed_steps: int, device_type: str) -> Me
     model_bytes = stored_bytes(tensors)
     trained = stored_bytes(
         [p for p in model.parameters() if p.requires_grad]
-        + [t for o in optimization.optimizers for s in o.state.values() for t in s.values()
-           if isinstance(t, torch.Tensor)]
-    )  # fmt: skip
+        + optimizer_states(optimization.optimizers)
+    )
     full = batch(config.batch_size, config.max_length)  # made before the mark: not the step's
     if device.type == "cuda":
         before = torch.cuda.memory_allocated(device)
@@ -228,6 +237,8 @@ def _measure_here(config: TrialConfig, timed_steps: int, device_type: str) -> Me
         step_bytes = _status_bytes("VmHWM") - before
     times = []
     for number in range(2, 2 + timed_steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the step before has ended: time this one alone
         start = time.perf_counter()
         step(full, number)
         if device.type == "cuda":

@@ -57,14 +57,14 @@ def gpu_share(estimate_bytes: int, gpu_bytes: int) -> float:
     return math.ceil(estimate_bytes / gpu_bytes * SHARE_STEPS) / SHARE_STEPS
 
 
-def trial_gpus(params: dict[str, Any], gpus_per_trial: float | str, gpu_bytes: int | None) -> float:
-    """The GPU share of the trial of `params` (a trial's settings, as Ray passes them):
-    `gpus_per_trial` itself, or with `auto` the share its estimate needs of `gpu_bytes`."""
+def trial_gpus(config: TrialConfig, gpus_per_trial: float | str, gpu_bytes: int | None) -> float:
+    """The GPU share of the trial of `config`: `gpus_per_trial` itself, or with `auto` the share
+    its estimate needs of `gpu_bytes`."""
     if gpus_per_trial != AUTO:
         return float(gpus_per_trial)
     if gpu_bytes is None:
         raise ValueError("gpus_per_trial auto needs the GPU memory (--gpu-memory)")
-    return gpu_share(gpu_estimate(TrialConfig.from_dict(params)).total_bytes, gpu_bytes)
+    return gpu_share(gpu_estimate(config).total_bytes, gpu_bytes)
 
 
 def trial_resources(
@@ -74,7 +74,7 @@ def trial_resources(
     with each trial's settings)."""
     from ray import tune
 
-    gpus = trial_gpus(params, gpus_per_trial, gpu_bytes)
+    gpus = trial_gpus(TrialConfig.from_dict(params), gpus_per_trial, gpu_bytes)
     return tune.PlacementGroupFactory([{"CPU": cpus} | ({"GPU": gpus} if gpus else {})])
 
 
@@ -154,7 +154,7 @@ class GpuMemoryPlan:
 def gpu_memory_plan(config: TrialConfig, gpus: GpuRequest, device: str) -> GpuMemoryPlan | None:
     """The GPU memory plan of a trial of `config` that the search `gpus` sized and Ray put on
     `device` (`None`: a search without GPUs)."""
-    share = trial_gpus(dataclasses.asdict(config), gpus["gpus_per_trial"], gpus["gpu_bytes"])
+    share = trial_gpus(config, gpus["gpus_per_trial"], gpus["gpu_bytes"])
     if not share:
         return None
     cap = None
@@ -220,20 +220,20 @@ def _what_fits(config: TrialConfig, base_dtype: str, gpu_bytes: int) -> str:
         changes.append({"gradient_checkpointing": True})
     changes += _halvings(config, "batch_size", SMALLEST_BATCH)
     changes += _halvings(config, "max_length", SMALLEST_LENGTH)
-    fits = []
+    fits: dict[str, str] = {}  # by setting: its first (mildest) change that fits
     for change in changes:
         name, value = next(iter(change.items()))
-        if any(name == done for done, _ in fits):  # the first (mildest) change of each setting
+        if name in fits:
             continue
         total = gpu_estimate(dataclasses.replace(config, **change)).total_bytes
         if total <= gpu_bytes:
-            fits.append((name, f"{name} {value} ({format_bytes(total)})"))
+            fits[name] = f"{name} {value} ({format_bytes(total)})"
     if not fits:
         return (
             "no single change of base_dtype, gradient_checkpointing, batch_size or max_length "
             "makes it fit; combine them, or use a larger GPU"
         )
-    return "it would fit with " + ", or ".join(text for _, text in fits)
+    return "it would fit with " + ", or ".join(fits.values())
 
 
 def _halvings(config: TrialConfig, name: str, smallest: int) -> list[dict[str, int]]:
