@@ -3,7 +3,13 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
-from sora_tune.data import EpochSampler, make_dataloader, padding_ratio, tokenize_splits
+from sora_tune.data import (
+    EpochSampler,
+    make_dataloader,
+    padding_ratio,
+    shard_loader,
+    tokenize_splits,
+)
 from sora_tune.data import batching as batching_module
 
 MAX_LENGTH = 20  # truncates a few of the longest pairs
@@ -216,3 +222,65 @@ def test_padding_ratio_of_hand_made_lengths():
 
 def test_epoch_sampler_without_shuffle_keeps_order():
     assert list(EpochSampler([3, 1, 2], 2, shuffle=False)) == [0, 1, 2]
+
+
+# --- shard_loader (a trial's data-parallel workers) ------------------------------------------
+
+
+def _rows(batch: dict[str, torch.Tensor]) -> list[tuple[tuple[int, ...], int]]:
+    """A batch's rows without their padding: (token ids, label), in order."""
+    if not batch:  # a worker's empty share of a short last batch
+        return []
+    return [
+        (tuple(ids[mask.bool()].tolist()), int(label))
+        for ids, mask, label in zip(
+            batch["input_ids"], batch["attention_mask"], batch["labels"], strict=True
+        )
+    ]
+
+
+def test_worker_shards_are_the_one_process_batches_row_for_row(tmp_path, tokenizer):
+    """An own CSV with quotes, tabs, "NA" and unicode, read and tokenised as a trial reads it:
+    the workers' slices of each training batch, put together, are that batch, row for row and
+    label for label; their whole evaluation batches, interleaved, are the one-process batches;
+    and an epoch of training batches is every training row once."""
+    import csv
+
+    from sora_tune.config import TrialConfig
+    from sora_tune.train import prepare_data
+
+    texts = [
+        'She said "fine", then left.',
+        "tab\tinside a cell",
+        "NA",
+        "naïve café — 東京 🙂",
+        "None of the above",
+        "plain words here",
+        'quote " alone',
+        "null",
+    ]
+    path = tmp_path / "rows.csv"
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for i in range(40):
+            writer.writerow([f"{texts[i % len(texts)]} {i}", "yes" if i % 3 else "no"])
+    config = TrialConfig(train_file=str(path), val_size=8, max_length=32, cache_dir=str(tmp_path))
+    data = prepare_data(config, tokenizer)
+    train = make_dataloader(data["train"], tokenizer, batch_size=5, shuffle=True, seed=3)
+    val = make_dataloader(data["val"], tokenizer, batch_size=3, shuffle=False)
+    one_process = [_rows(batch) for batch in train]
+    expected = sorted(
+        (tuple(ids), label)
+        for ids, label in zip(data["train"]["input_ids"], data["train"]["labels"], strict=True)
+    )
+    assert sorted(row for batch in one_process for row in batch) == expected
+    for workers in (2, 3, 4):
+        shards = [shard_loader(train, rank, workers) for rank in range(workers)]
+        for batch, *parts in zip(one_process, *shards, strict=True):
+            assert [row for part in parts for row in _rows(part)] == batch
+        scored = [
+            list(shard_loader(val, rank, workers, whole_batches=True)) for rank in range(workers)
+        ]
+        interleaved = [scored[i % workers][i // workers] for i in range(len(val))]
+        assert [_rows(b) for b in interleaved] == [_rows(b) for b in val]
