@@ -224,7 +224,12 @@ def test_unreachable_endpoint_fails_fast(monkeypatch):
 def test_hanging_name_lookup_is_cut_off(monkeypatch):
     _clear_hub_environment(monkeypatch)
     monkeypatch.setattr(glue_module, "HUB_PROBE_TIMEOUT", 0.2)
-    monkeypatch.setattr(socket, "create_connection", lambda *args, **kwargs: time.sleep(5))
+
+    def hanging_lookup(*args, **kwargs):
+        time.sleep(5)
+        raise socket.gaierror("name lookup timed out")  # how a lookup that hangs ends
+
+    monkeypatch.setattr(socket, "create_connection", hanging_lookup)
     start = time.perf_counter()
     with pytest.raises(GlueDataUnavailableError, match="within 0.2 s"):
         load_glue("sst2")

@@ -122,11 +122,14 @@ def test_bad_gpu_settings_are_refused(tiny_trial, settings, message):
         SearchConfig(space=space, **settings)
 
 
+@pytest.mark.parametrize("gpu_memory, share", [("4GiB", 0.375), ("2GiB", 0.625)])
 def test_auto_shares_pack_trials_by_their_estimates(
-    logical_gpu, tiny_trial, write_space, tmp_path, capsys
+    logical_gpu, tiny_trial, write_space, tmp_path, capsys, gpu_memory, share
 ):
-    """Two trials whose estimates are 3/8 of a 4 GiB GPU each: Ray runs them side by side on
-    the one logical GPU, reserves each its share, and each run records its share and estimate."""
+    """Two trials, each estimated at `share` of a GPU of `gpu_memory`: each asks Ray for its
+    share, and each run records its share and estimate. Two 5/8 shares never run at once on the
+    one logical GPU. (Two 3/8 shares may, but need not: Ray may hand the first trial's actor to
+    the second when it ends before the second's is up, so only the reservations are checked.)"""
     _, space = write_space(tiny_search_parameters(tiny_trial) | {"epochs": 1})
     config, uri = search_in(
         tmp_path,
@@ -135,10 +138,12 @@ def test_auto_shares_pack_trials_by_their_estimates(
         num_samples=2,
         max_concurrent=2,
         gpus_per_trial="auto",
-        gpu_memory="4GiB",
+        gpu_memory=gpu_memory,
     )
     assert not run_search(config).results.errors
-    assert "GPU shares: each trial's estimate in eighths of 4.00 GiB" in capsys.readouterr().out
+    gpu_bytes = int(gpu_memory.removesuffix("GiB")) * GIB
+    expected = f"GPU shares: each trial's estimate in eighths of {gpu_bytes / GIB:.2f} GiB"
+    assert expected in capsys.readouterr().out
     client = mlflow.MlflowClient(uri)
     runs = client.search_runs(
         [client.get_experiment_by_name("auto").experiment_id], "tags.`sora_tune.role` = 'trial'"
@@ -148,15 +153,15 @@ def test_auto_shares_pack_trials_by_their_estimates(
         estimate = gpu_estimate(
             TrialConfig.from_dict(tiny_trial | {"r_max": int(run.data.params["r_max"])})
         )
-        share = gpu_share(estimate.total_bytes, 4 * GIB)
-        assert share == 0.375
+        assert gpu_share(estimate.total_bytes, gpu_bytes) == share
         assert float(run.data.params["gpu_share"]) == share
         assert json.loads(run.data.tags["ray_resources"])["GPU"] == share
         assert run.data.metrics["gpu_memory_estimated"] == estimate.total_bytes
         assert run.data.tags["sora_tune.device"] == "cpu"  # torch sees no CUDA here
         assert "gpu_memory_cap" not in run.data.params and "gpu_memory_peak" not in run.data.metrics
-    first, second = sorted(runs, key=lambda r: r.info.start_time)
-    assert second.info.start_time < first.info.end_time, "both shares fit the GPU at once"
+    if 2 * share > 1:
+        first, second = sorted(runs, key=lambda r: r.info.start_time)
+        assert second.info.start_time >= first.info.end_time, "two 5/8 shares ran at once"
 
 
 def test_auto_without_gpu_memory_asks_the_gpus(logical_gpu, tiny_trial, write_space, tmp_path):
