@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -314,6 +315,70 @@ def _curves(data: dict) -> list[str]:
     ]
 
 
+def _tracing(data: dict) -> list[str]:
+    comparison, staged = data["comparison"], data["config"]["staged"]
+    ways, clock = comparison["ways"], comparison["clock"]
+    stages = staged["xi_stages"] - 1
+    gains = comparison["dense_minus_constant_val_score"]
+
+    def p_value(value: float | None) -> str:
+        return "–" if value is None else f"{value:.2g}"
+
+    names = {
+        "stages": f"(a) {stages} stages of {staged['xi_every_steps']} steps, lr continuing",
+        "thresholds": "(b) post-hoc thresholds",
+    }
+    return [
+        f"The two ways a front-tracing trial can go on once it has trained as the constant trial "
+        f"(issue #28 §4), on {len(comparison['pairs'])} trials of the recorded design (the first "
+        f"configurations, both seeds). (a) trains on through {stages} stages of "
+        f"{staged['xi_every_steps']} steps, ξ per gate step rising linearly from the constant "
+        f"trial's to {staged['xi_max']}, the learning rate decaying once over the whole trial "
+        f"(`stage_lr continue`): [`docs/bench/{data['table']}`](bench/{data['table']}). "
+        "(b) zeroes the finished constant trial's gates up to each of 4 quantiles of |g|, without "
+        "training (the thresholds of "
+        "[`docs/bench/curves.jsonl`](bench/curves.jsonl)). Points with no rank left are not "
+        "counted. Cost: the constant trial plus what each way adds, on one clock fitted to the "
+        f"staged trials' intervals ({clock['per_step_s']:.2f} s a step, "
+        f"{clock['per_evaluation_s']:.2f} s an evaluation), so that the machine's load does not "
+        "enter. Hypervolume from one reference for both.",
+        "",
+        *_table(
+            [
+                "way",
+                "points",
+                "trial-hours",
+                "hypervolume of all points",
+                "per trial-hour",
+                "points per trial-hour",
+                "median hypervolume per trial",
+            ],
+            [
+                [
+                    names[way],
+                    str(e["points"]),
+                    f"{e['trial_hours']:.2f}",
+                    f"{e['pooled_hypervolume']:.5g}",
+                    f"{e['pooled_hypervolume_per_trial_hour']:.5g}",
+                    f"{e['points_per_trial_hour']:.1f}",
+                    f"{statistics.median(e['hypervolume']):.5g}",
+                ]
+                for way, e in ways.items()
+            ],
+        ),  # fmt: skip
+        "",
+        f"Paired by trial (Wilcoxon signed-rank, two-sided): hypervolume p = "
+        f"{p_value(comparison['p_hypervolume'])}, hypervolume per trial-hour p = "
+        f"{p_value(comparison['p_hypervolume_per_trial_hour'])}. At the end of its dense phase "
+        f"(the constant trial's {data['config']['space']['fixed']['epochs']} epochs), (a) scores "
+        f"{statistics.median(gains):+.3f} val_score (median over trials) against the constant trial, "
+        "whose learning rate has decayed to zero there.",
+        "",
+        f"Better per trial-hour: {names[comparison['better']]}. It is the default of the shipped "
+        "`trace` search space.",
+    ]
+
+
 def _memory(data: dict) -> list[str]:
     config, rows = data["config"], data["results"]
     mib = 2**20
@@ -493,6 +558,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
     "data_sharing": ("Data shared with the trials", _data_sharing),
     "data_file": ("Your own data file at scale", _data_file),
     "curves": ("Recorded learning curves", _curves),
+    "tracing": ("Front-tracing: stages against thresholds", _tracing),
     "memory": ("A trial's memory at each base_dtype", _memory),
     "replay": ("Replayed searches", _replay),
 }

@@ -14,12 +14,20 @@ and 183 s beside another job's tests, about 30 s of it scoring the gate threshol
     OMP_NUM_THREADS=1 nice -n 19 python scripts/record_curves.py    # record, or resume
     python scripts/record_curves.py --report    # rank correlations -> docs/bench/curves.json
     python scripts/make_benchmarks_md.py       # the section in docs/benchmarks.md
+
+`--staged` records §4's option (a) instead, in docs/bench/curves_staged.jsonl: each trial of the
+same design trained as a front-tracing trial that trains on through its stages
+(`sora_tune.curves.STAGED`), without threshold points; pair its lines with the constant trials'
+by `config` and `seed` (its `params` keep the constant trial's searched values).
+
+    OMP_NUM_THREADS=1 nice -n 19 python scripts/record_curves.py --staged --limit 16
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
@@ -35,12 +43,16 @@ import torch  # noqa: E402
 
 from sora_tune.curves import (  # noqa: E402
     PROXY,
+    STAGED,
     design_header,
     design_runs,
     rank_correlations,
     read_table,
     record_curves,
+    staged_run,
 )
+from sora_tune.experiments import PreparedData  # noqa: E402
+from sora_tune.tune.replay import compare_tracing  # noqa: E402
 from sora_tune.tune.space import load_search_space  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,10 +75,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--model", default=None, help="backbone (default the packaged MiniLM)")
     parser.add_argument(
-        "--output", default=str(REPO / "docs/bench/curves.jsonl"), help="the JSON Lines table"
+        "--staged",
+        action="store_true",
+        help="record option (a) of #28 §4: the design's trials as front-tracing trials that train "
+        "on through stages (default output docs/bench/curves_staged.jsonl)",
     )
     parser.add_argument(
-        "--work-dir", default=str(REPO / "runs/curves"), help="where each trial trains"
+        "--output",
+        default=None,
+        help="the JSON Lines table (default docs/bench/curves.jsonl, or curves_staged.jsonl)",
+    )
+    parser.add_argument(
+        "--work-dir",
+        default=None,
+        help="where each trial trains (default runs/curves, or runs/curves_staged)",
     )
     parser.add_argument(
         "--limit", type=int, default=None, help="record only the first N trials of the design"
@@ -117,11 +139,54 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def report_tracing(args: argparse.Namespace) -> dict[str, Any]:
+    """§4's comparison of the staged table with the constant trials' threshold points
+    (`replay.compare_tracing`), printed and written as JSON for make_benchmarks_md.py."""
+    first, staged = read_table(args.output)
+    _, constant = read_table(Path(args.output).with_name("curves.jsonl"))
+    if not staged:
+        raise SystemExit(f"no trial recorded in {args.output}: record first")
+    stages = STAGED["xi_stages"] - 1
+    comparison = compare_tracing(
+        constant, staged, stage_steps=STAGED["xi_every_steps"], stages=stages
+    )
+    result = {
+        "benchmark": "tracing",
+        "command": "\n".join(
+            [
+                first["started"].get("command", ""),
+                "python scripts/record_curves.py --staged --report",
+            ]
+        ),
+        "machine": first["started"].get("machine", {}),
+        "config": first["design"],
+        "table": Path(args.output).name,
+        "comparison": comparison,
+    }
+    path = Path(args.output).with_suffix(".json")
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{len(comparison['pairs'])} trials, each as (a) stages and as (b) thresholds")
+    print(
+        f"{'way':<12}{'points':>8}{'trial-h':>9}{'pooled HV':>12}{'HV/trial-h':>12}{'points/h':>10}"
+    )
+    for way, entry in comparison["ways"].items():
+        print(
+            f"{way:<12}{entry['points']:>8}{entry['trial_hours']:>9.2f}"
+            f"{entry['pooled_hypervolume']:>12.4g}{entry['pooled_hypervolume_per_trial_hour']:>12.4g}"
+            f"{entry['points_per_trial_hour']:>10.1f}"
+        )
+    print(f"better: {comparison['better']}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    suffix = "_staged" if args.staged else ""
+    args.output = args.output or str(REPO / "docs/bench" / f"curves{suffix}.jsonl")
+    args.work_dir = args.work_dir or str(REPO / "runs" / f"curves{suffix}")
     if args.report:
-        return report(args)
+        return report_tracing(args) if args.staged else report(args)
     torch.set_num_threads(args.threads)
     overrides = PROXY | json.loads(args.proxy) | {"data_dir": args.data_dir}
     if args.model:
@@ -130,6 +195,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seeds = [int(s) for s in args.seeds.split(",")]
     header = design_header(space, args.configurations, seeds, design_seed=args.design_seed)
     runs = design_runs(space, args.configurations, seeds, design_seed=args.design_seed)
+    if args.staged:
+        config = runs[0].config
+        rows = len(PreparedData().of(config)["train"])
+        steps_per_epoch = math.ceil(rows / config.batch_size)  # the loaders keep the last batch
+        runs = [staged_run(run, steps_per_epoch) for run in runs]
+        header |= {"staged": STAGED, "dense": "the constant trial's epochs at its xi per step"}
 
     def progress(position: int, total: int, line: dict[str, Any], before: bool) -> None:
         last = line["evaluations"][-1] if line["evaluations"] else {}
@@ -151,6 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.work_dir,
         started=started,
         limit=args.limit,
+        thresholds=not args.staged,
         on_trial=progress,
     )
     return {"lines": lines}

@@ -193,9 +193,15 @@ class TrialConfig:
             pressure at any data size and budget. With `xi_total`, `xi_max` and `xi_delta` are in
             the same units. Not with `xi`.
         xi_schedule, xi_max, xi_stages, xi_delta, xi_every, dense_epochs: The ξ schedule, see
-            `XiSchedule`. With a rising schedule the learning-rate schedule restarts every stage.
+            `XiSchedule`. With a rising schedule the learning-rate schedule restarts every stage,
+            unless `stage_lr` is `continue`.
         xi_every_steps, dense_steps: The stages in optimizer steps instead of epochs (`xi_every`
             and `dense_epochs` then do not apply); the last stage runs to the end of `epochs`.
+        threshold_quantiles: Front-tracing by post-hoc thresholds: after the last evaluation,
+            for the k-th quantile q, the gate entries with |g| at most the q-quantile of the
+            trained gates' non-zero |g| are zeroed, without training, and the adapter left is
+            scored and exported as stage k's point (stage 0: the trained adapter). Increasing,
+            in (0, 1); a constant ξ schedule only.
         eval_steps: Score, checkpoint and report every `eval_steps` optimizer steps instead of
             every epoch. Every stage end of a rising schedule, and the end of training, are
             scored too. A report's `epoch` is then fractional (steps done / steps per epoch).
@@ -263,10 +269,14 @@ class TrialConfig:
     # can be counted in optimizer steps instead.
     xi_every_steps: int | None = None  # optimizer steps per ξ stage, instead of xi_every epochs
     dense_steps: int | None = None  # steps at ξ0 before the first raise; none: xi_every_steps
+    # Front-tracing without more training (issue #28 §4): measured to beat training on through
+    # stages (docs/benchmarks.md), so the shipped `trace` space uses it.
+    threshold_quantiles: list[float] | None = None  # after training, a front point per |g| quantile
     eval_steps: int | None = None  # score, checkpoint and report every N steps; none: every epoch
     lr: float = 8e-4  # AdamW learning rate of adapter and head; the paper: 8e-4
     weight_decay: float = 0.1  # AdamW decay of adapter and head weights
     warmup_ratio: float = 0.06  # share of a stage's steps with linear warm-up, [0, 1)
+    stage_lr: Literal["restart", "continue"] = "restart"  # per ξ stage, or one warm-up and decay
     # The authors' scripts pass --max_grad_norm 0.1. Measured on STS-B (700 rows, 2 epochs,
     # seeds 0-2): every step's norm was 3-36, so 0.1 and 1.0 both clip every step, and AdamW,
     # blind to a gradient's scale, gave the same scores (81.4/81.9/77.4 against 81.4/82.0/77.4):
@@ -410,6 +420,8 @@ class TrialConfig:
 
     def _check_schedule(self) -> None:
         schedule = self.xi_plan()  # validates the schedule's own settings
+        if self.threshold_quantiles is not None:
+            self._check_threshold_quantiles()
         if schedule.kind == "constant":
             return
         if self.gate_mode == "paper" and self.effective_eta == 0:
@@ -422,6 +434,27 @@ class TrialConfig:
                 f"the xi schedule needs {schedule.length} epochs ({schedule.dense_phase} "
                 f"dense, then {len(schedule.values()) - 1} stages of {schedule.every}), but "
                 f"epochs is {self.epochs}: raise epochs or shorten the schedule"
+            )
+
+    def _check_threshold_quantiles(self) -> None:
+        quantiles = self.threshold_quantiles
+        if (
+            not isinstance(quantiles, list)
+            or not quantiles
+            or not all(isinstance(q, float | int) and 0 < q < 1 for q in quantiles)
+            or sorted(set(quantiles)) != quantiles
+        ):
+            raise ValueError(
+                f"threshold_quantiles must be increasing numbers in (0, 1), got {quantiles!r}"
+            )
+        if self.method != "sora":
+            raise ValueError(
+                f"threshold_quantiles thresholds SoRA's gates; method is {self.method}"
+            )
+        if self.xi_schedule != "constant":
+            raise ValueError(
+                "threshold_quantiles traces the front after a constant xi schedule; give a rising "
+                f"xi_schedule ({self.xi_schedule}) or threshold_quantiles, not both"
             )
 
     @property
@@ -464,9 +497,12 @@ class TrialConfig:
 
     @property
     def traces_front(self) -> bool:
-        """A SoRA trial with a rising ξ schedule: one point of the score-vs-parameters front at
-        the end of every stage, not one per trial (the paper's Algorithm 1, in a search)."""
-        return self.method == "sora" and self.xi_schedule != "constant"
+        """A SoRA trial that leaves several points of the score-vs-parameters front, not one:
+        at the end of every stage of a rising ξ schedule (the paper's Algorithm 1, in a search),
+        or at each of its `threshold_quantiles` after training."""
+        return self.method == "sora" and (
+            self.xi_schedule != "constant" or self.threshold_quantiles is not None
+        )
 
     def stage_steps(self, steps_per_epoch: int) -> dict[int, range]:
         """`{stage: its optimizer steps (0-based)}` of this trial's ξ schedule, for

@@ -15,6 +15,7 @@ times come from one uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from .config import PATH_FIELDS, TrialConfig
 from .experiments import GridRun, PreparedData
 from .front import OBJECTIVES
 from .models import build_model, load_tokenizer
-from .sora import gates_thresholded, load_adapter, retained_params, sora_layers
+from .sora import gate_quantiles, gates_thresholded, load_adapter, retained_params
 from .train import (
     data_task,
     evaluate,
@@ -136,6 +137,41 @@ def design_runs(
     ]
 
 
+# §4's option (a), a front-tracing trial that trains on through its stages: the constant trial's
+# 150 steps at its own ξ per gate step (its xi_total over those steps), then 3 stages of 25 steps
+# with ξ rising linearly to STAGED_XI_MAX, the learning rate decaying once over all 225 steps
+# (`stage_lr continue`). A stage of 25 steps at ξ takes up to 25·ξ off a gate: 0.45 at
+# STAGED_XI_MAX, and about 0.15-0.3, 0.3-0.4, 0.45 in stages 1-3 over the design's xi_total, so
+# that the stages prune as deep as the post-hoc thresholds' taus reach on the recorded trials
+# (their 0.2-0.8 quantiles of |g| measured 0.1-1.3).
+STAGED_XI_MAX = 0.018
+STAGED = {
+    "xi_schedule": "linear",
+    "xi_stages": 4,
+    "xi_every_steps": 25,
+    "stage_lr": "continue",
+    "xi_max": STAGED_XI_MAX,
+}
+
+
+def staged_run(run: GridRun, steps_per_epoch: int) -> GridRun:
+    """`run`'s constant trial as option (a): its whole budget as the dense phase, then the
+    stages of `STAGED` (one more epoch of `steps_per_epoch` steps)."""
+    constant = run.config
+    dense_steps = constant.epochs * steps_per_epoch
+    xi = constant.xi_total / dense_steps  # the constant trial's ξ per gate step
+    config = dataclasses.replace(
+        constant,
+        **STAGED,
+        xi=xi,
+        xi_total=None,
+        dense_steps=dense_steps,
+        epochs=constant.epochs + 1,
+    )
+    config.check_steps(steps_per_epoch)
+    return GridRun(config, run.labels)
+
+
 def design_header(
     space: SearchSpace, configurations: int, seeds: Sequence[int], *, design_seed: int
 ) -> dict[str, Any]:
@@ -198,13 +234,9 @@ class GateThresholds:
 
     def score(self) -> list[dict[str, Any]]:
         """The threshold points of the model as it is loaded now."""
-        gates = torch.cat([m.sora_gate.detach().abs() for m in sora_layers(self.model).values()])
-        kept = gates[gates > 0].float()
-        if not len(kept):  # every rank is pruned already: no threshold can take more
-            return []
         points = []
-        for q in self.quantiles:
-            tau = torch.quantile(kept, q).item()
+        taus = gate_quantiles(self.model, self.quantiles)  # none when every rank is pruned
+        for q, tau in zip(self.quantiles, taus, strict=False):
             with gates_thresholded(self.model, tau):
                 scores = {
                     f"{split}_score": evaluate(
@@ -232,17 +264,25 @@ EVALUATION_KEYS = {
 
 
 def record_trial(
-    run: GridRun, data: DatasetDict, folder: Path, *, searched: Sequence[str]
+    run: GridRun,
+    data: DatasetDict,
+    folder: Path,
+    *,
+    searched: Sequence[str],
+    thresholds: bool = True,
 ) -> dict[str, Any]:
     """Train one trial of the design from its start in `folder` (removed after: the line keeps
-    what is needed) and return its line of the table."""
+    what is needed) and return its line of the table, with the post-hoc threshold points of a
+    SoRA trial unless `thresholds` is false."""
     shutil.rmtree(folder, ignore_errors=True)  # what an interrupted try left
     began = time.perf_counter()
-    thresholds = GateThresholds(run.config, data) if run.config.method == "sora" else None
-    result = train_trial(run.config, output_dir=folder, data=data, report=thresholds)
+    scorer = (
+        GateThresholds(run.config, data) if thresholds and run.config.method == "sora" else None
+    )
+    result = train_trial(run.config, output_dir=folder, data=data, report=scorer)
     wall_s = time.perf_counter() - began
     shutil.rmtree(folder, ignore_errors=True)
-    points = thresholds.points if thresholds is not None else {}
+    points = scorer.points if scorer is not None else {}
     evaluations = [
         {key: metrics.get(name) for key, name in EVALUATION_KEYS.items()}
         | ({"thresholds": points[metrics["step"]]} if metrics["step"] in points else {})
@@ -255,7 +295,7 @@ def record_trial(
             "params": {name: getattr(run.config, name) for name in searched},
             "status": result["status"],
             "wall_s": wall_s,  # the whole trial: set-up, evaluations, thresholds, export
-            "threshold_s": thresholds.seconds if thresholds is not None else 0.0,
+            "threshold_s": scorer.seconds if scorer is not None else 0.0,
             "evaluations": evaluations,
         }
     )
@@ -305,6 +345,7 @@ def record_curves(
     *,
     started: dict[str, Any] | None = None,
     limit: int | None = None,
+    thresholds: bool = True,
     on_trial: Callable[[int, int, dict[str, Any], bool], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Record the first `limit` trials of `runs` (all: `None`) in `table`, skipping those it
@@ -318,6 +359,7 @@ def record_curves(
         started: How the recording was started (command, machine), kept beside the design in a
             new table, not compared on a restart.
         limit: Record only the first `limit` trials of the design (recorded ones included).
+        thresholds: Score the post-hoc gate thresholds of SoRA trials (`GateThresholds`).
         on_trial: Called after each trial with its position, the number of trials to record,
             its line and whether it was recorded before.
 
@@ -346,7 +388,9 @@ def record_curves(
         before = line is not None
         if line is None:
             folder = Path(work_dir) / run.folder_name
-            line = record_trial(run, prepared.of(run.config), folder, searched=searched)
+            line = record_trial(
+                run, prepared.of(run.config), folder, searched=searched, thresholds=thresholds
+            )
             append_line(table, line)
         rows.append(line)
         if on_trial is not None:

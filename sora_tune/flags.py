@@ -63,8 +63,19 @@ def _kind(annotation: Any) -> tuple[Any, tuple | None]:
     if typing.get_origin(annotation) is Literal:
         return type(typing.get_args(annotation)[0]), typing.get_args(annotation)
     if typing.get_origin(annotation) is list:
-        return _parse_list, None
+        item = typing.get_args(annotation)[0]
+        return (_parse_list if item is str else _list_of(item)), None
     return annotation, None
+
+
+def _list_of(item: type):
+    """An argparse type taking a comma-separated list of `item`s, such as `0.2,0.4`."""
+
+    def parse(value: str) -> list:
+        return [item(part) for part in _parse_list(value)]
+
+    parse.__name__ = f"comma-separated {item.__name__}s"  # argparse's error names it
+    return parse
 
 
 def _number_or(number: type, words: tuple[str, ...]):

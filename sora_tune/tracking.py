@@ -55,6 +55,7 @@ STAGE_KEYS = (
     "train_time_s",
     "xi",
     "xi_total",
+    "threshold",  # the |g| a threshold point zeroed up to (`threshold_quantiles`)
 )
 
 
@@ -209,8 +210,6 @@ class TrialRecord:
         every epoch), and the stage's point if it ends one. Every step holds one value: an
         evaluation that is trained again from an earlier checkpoint is not logged again
         (resuming is exact, so its scores are the ones logged)."""
-        from .train import stage_adapter_dir  # torch, only where a trial runs
-
         now = int(time.time() * 1000)
         step = metrics["evaluation"]
         if step in self.logged_steps:
@@ -218,18 +217,32 @@ class TrialRecord:
         self.logged_steps.add(step)
         logged = [Metric(k, v, now, step) for k, v in numeric(metrics).items()]
         if metrics["stage_end"]:  # a point of the front the trial traces
-            stage = metrics["stage"]
-            logged += [
-                Metric(f"{STAGE_PREFIX}{k}", float(metrics[k]), now, stage)
-                for k in STAGE_KEYS
-                if k in metrics  # no test_score without a test set
-            ]
-            adapter = stage_adapter_dir(self.output_dir, stage)
-            if adapter.exists():
-                self.client.log_artifacts(
-                    self.run_id, str(adapter), artifact_path=stage_artifact(stage)
-                )
+            logged += self._stage_point(metrics, now)
         self.client.log_batch(self.run_id, metrics=logged)
+
+    def log_stage_points(self, points: list[dict[str, Any]]) -> None:
+        """The points a trial leaves after its last evaluation (`threshold_quantiles`), as its
+        stage ends are logged: `stage_<key>` at step = the stage, and the stage's adapter."""
+        now = int(time.time() * 1000)
+        logged = [metric for point in points for metric in self._stage_point(point, now)]
+        if logged:
+            self.client.log_batch(self.run_id, metrics=logged)
+
+    def _stage_point(self, metrics: dict[str, Any], now: int) -> list[Metric]:
+        """Log the stage's pruned adapter, if it has one, and return its `stage_<key>` metrics."""
+        from .train import stage_adapter_dir  # torch, only where a trial runs
+
+        stage = metrics["stage"]
+        adapter = stage_adapter_dir(self.output_dir, stage)
+        if adapter.exists():
+            self.client.log_artifacts(
+                self.run_id, str(adapter), artifact_path=stage_artifact(stage)
+            )
+        return [
+            Metric(f"{STAGE_PREFIX}{k}", float(metrics[k]), now, stage)
+            for k in STAGE_KEYS
+            if k in metrics  # no test_score without a test set
+        ]
 
     def close(self, result: dict[str, Any]) -> dict[str, Any]:
         """End the run with the trial's result: FAILED for a trial that diverged, else the

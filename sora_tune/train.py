@@ -57,6 +57,8 @@ from .sora import (
     adalora_state,
     after_optimizer_step,
     export_peft,
+    gate_quantiles,
+    gates_thresholded,
     head_params,
     load_adalora_state,
     load_adapter,
@@ -361,9 +363,12 @@ def configure_optimization(
 
 
 def lr_lambda(config: TrialConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    """Linear warm-up then linear decay to 0, restarted at every ξ stage: later stages must not
-    train on a schedule that has already decayed to zero (the authors' sparsifying bug)."""
-    starts = [span.start for span in config.stage_steps(steps_per_epoch).values()]
+    """Linear warm-up then linear decay to 0, restarted at every ξ stage (`stage_lr restart`):
+    later stages must not train on a schedule that has already decayed to zero (the authors'
+    sparsifying bug); or once over the whole trial (`continue`), so that its stages go on
+    training the dense phase's model at the decaying rate instead of warming up again."""
+    stages = config.stage_steps(steps_per_epoch).values()
+    starts = [span.start for span in stages] if config.stage_lr == "restart" else [0]
     bounds = [*starts, config.epochs * steps_per_epoch]
 
     def factor(step: int) -> float:
@@ -770,7 +775,48 @@ def train_trial(
         "pad_from_eos": getattr(tokenizer, PAD_FROM_EOS),
         "pair_separator": trial_pair_separator(config, trial.task, tokenizer),
     }
+    if status == "finished" and config.threshold_quantiles and history:
+        result["threshold_points"] = threshold_points(
+            trial,
+            config,
+            history[-1],
+            output_dir,
+            device=device,
+            precision=precision,
+            workers=workers,
+        )
     return _finish(model, config, output_dir, history, status, result, write=workers.main)
+
+
+def threshold_points(
+    trial: TrialParts,
+    config: TrialConfig,
+    last: dict[str, Any],
+    output_dir: Path,
+    *,
+    device: torch.device,
+    precision: str,
+    workers: Workers = ONE_PROCESS,
+) -> list[dict[str, Any]]:
+    """The front points of `threshold_quantiles` after the last evaluation `last`: stage k's is
+    the trained adapter with its gate entries up to the k-th quantile of |g| zeroed, scored as
+    an evaluation is and, when it keeps a rank, exported as that stage's pruned adapter. No
+    training: each costs one scoring."""
+    model = trial.model
+    points = []
+    taus = gate_quantiles(model, config.threshold_quantiles)  # none when every rank is pruned
+    for stage, tau in enumerate(taus, start=1):
+        with gates_thresholded(model, tau):
+            scores = score_epoch(
+                model, trial.eval_loaders, trial.task, device, precision, workers=workers
+            )
+            point = last | scores | {"stage": stage, "stage_end": True, "threshold": tau}
+            point |= {"nonzero_rank": sum(rank_pattern(model).values())}
+            point |= {"retained_params": retained_params(model)}
+            if workers.main and point["nonzero_rank"] > 0:
+                export_peft(model, stage_adapter_dir(output_dir, stage))
+        points.append(point)
+    return points
 
 
 def stage_at_step(config: TrialConfig, step: int, steps_per_epoch: int) -> int:

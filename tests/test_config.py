@@ -86,6 +86,15 @@ def test_xi_total_means_the_same_pressure_at_any_size():
             {"xi_schedule": "geometric", "xi_max": 1e-2, "xi_stages": 5, "epochs": 3},
             "the xi schedule needs 5 epochs \\(1 dense, then 4 stages of 1\\), but epochs is 3",
         ),
+        ({"threshold_quantiles": [0.5, 0.2]}, "threshold_quantiles must be increasing numbers"),
+        ({"threshold_quantiles": [0.5, 1.0]}, "threshold_quantiles must be increasing numbers"),
+        ({"threshold_quantiles": []}, "threshold_quantiles must be increasing numbers"),
+        ({"threshold_quantiles": [0.5], "method": "lora"}, "thresholds SoRA's gates"),
+        (
+            {"threshold_quantiles": [0.5], "xi_schedule": "linear", "xi_max": 1e-3, "xi_stages": 2,
+             "epochs": 2},
+            "give a rising xi_schedule \\(linear\\) or threshold_quantiles, not both",
+        ),
     ],
 )  # fmt: skip
 def test_refused_instead_of_silently_changed(values, message):

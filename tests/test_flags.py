@@ -62,6 +62,8 @@ def test_given_flags_only_reach_the_config(tmp_path):
     assert trial_values(args) == {"lr": 1e-3, "group_by_length": True}
     target = parser.parse_args(["train", "--output-dir", "x", "--target-modules", "query,value"])
     assert trial_values(target) == {"target_modules": ["query", "value"]}
+    quantiles = parser.parse_args(["train", "--output-dir", "x", "--threshold-quantiles", "0.2,.5"])
+    assert trial_values(quantiles) == {"threshold_quantiles": [0.2, 0.5]}
 
 
 def test_version_on_every_command(capsys):

@@ -191,6 +191,25 @@ def test_lr_schedule_restarts_at_every_xi_stage():
     assert factor(39) == pytest.approx(1 / 9)
 
 
+def test_lr_schedule_continues_through_the_stages_with_stage_lr_continue():
+    config = TrialConfig(
+        epochs=4,
+        xi_schedule="linear",
+        xi=1e-5,
+        xi_max=1e-4,
+        xi_stages=3,
+        dense_epochs=2,
+        warmup_ratio=0.1,
+        stage_lr="continue",
+    )
+    factor = lr_lambda(config, steps_per_epoch=10)
+    # one warm-up over 4 of the 40 steps, then one decay to 0 at the trial's end
+    assert [factor(step) for step in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert factor(20) == pytest.approx(20 / 36)  # stage 1 starts where stage 0 left off
+    assert factor(30) == pytest.approx(10 / 36)
+    assert factor(39) == pytest.approx(1 / 36)
+
+
 # 40 training rows in batches of 8 over 6 epochs: 30 steps. AdaLoRA's budget is final from step
 # 24 (tfinal = 20% of the steps): a stop after epoch 5 resumes with the pattern fixed, one after
 # epoch 2 while it still allocates.

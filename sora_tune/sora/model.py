@@ -8,7 +8,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -175,6 +175,17 @@ def gates_thresholded(model: nn.Module, tau: float) -> Iterator[None]:
         with torch.no_grad():
             for layer, gate in zip(layers, saved, strict=True):
                 layer.sora_gate.copy_(gate)
+
+
+def gate_quantiles(model: nn.Module, quantiles: Sequence[float]) -> list[float]:
+    """The `quantiles` of the non-zero |g| over every SoRA gate of `model`: the thresholds that
+    zero about those shares of the ranks it keeps (`gates_thresholded`). Empty when every rank
+    is pruned already, so no threshold can take more."""
+    gates = torch.cat([layer.sora_gate.detach().abs() for layer in sora_layers(model).values()])
+    kept = gates[gates > 0].float()
+    if not len(kept):
+        return []
+    return [torch.quantile(kept, q).item() for q in quantiles]
 
 
 def set_merged(model: nn.Module, merged: bool) -> None:

@@ -604,3 +604,104 @@ def goals(setting: dict[str, Any]) -> dict[str, Any]:
                 "met": ratio >= 5 and hv_trace >= hv_plain,
             }
     return result
+
+
+def compare_tracing(
+    constant: Sequence[dict[str, Any]],
+    staged: Sequence[dict[str, Any]],
+    *,
+    stage_steps: int,
+    stages: int,
+) -> dict[str, Any]:
+    """§4's two ways for a front-tracing trial to go on after the constant trial it trains as,
+    paired by configuration and seed on the recorded tables:
+
+    - (a) `staged`: stages trained on with the learning rate continuing
+      (`curves.STAGED`: `stages` more points, every `stage_steps` steps after the dense phase);
+    - (b) `constant`: post-hoc gate thresholds of the finished constant trial.
+
+    Points with no rank left are not candidates (they have no adapter). The cost of both is the
+    constant trial's plus what each adds, on one clock fitted to the staged trials' intervals
+    (seconds = a · steps + b, every interval a least-squares point, which removes the machine's
+    load from the comparison): (a) adds `stages × stage_steps` steps and `stages` evaluations,
+    (b) one evaluation a threshold point. Hypervolumes share one reference (`default_reference`
+    of every point of both).
+    """
+    by_trial = {(ln["config"], ln["seed"]): ln for ln in constant if ln["status"] == "finished"}
+    pairs = [
+        (by_trial[(ln["config"], ln["seed"])], ln)
+        for ln in staged
+        if ln["status"] == "finished" and (ln["config"], ln["seed"]) in by_trial
+    ]
+    if not pairs:
+        raise ValueError("no trial of the staged table has its constant trial recorded")
+    intervals = [
+        (e["step"] - before, e["interval_s"])
+        for _, line in pairs
+        for before, e in zip(
+            [0, *(e["step"] for e in line["evaluations"][:-1])], line["evaluations"], strict=True
+        )
+    ]
+    steps, seconds = np.array(intervals, dtype=float).T
+    per_step, per_evaluation = np.linalg.lstsq(
+        np.column_stack([steps, np.ones_like(steps)]), seconds, rcond=None
+    )[0]
+
+    def kept(points: list[dict[str, Any]]) -> np.ndarray:
+        rows = [[p[key] for key in OBJECTIVES] for p in points if p["retained_params"] > 0]
+        return np.array(rows, dtype=float).reshape(-1, len(OBJECTIVES))
+
+    rows = []
+    for line, staged_line in pairs:
+        last = line["evaluations"][-1]
+        dense = last["step"]
+        ends = {dense + k * stage_steps for k in range(stages + 1)}
+        trained = dense * per_step + len(line["evaluations"]) * per_evaluation
+        thresholds = last.get("thresholds", [])
+        rows.append(
+            {
+                "config": line["config"],
+                "seed": line["seed"],
+                "thresholds": kept([last, *thresholds]),
+                "stages": kept([e for e in staged_line["evaluations"] if e["step"] in ends]),
+                "thresholds_s": trained + len(thresholds) * per_evaluation,
+                "stages_s": trained + stages * (stage_steps * per_step + per_evaluation),
+                "constant_val_score": last["val_score"],
+                "dense_val_score": next(
+                    e["val_score"] for e in staged_line["evaluations"] if e["step"] == dense
+                ),
+            }
+        )
+    reference = default_reference(
+        np.vstack([r[way] for r in rows for way in ("thresholds", "stages")]), DIRECTIONS
+    )
+    ways: dict[str, Any] = {}
+    for way in ("thresholds", "stages"):
+        hv = [hypervolume(r[way], DIRECTIONS, reference) for r in rows]
+        cost_h = [r[f"{way}_s"] / 3600 for r in rows]
+        pooled = hypervolume(np.vstack([r[way] for r in rows]), DIRECTIONS, reference)
+        ways[way] = {
+            "points": int(sum(len(r[way]) for r in rows)),
+            "trial_hours": float(sum(cost_h)),
+            "pooled_hypervolume": pooled,
+            "pooled_hypervolume_per_trial_hour": pooled / sum(cost_h),
+            "hypervolume": hv,
+            "hypervolume_per_trial_hour": [h / c for h, c in zip(hv, cost_h, strict=True)],
+            "points_per_trial_hour": sum(len(r[way]) for r in rows) / sum(cost_h),
+        }
+    better = max(ways, key=lambda way: ways[way]["pooled_hypervolume_per_trial_hour"])
+    return {
+        "pairs": [{"config": r["config"], "seed": r["seed"]} for r in rows],
+        "clock": {"per_step_s": float(per_step), "per_evaluation_s": float(per_evaluation)},
+        "reference": list(reference),
+        "ways": ways,
+        "p_hypervolume": wilcoxon(ways["thresholds"]["hypervolume"], ways["stages"]["hypervolume"]),
+        "p_hypervolume_per_trial_hour": wilcoxon(
+            ways["thresholds"]["hypervolume_per_trial_hour"],
+            ways["stages"]["hypervolume_per_trial_hour"],
+        ),
+        "dense_minus_constant_val_score": [
+            r["dense_val_score"] - r["constant_val_score"] for r in rows
+        ],
+        "better": better,
+    }

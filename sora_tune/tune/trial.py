@@ -39,12 +39,13 @@ RESOURCES_TAG = "ray_resources"
 LIVE_TABLE_KEYS = ("epoch", "val_score", "retained_params", "test_score")
 
 
-def stage_points(history: list[dict[str, Any]]) -> list[dict]:
-    """The objectives at the end of every stage of a front-tracing trial, from its history."""
+def stage_points(result: dict[str, Any]) -> list[dict]:
+    """The objectives of every point of a front-tracing trial, from its result: the end of
+    every stage in its history, then its threshold points."""
     return [
         {"stage": h["stage"], "nonzero_rank": h["nonzero_rank"]}
         | {key: h[key] for key in OBJECTIVES}
-        for h in history
+        for h in [*result["history"], *result.get("threshold_points", [])]
         if h["stage_end"]
     ]
 
@@ -239,7 +240,8 @@ def train_and_report(
             record.log_evaluation(metrics)
         metrics = {k: metrics[k] for k in LIVE_TABLE_KEYS if k in metrics} | metrics
         metrics |= {BUDGET_KEY: config.epochs}
-        metrics[COMPARABLE_KEY] = metrics["stage_end"] or not config.traces_front
+        # A trial with threshold points is the constant trial it trains as until its end.
+        metrics[COMPARABLE_KEY] = metrics["stage_end"] or config.xi_schedule == "constant"
         if metrics["epoch"] == config.epochs:
             held_back.append((metrics, checkpoint_dir))
             return
@@ -263,9 +265,10 @@ def train_and_report(
         if record is not None:
             if memory is not None:
                 memory.log_peak(record.client, record.run_id, step=result.get("evaluation", 0))
+            record.log_stage_points(result.get("threshold_points", []))
             record.close(result)
     for metrics, checkpoint_dir in held_back:
-        points = stage_points(result["history"])
+        points = stage_points(result)
         report(metrics | ({STAGE_POINTS_KEY: points} if points else {}), checkpoint_dir)
     if result["status"] != "finished":
         # NaN objectives make Optuna record the trial as failed; the search goes on.

@@ -1,6 +1,7 @@
 """Front-tracing trials: a trial with a rising ξ schedule leaves a point of the front (and its
-pruned adapter) at the end of every stage; `pareto` lists them, Optuna is told one of them, and
-`register` + `predict` serve a stage point's own adapter."""
+pruned adapter) at the end of every stage, and one with `threshold_quantiles` after training at
+each threshold; `pareto` lists them, Optuna is told one of them, and `register` + `predict`
+serve a stage point's own adapter."""
 
 import json
 
@@ -31,6 +32,9 @@ TRACE = {
     "epochs": 4,
 }
 
+
+# Front-tracing by post-hoc thresholds: the constant trial, then 3 thresholded points.
+THRESHOLDS = {"threshold_quantiles": [0.25, 0.5, 0.75], "epochs": 2}
 
 DIRECTIONS = {"val_score": "maximize", "retained_params": "minimize"}
 
@@ -128,10 +132,13 @@ def test_the_search_measures_a_trace_trial_against_pareto_s_candidates(tmp_path)
     assert len(searcher.candidates) == 6
 
 
+@pytest.mark.parametrize("tracing", [TRACE, THRESHOLDS], ids=["stages", "thresholds"])
 def test_a_front_tracing_search_lists_serves_and_registers_stage_points(
-    local_ray, tiny_trial, write_space, tmp_path
+    local_ray, tiny_trial, write_space, tmp_path, tracing
 ):
-    _, space = write_space(tiny_trial | TRACE | {"lr": {"type": "choice", "values": [2e-2]}})
+    """Either way of tracing the front (stages trained on, or thresholds after training) leaves
+    its points, each with its adapter, where `pareto`, `register` and `predict` find them."""
+    _, space = write_space(tiny_trial | tracing | {"lr": {"type": "choice", "values": [2e-2]}})
     config, uri = search_in(tmp_path, space, "trace", num_samples=1)
     results = run_search(config).results
     assert not results.errors

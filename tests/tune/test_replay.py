@@ -21,6 +21,7 @@ from sora_tune.tune.replay import (
     Clock,
     RecordedTable,
     bootstrap_band,
+    compare_tracing,
     goals,
     replay,
     stopped,
@@ -350,3 +351,44 @@ def test_the_replay_decides_as_a_real_ray_search_sleeping_through_the_recorded_t
     assert sum(c[-1] == TrialScheduler.STOP for c in real.calls if c[0] == "result") == sum(
         stopped(t) for t in search.trials
     )
+
+
+def staged(config, seed, scores, params, *, per_step=0.5, per_evaluation=2.0):
+    """A recorded staged trial of `recorded`'s constant one: its 4 evaluations (steps 10-40),
+    then 2 stages of 5 steps ending at steps 45 and 50, each interval timed as
+    `per_step` · steps + `per_evaluation`; `scores` and `params` at steps 40, 45, 50."""
+    steps = [10, 20, 30, 40, 45, 50]
+    evaluations = [
+        {
+            "step": step,
+            "interval_s": per_step * (step - before) + per_evaluation,
+            "val_score": 0.1,
+            "retained_params": 5000,
+        }
+        for before, step in zip([0, *steps[:-1]], steps, strict=True)
+    ]
+    for evaluation, score, kept in zip(evaluations[3:], scores, params, strict=True):
+        evaluation |= {"val_score": score, "retained_params": kept}
+    return {"config": config, "seed": seed, "status": "finished", "evaluations": evaluations}
+
+
+def test_the_two_ways_of_tracing_are_compared_trial_by_trial_on_one_clock():
+    constant = [recorded(0, 0, 2e-4, 4, 0.5), recorded(0, 1, 2e-4, 4, 0.6)]
+    # Trial 0 0's stages keep its score at a third of its size and end with no rank left.
+    staged_lines = [
+        staged(0, 0, [0.5, 0.5, 0.45], [3700, 1200, 0]),
+        staged(0, 1, [0.55, 0.5, 0.4], [3700, 2000, 1000]),
+    ]
+    comparison = compare_tracing(constant, staged_lines, stage_steps=5, stages=2)
+    assert comparison["clock"] == pytest.approx({"per_step_s": 0.5, "per_evaluation_s": 2.0})
+    thresholds, stages = comparison["ways"]["thresholds"], comparison["ways"]["stages"]
+    assert thresholds["points"] == 6 and stages["points"] == 5  # the rank-0 point is no candidate
+    # The constant trial: 40 steps and 4 evaluations, 28 s; (b) adds 2 evaluations, (a) 2 stages.
+    assert thresholds["trial_hours"] == pytest.approx(2 * (28 + 4) / 3600)
+    assert stages["trial_hours"] == pytest.approx(2 * (28 + 2 * (2.5 + 2)) / 3600)
+    assert comparison["reference"] == [0.0, pytest.approx(1.1 * 3700)]
+    assert comparison["dense_minus_constant_val_score"] == pytest.approx([0.0, -0.05])
+    per_hour = {
+        way: e["pooled_hypervolume_per_trial_hour"] for way, e in comparison["ways"].items()
+    }
+    assert comparison["better"] == max(per_hour, key=per_hour.get)
