@@ -49,11 +49,24 @@ def _to_loss(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
     return values * signs
 
 
-def _is_dominated(point: np.ndarray, others: np.ndarray) -> bool:
-    """Whether some row of `others` is no worse than `point` everywhere and better somewhere."""
-    no_worse = np.all(others <= point, axis=1)
-    better = np.any(others < point, axis=1)
-    return bool(np.any(no_worse & better))
+# Rows compared with all others at once: O(block · n · k) memory for the comparison.
+DOMINANCE_BLOCK = 1024
+
+
+def _dominators(loss: np.ndarray) -> np.ndarray:
+    """`(n, n)` booleans: `[i, j]` when row `j` is no worse than row `i` everywhere and better
+    somewhere (dominates it), for rows of losses without NaN."""
+    dominated = np.empty((len(loss), len(loss)), dtype=bool)
+    for start in range(0, len(loss), DOMINANCE_BLOCK):
+        rows = loss[start : start + DOMINANCE_BLOCK]
+        no_worse = np.ones((len(rows), len(loss)), dtype=bool)
+        better = np.zeros((len(rows), len(loss)), dtype=bool)
+        for column in range(loss.shape[1]):  # a few objectives: one (block, n) pass each
+            others, own = loss[None, :, column], rows[:, column, None]
+            no_worse &= others <= own
+            better |= others < own
+        dominated[start : start + DOMINANCE_BLOCK] = no_worse & better
+    return dominated
 
 
 def is_pareto_front(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
@@ -77,10 +90,9 @@ def is_pareto_front(values: np.ndarray, directions: Sequence[str]) -> np.ndarray
         return np.zeros(len(values), dtype=bool)
     loss = _to_loss(values, directions)
     finite = ~np.isnan(loss).any(axis=1)
-    # O(n²·k) time but O(n·k) memory: searches have hundreds of runs, not millions.
-    candidates = loss[finite]
+    # O(n²·k) time and O(n²) memory: searches have thousands of runs, not millions.
     on_front = np.zeros(len(loss), dtype=bool)
-    on_front[finite] = [not _is_dominated(point, candidates) for point in candidates]
+    on_front[finite] = ~_dominators(loss[finite]).any(axis=1)
     return on_front
 
 
@@ -96,12 +108,19 @@ def nondominated_ranks(values: np.ndarray, directions: Sequence[str]) -> np.ndar
     if values.size == 0:
         _signs(directions)
         return ranks
-    remaining = np.flatnonzero(~np.isnan(_to_loss(values, directions)).any(axis=1))
+    loss = _to_loss(values, directions)
+    finite = np.flatnonzero(~np.isnan(loss).any(axis=1))
+    dominators = _dominators(loss[finite])
+    # Peel the fronts: a row is on the next one when no row still left dominates it.
+    left = np.ones(len(finite), dtype=bool)
+    count = dominators.sum(axis=1)
     rank = 0
-    while len(remaining):
-        on_front = is_pareto_front(values[remaining], directions)
-        ranks[remaining[on_front]] = rank
-        remaining, rank = remaining[~on_front], rank + 1
+    while left.any():
+        front = left & (count == 0)
+        ranks[finite[front]] = rank
+        left &= ~front
+        count -= dominators[:, front].sum(axis=1)
+        rank += 1
     return ranks
 
 
@@ -131,7 +150,7 @@ def epsilon_net_order(values: np.ndarray, directions: Sequence[str]) -> np.ndarr
         farthest = by_value[np.argmax(distance[by_value])]  # the first maximum in value order
         order.append(int(farthest))
         distance = np.minimum(distance, np.linalg.norm(scaled - scaled[farthest], axis=1))
-        distance[order] = -np.inf
+        distance[farthest] = -np.inf  # the rows taken before stay -inf through the minimum
     return np.array(order)
 
 

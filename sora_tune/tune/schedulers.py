@@ -75,9 +75,8 @@ def position_of(row: int, values: np.ndarray, directions: list[str]) -> int:
     """The position (0 = best) of `row` in `promotion_order`; a row equal to others takes the
     best position among them, so a newcomer never ranks behind its own copy."""
     positions = np.argsort(promotion_order(values, directions))
-    same = [
-        i for i, other in enumerate(values) if np.array_equal(other, values[row], equal_nan=True)
-    ]
+    own = values[row]
+    same = np.all((values == own) | (np.isnan(values) & np.isnan(own)), axis=1)
     return int(positions[same].min())
 
 
