@@ -621,11 +621,12 @@ def compare_tracing(
     - (b) `constant`: post-hoc gate thresholds of the finished constant trial.
 
     Points with no rank left are not candidates (they have no adapter). The cost of both is the
-    constant trial's plus what each adds, on one clock fitted to the staged trials' intervals
-    (seconds = a · steps + b, every interval a least-squares point, which removes the machine's
-    load from the comparison): (a) adds `stages × stage_steps` steps and `stages` evaluations,
-    (b) one evaluation a threshold point. Hypervolumes share one reference (`default_reference`
-    of every point of both).
+    constant trial's plus what each adds: (a) `stages × stage_steps` steps and `stages`
+    evaluations, (b) one evaluation a threshold point. Its clock comes from the constant trials'
+    medians, as the replay's does (`Clock.fit`), robust to the load other jobs put on the
+    machine: an evaluation costs a threshold point's time, a step the rest of a median interval
+    over its steps. Hypervolumes share one reference (`default_reference` of every point of
+    both).
     """
     by_trial = {(ln["config"], ln["seed"]): ln for ln in constant if ln["status"] == "finished"}
     pairs = [
@@ -635,17 +636,11 @@ def compare_tracing(
     ]
     if not pairs:
         raise ValueError("no trial of the staged table has its constant trial recorded")
-    intervals = [
-        (e["step"] - before, e["interval_s"])
-        for _, line in pairs
-        for before, e in zip(
-            [0, *(e["step"] for e in line["evaluations"][:-1])], line["evaluations"], strict=True
-        )
-    ]
-    steps, seconds = np.array(intervals, dtype=float).T
-    per_step, per_evaluation = np.linalg.lstsq(
-        np.column_stack([steps, np.ones_like(steps)]), seconds, rcond=None
-    )[0]
+    finished = list(by_trial.values())
+    per_evaluation = Clock.fit(finished).threshold_point_s
+    interval_steps = finished[0]["evaluations"][0]["step"]  # the first interval's steps
+    interval_s = float(np.median([e["interval_s"] for ln in finished for e in ln["evaluations"]]))
+    per_step = (interval_s - per_evaluation) / interval_steps
 
     def kept(points: list[dict[str, Any]]) -> np.ndarray:
         rows = [[p[key] for key in OBJECTIVES] for p in points if p["retained_params"] > 0]

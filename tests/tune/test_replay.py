@@ -353,19 +353,13 @@ def test_the_replay_decides_as_a_real_ray_search_sleeping_through_the_recorded_t
     )
 
 
-def staged(config, seed, scores, params, *, per_step=0.5, per_evaluation=2.0):
+def staged(config, seed, scores, params):
     """A recorded staged trial of `recorded`'s constant one: its 4 evaluations (steps 10-40),
-    then 2 stages of 5 steps ending at steps 45 and 50, each interval timed as
-    `per_step` · steps + `per_evaluation`; `scores` and `params` at steps 40, 45, 50."""
-    steps = [10, 20, 30, 40, 45, 50]
+    then 2 stages of 5 steps ending at steps 45 and 50; `scores` and `params` at steps 40, 45,
+    50. Its intervals (a loaded machine's) do not enter the comparison's clock."""
     evaluations = [
-        {
-            "step": step,
-            "interval_s": per_step * (step - before) + per_evaluation,
-            "val_score": 0.1,
-            "retained_params": 5000,
-        }
-        for before, step in zip([0, *steps[:-1]], steps, strict=True)
+        {"step": step, "interval_s": 99.0, "val_score": 0.1, "retained_params": 5000}
+        for step in (10, 20, 30, 40, 45, 50)
     ]
     for evaluation, score, kept in zip(evaluations[3:], scores, params, strict=True):
         evaluation |= {"val_score": score, "retained_params": kept}
@@ -380,12 +374,14 @@ def test_the_two_ways_of_tracing_are_compared_trial_by_trial_on_one_clock():
         staged(0, 1, [0.55, 0.5, 0.4], [3700, 2000, 1000]),
     ]
     comparison = compare_tracing(constant, staged_lines, stage_steps=5, stages=2)
-    assert comparison["clock"] == pytest.approx({"per_step_s": 0.5, "per_evaluation_s": 2.0})
+    # The constant trials' medians: a threshold point (an evaluation) 2 s, an interval of 10
+    # steps and an evaluation 10 s, so a step 0.8 s.
+    assert comparison["clock"] == pytest.approx({"per_step_s": 0.8, "per_evaluation_s": 2.0})
     thresholds, stages = comparison["ways"]["thresholds"], comparison["ways"]["stages"]
     assert thresholds["points"] == 6 and stages["points"] == 5  # the rank-0 point is no candidate
-    # The constant trial: 40 steps and 4 evaluations, 28 s; (b) adds 2 evaluations, (a) 2 stages.
-    assert thresholds["trial_hours"] == pytest.approx(2 * (28 + 4) / 3600)
-    assert stages["trial_hours"] == pytest.approx(2 * (28 + 2 * (2.5 + 2)) / 3600)
+    # The constant trial: 40 s; (b) adds 2 evaluations, (a) 2 stages of 5 steps and their ends.
+    assert thresholds["trial_hours"] == pytest.approx(2 * (40 + 4) / 3600)
+    assert stages["trial_hours"] == pytest.approx(2 * (40 + 2 * (4 + 2)) / 3600)
     assert comparison["reference"] == [0.0, pytest.approx(1.1 * 3700)]
     assert comparison["dense_minus_constant_val_score"] == pytest.approx([0.0, -0.05])
     per_hour = {
