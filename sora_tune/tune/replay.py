@@ -33,11 +33,12 @@ in the table of recorded learning curves (`sora_tune.curves`):
   median interval over the trials with the same adapter width (`COST_PARAMETERS`: learning rate
   and ξ change the numbers, not the work), plus a median set-up and a median cost per post-hoc
   threshold point. `Clock.own` replays each trial's own measured intervals, noise and all.
-- **Front-tracing.** There are no recorded trace trials. A trace trial is replayed as §4's
-  option (b): the constant trial it starts as, then its post-hoc gate-threshold points on the
-  final model (recorded as `thresholds` of the last evaluation), each costing one evaluation,
-  reported as the trial's stage points. Stages trained on (option (a)) are not replayed; a
-  trace trial is comparable at every rung, as the constant trial it is until its end.
+- **Front-tracing.** A trace trial is replayed as the search runs it by default (the `trace`
+  space's `threshold_quantiles`, §4's option (b)): the constant trial it trains as, then its
+  post-hoc gate-threshold points on the final model (recorded as `thresholds` of the last
+  evaluation), each costing one evaluation, reported as the trial's stage points; it is
+  comparable at every rung, as the constant trial it is until its end. Stages trained on
+  (option (a)) were recorded for a few trials only, to compare the two (`compare_tracing`).
 """
 
 from __future__ import annotations

@@ -29,6 +29,18 @@ def test_the_quickstart_space_gives_xi_as_total_shrinkage():
     assert space.points_to_evaluate
 
 
+def test_the_trace_space_trains_as_quickstart_then_takes_the_measured_thresholds():
+    """#28 §4: a trace trial's dense phase is the constant trial's whole budget, and its
+    thresholds are those the recorded comparison and the replay measured."""
+    from sora_tune.curves import THRESHOLD_QUANTILES
+
+    trace, constant = load_search_space("trace"), load_search_space("quickstart")
+    assert trace.distributions == constant.distributions
+    assert trace.points_to_evaluate == constant.points_to_evaluate
+    assert trace.fixed.pop("threshold_quantiles") == list(THRESHOLD_QUANTILES)
+    assert trace.fixed == constant.fixed
+
+
 def test_conversion_to_ray_domains(tmp_path):
     path = tmp_path / "space.yaml"
     path.write_text(
