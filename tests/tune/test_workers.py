@@ -6,8 +6,9 @@ import pytest
 import yaml
 
 from sora_tune.cli import main
+from sora_tune.config import TrialConfig
 from sora_tune.tune import SearchConfig, run_search
-from sora_tune.tune.workers import DRIVER_RESOURCES, WorkerGroup
+from sora_tune.tune.workers import DRIVER_RESOURCES, WorkerGroup, worker_backend
 from tests.tune.conftest import search_in, tiny_search_parameters
 from tests.tune.test_pareto_stopping import dominance_space, stopped_trials
 
@@ -95,12 +96,12 @@ def test_pareto_early_stopping_stops_two_worker_trials(
     ],
 )
 def test_trials_at_once_count_whole_worker_groups(cluster, max_concurrent, cpus, gpus, expected):
-    group = WorkerGroup(size=2, cpus=cpus, gpus=gpus, storage_path="s")
+    group = WorkerGroup(size=2, cpus=cpus, gpus=None, most_gpus=gpus, storage_path="s")
     assert group.trials_at_once(cluster, max_concurrent) == expected
 
 
 def test_a_worker_group_the_cluster_cannot_hold_is_refused():
-    group = WorkerGroup(size=8, cpus=1.0, gpus=1.0, storage_path="s")
+    group = WorkerGroup(size=8, cpus=1.0, gpus=None, most_gpus=1.0, storage_path="s")
     with pytest.raises(
         ValueError, match="needs 8 CPU and 8 GPU .* the Ray cluster has 64 CPU, 4 GPU"
     ):
@@ -109,18 +110,18 @@ def test_a_worker_group_the_cluster_cannot_hold_is_refused():
 
 def test_worker_groups_and_their_resources(write_space, tiny_trial):
     _, space = write_space(tiny_trial | {"r_max": {"type": "choice", "values": [2, 4]}})
-    assert WorkerGroup.of(SearchConfig(space=space)) is None  # one process: as before
+    assert WorkerGroup.of(SearchConfig(space=space), None) is None  # one process: as before
     config = SearchConfig(space=space, workers_per_trial=4, gpus_per_trial=1, cpus_per_trial=2)
-    group = WorkerGroup.of(config)
-    assert (group.size, group.cpus, group.gpus) == (4, 2, 1)
+    gpus = {"gpus_per_trial": 1, "gpu_bytes": None, "workers": 4}
+    group = WorkerGroup.of(config, gpus)
+    assert (group.size, group.cpus, group.most_gpus) == (4, 2, 1)
+    assert group.worker_gpus(TrialConfig.from_dict(tiny_trial)) == 1
     assert group.storage_path == f"{config.path}/workers"
-    assert group.backend == "nccl"
-    assert WorkerGroup.of(SearchConfig(space=space, workers_per_trial=2)).backend == "gloo"
-    # GPU shares: two workers of a trial may get one GPU, which nccl refuses
-    assert (
-        WorkerGroup.of(SearchConfig(space=space, workers_per_trial=2, gpus_per_trial=0.5)).backend
-        == "gloo"
-    )
+    no_gpus = WorkerGroup.of(SearchConfig(space=space, workers_per_trial=2), None)
+    assert no_gpus.most_gpus == 0 and no_gpus.worker_gpus(TrialConfig.from_dict(tiny_trial)) == 0
+    # nccl between whole GPUs; gloo on the CPU and on GPU shares (two workers may get one GPU,
+    # which nccl refuses)
+    assert [worker_backend(g) for g in (1, 0, 0.5)] == ["nccl", "gloo", "gloo"]
     assert set(DRIVER_RESOURCES) == {"memory"}  # the driver takes nothing the workers need
 
 
