@@ -69,28 +69,56 @@ def check_worker_batch_sizes(space: SearchSpace, workers: int) -> None:
         check_batch_size(batch_size, workers)
 
 
-def check_stops_free_workers() -> None:
+def check_stops_free_workers(timeout_s: float = 60) -> None:
     """Refuse to stop trials of several workers early where their workers would never be freed.
 
     A trial that a scheduler stops is a Tune actor waiting in its Train run; Tune ends the actor,
-    the run's controller goes with it, and Ray Train's `PlacementGroupCleaner` frees the
-    workers' reservation once Ray's state API says the controller is gone. That API is served by
-    the dashboard of `ray[default]`: with the minimal Ray, the reservation stays and every later
-    trial waits for resources that never come.
+    the run's controller goes with it, and Ray Train's `PlacementGroupCleaner`, an actor on the
+    head node, frees the workers' reservation once Ray's state API says the controller is gone.
+    That API is served by the dashboard, which needs `ray[default]` and a Ray started with it
+    (`ray.init(include_dashboard=False)` has none). Where the cleaner cannot ask, the reservation
+    stays and every later trial waits for resources that never come (seen here with a Ray
+    started without its dashboard). So a task on the head node asks the state API as the cleaner
+    does (no address: `RAY_ADDRESS`, else the one Ray running on that machine) about its own
+    node. This sees the moment the search starts only: by Ray's code, a second Ray started later
+    on the head's machine makes the cleaner's lookup fail ("multiple active Ray instances") and
+    its reservation stay, unless `RAY_ADDRESS` names the cluster there.
 
     Raises:
-        ValueError: this Ray lacks the dashboard's packages.
+        ValueError: the state API does not answer for this cluster, naming why.
     """
+    import ray
+    from ray._common.constants import HEAD_NODE_RESOURCE_NAME  # where the cleaner runs
+
+    ask = ray.remote(num_cpus=0, resources={HEAD_NODE_RESOURCE_NAME: 0.001})(_state_api_error)
+    reason = ray.get(ask.remote(), timeout=timeout_s)
+    if reason is not None:
+        raise ValueError(
+            "early stopping (asha, early_stop pareto) of trials of several workers needs Ray's "
+            f"state API to free a stopped trial's workers, and {reason}; or give "
+            "workers_per_trial 1 or no early stopping"
+        )
+
+
+def _state_api_error() -> str | None:
+    """Why the state API, asked from this Ray worker as Ray Train's cleaner asks it, does not
+    answer for this worker's node; `None` when it does."""
+    import ray
     from ray._private.utils import get_dashboard_dependency_error  # what ray.init checks
+    from ray.util.state import get_node
 
     missing = get_dashboard_dependency_error()
     if missing is not None:
-        raise ValueError(
-            "early stopping (asha, early_stop pareto) of trials of several workers needs Ray's "
-            "state API to free a stopped trial's workers, and this Ray has no dashboard "
-            f"({missing}): pip install 'ray[default]', or give workers_per_trial 1 or no early "
-            "stopping"
+        return f"this Ray has no dashboard ({missing}): pip install 'ray[default]'"
+    try:
+        node = get_node(ray.get_runtime_context().get_node_id(), timeout=10)
+    except Exception as err:  # each way of failing (unserved, several Rays) is a reason
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        return (
+            f"it does not answer on this cluster ({type(err).__name__}: {first_line}): start "
+            "Ray with its dashboard (the default of ray.init and ray start)"
         )
+    return None if node is not None else "the state API reached is another Ray's: set RAY_ADDRESS"
 
 
 @dataclass(frozen=True)

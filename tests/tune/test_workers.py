@@ -7,10 +7,9 @@ import yaml
 
 from sora_tune.cli import main
 from sora_tune.config import TrialConfig
-from sora_tune.tune import SearchConfig, run_search
+from sora_tune.tune import SearchConfig
 from sora_tune.tune.workers import DRIVER_RESOURCES, WorkerGroup, worker_backend
-from tests.tune.conftest import search_in, tiny_search_parameters
-from tests.tune.test_pareto_stopping import dominance_space, stopped_trials
+from tests.tune.conftest import tiny_search_parameters
 
 
 def test_a_search_of_two_worker_trials_through_the_command_line(local_ray, tiny_trial, tmp_path):
@@ -46,43 +45,6 @@ def test_a_search_of_two_worker_trials_through_the_command_line(local_ray, tiny_
         p.name for p in (tmp_path / "ray_results" / "workers" / "workers").iterdir()
     )
     assert train_runs == sorted(f"trial_{r.data.tags['ray_trial_id']}" for r in trials)
-
-
-def dashboard_missing() -> str | None:
-    from ray._private.utils import get_dashboard_dependency_error
-
-    return get_dashboard_dependency_error()
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(
-    dashboard_missing() is not None,
-    reason="a stopped trial's workers are freed through Ray's state API: needs ray[default]",
-)
-def test_pareto_early_stopping_stops_two_worker_trials(
-    local_ray, tiny_trial, write_space, tmp_path
-):
-    """The fast test's search with three trials, one at a time, under MO-ASHA: the scheduler
-    reads rank 0's reports through TuneReportCallback and stops the dominated trials, whose
-    workers Ray frees for the next trial; each trial keeps one run."""
-    parameters, points = dominance_space(tiny_trial)
-    _, space = write_space(parameters, points=points)
-    config, uri = search_in(
-        tmp_path,
-        space,
-        "workers-mo-asha",
-        num_samples=3,
-        max_concurrent=1,
-        early_stop="pareto",
-        reduction_factor=3,
-        workers_per_trial=2,
-    )
-    search = run_search(config)
-    assert not search.results.errors
-    assert stopped_trials(uri, "workers-mo-asha") == {"2": "finished", "4": "1", "8": "1"}
-    client = mlflow.MlflowClient(uri)
-    runs = client.search_runs([search.experiment_id], "tags.`sora_tune.role` = 'trial'")
-    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
 
 
 @pytest.mark.parametrize(
@@ -149,13 +111,13 @@ def test_every_batch_size_must_split_across_the_workers(
 
 
 def test_early_stopping_of_worker_trials_needs_the_state_api(local_ray):
+    """A Ray started without its dashboard (as the tests' `local_ray`) serves no state API, so
+    Ray Train could never free a stopped trial's workers: refused before anything runs. (With
+    it: tests/tune/test_workers_early_stop.py.)"""
     from sora_tune.tune.workers import check_stops_free_workers
 
-    if dashboard_missing() is None:
+    with pytest.raises(ValueError, match="needs Ray's state API to free a stopped trial's"):
         check_stops_free_workers()
-    else:
-        with pytest.raises(ValueError, match=r"pip install 'ray\[default\]'"):
-            check_stops_free_workers()
 
 
 def test_workers_per_trial_is_at_least_one(write_space, tiny_trial):
