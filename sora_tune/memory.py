@@ -10,7 +10,9 @@ targets are resolved as `add_sora` resolves them. The parts, each a row of `Memo
 - **activations** of a training step at `batch_size` rows of `max_length` tokens (every row
   padded to the full length, the worst case), by layers, hidden size, intermediate size, heads
   and `gradient_checkpointing` (`activation_bytes`);
-- on a GPU, the **CUDA context** and the caching allocator's **slack**.
+- on a GPU, the **CUDA context** and the caching allocator's **slack**;
+- for one of a trial's data-parallel **workers** (`workers` > 1), its share of every batch and
+  the **gradient all-reduce**'s copy of the trained gradients (`worker_all_reduce_bytes`).
 
 The activation constants are fitted to, and the CPU parts checked against, training steps
 measured on this CPU (`sora_tune.peak_memory`; tests/test_memory.py). The GPU parts are not
@@ -214,8 +216,12 @@ def format_bytes(size: float) -> str:
     return f"{size:.0f} B"
 
 
-def estimate_memory(config: TrialConfig, *, device: Device = "cuda") -> MemoryEstimate:
-    """The memory one trial of `config` needs on `device`, from the model's configuration alone.
+def estimate_memory(
+    config: TrialConfig, *, device: Device = "cuda", workers: int = 1
+) -> MemoryEstimate:
+    """The memory one trial of `config` needs on `device`, from the model's configuration alone;
+    with `workers` > 1, what each process of a trial of that many data-parallel workers needs
+    (`workers_per_trial`, see `worker_all_reduce_bytes`).
 
     On `cuda` without a GPU here, `auto` (base_dtype, precision) is bf16, as on a GPU that
     computes in it natively (Ampere and newer: every GPU of 24 GB or more a search would run
@@ -260,7 +266,8 @@ def estimate_memory(config: TrialConfig, *, device: Device = "cuda") -> MemoryEs
     activations = activation_bytes(
         model,
         targets,
-        batch_size=config.batch_size,
+        # A worker's slice of every batch; the last worker's of a short batch is smaller.
+        batch_size=-(-config.batch_size // workers),
         max_length=config.max_length,
         gradient_checkpointing=config.gradient_checkpointing,
         element_bytes=2 if sixteen_bit else 4,
@@ -274,8 +281,17 @@ def estimate_memory(config: TrialConfig, *, device: Device = "cuda") -> MemoryEs
         MemoryPart("frozen weights", weights, _weights_detail(base_dtype, float_dtype)),
         MemoryPart("adapter", adapter * per_adapter, f"{adapter:,} parameters × {per_adapter} B"),
         MemoryPart("head", head * TRAINED_BYTES, f"{head:,} parameters × {TRAINED_BYTES} B"),
-        MemoryPart("activations", activations, _activations_detail(config)),
+        MemoryPart("activations", activations, _activations_detail(config, workers)),
     ]
+    if workers > 1:
+        trained = adapter + head
+        parts.append(
+            MemoryPart(
+                "all-reduce",
+                worker_all_reduce_bytes(trained),
+                f"{trained:,} gradients × 4 B, summed across {workers} workers",
+            )
+        )
     if where.type == "cuda":
         tensors = sum(part.bytes for part in parts)
         parts += [
@@ -289,6 +305,22 @@ def estimate_memory(config: TrialConfig, *, device: Device = "cuda") -> MemoryEs
     return MemoryEstimate(
         tuple(parts), device=where.type, base_dtype=base_dtype, precision=precision
     )
+
+
+def worker_all_reduce_bytes(trained_params: int) -> int:
+    """What one data-parallel worker of a trial needs beyond a one-process trial at its share of
+    the batch: a copy of the trained parameters' gradients, fp32, 4 B each.
+
+    Each worker keeps the whole frozen base, the adapter and the head with their AdamW states,
+    as DDP's replicas do. Where DDP would hold its gradient buckets, `Workers.reduce_gradients`
+    concatenates the gradients into one flat tensor and sums that across the workers: the same
+    one copy. It lives after the backward pass, when the activations are freed, so adding it to
+    them is an upper bound. Evaluation needs nothing more than one process's: each worker scores
+    whole batches of `eval_batch_size` (not counted for one process either: it keeps no
+    activations). Not counted: NCCL's own buffers, which it allocates outside torch's allocator
+    (only between whole GPUs; on GPU shares the workers talk through gloo, in host memory); the
+    CUDA context's round figure is what covers them. Not measured here."""
+    return trained_params * 4
 
 
 def _resolved(value: str, resolve: Callable[[str, torch.device], str], device: torch.device) -> str:
@@ -450,6 +482,7 @@ def _weights_detail(base_dtype: str, float_dtype: str) -> str:
     return base_dtype
 
 
-def _activations_detail(config: TrialConfig) -> str:
+def _activations_detail(config: TrialConfig, workers: int) -> str:
     checkpointing = ", gradient checkpointing" if config.gradient_checkpointing else ""
-    return f"batch {config.batch_size} × {config.max_length} tokens{checkpointing}"
+    rows = f"{config.batch_size}" if workers == 1 else f"{config.batch_size} / {workers} workers"
+    return f"batch {rows} × {config.max_length} tokens{checkpointing}"

@@ -58,7 +58,8 @@ class SearchConfig:
             (`tune.resources`); a trial that fits no GPU is refused before the search starts.
             On a GPU, a trial with a share is capped at it
             (`torch.cuda.set_per_process_memory_fraction`). With `workers_per_trial` > 1, the
-            resources of each of the trial's workers.
+            resources of each of the trial's workers; `auto` then sizes each worker from the
+            estimate of one worker, and caps each.
         gpu_memory: The memory of the cluster's smallest GPU (`24GiB`, `80GB`), which `auto`
             shares are eighths of; `None`: asked of the cluster's GPUs when the search starts.
         workers_per_trial: Processes of one trial (`tune.workers`): 1 trains in the Tune trial
@@ -154,12 +155,6 @@ class SearchConfig:
             memory_size(self.gpu_memory)  # refused here if not a size
         if self.workers_per_trial < 1:
             raise ValueError(f"workers_per_trial must be >= 1, got {self.workers_per_trial}")
-        if self.workers_per_trial > 1 and self.gpus_per_trial == AUTO:
-            raise ValueError(
-                "gpus_per_trial auto sizes one-process trials; with workers_per_trial "
-                f"{self.workers_per_trial}, give each worker's share as a number (sora-tune "
-                "estimate --batch-size <batch_size / workers> --gpu-memory … shows one worker's)"
-            )
         check_worker_batch_sizes(self.space, self.workers_per_trial)
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {self.max_concurrent}")

@@ -6,6 +6,11 @@ memory, so that Ray's logical shares match physical memory: two trials Ray puts 
 in it side by side. A space holding a trial that fits no GPU is refused before the search
 starts (`check_trials_fit`), naming the settings that would make it fit. Each trial process is
 then capped at its share on a GPU (`GpuMemoryPlan`, applied by `tune.trial`).
+
+A trial of several workers (`workers_per_trial` N > 1) is N processes, each given a share the
+same way: from the estimate of one worker (`estimate_memory(workers=N)`: its 1/N of every
+batch, the whole base and adapter, and the gradients' all-reduce), which is also what the
+refusal checks and what each worker's cap is.
 """
 
 from __future__ import annotations
@@ -38,17 +43,19 @@ SMALLEST_BATCH, SMALLEST_LENGTH = 1, 32
 
 
 @functools.lru_cache(maxsize=256)
-def _estimate(settings: str) -> MemoryEstimate:
+def _estimate(settings: str, workers: int) -> MemoryEstimate:
     from ..memory import estimate_memory  # torch: only when a trial is sized
 
-    return estimate_memory(TrialConfig.from_dict(json.loads(settings)), device="cuda")
+    config = TrialConfig.from_dict(json.loads(settings))
+    return estimate_memory(config, device="cuda", workers=workers)
 
 
-def gpu_estimate(config: TrialConfig) -> MemoryEstimate:
-    """The trial's memory on a GPU, from the settings an estimate reads (`MEMORY_FIELDS`), so
-    trials that differ only in, say, their learning rate are estimated once."""
+def gpu_estimate(config: TrialConfig, workers: int = 1) -> MemoryEstimate:
+    """The memory on a GPU of the trial's process (one of its `workers`), from the settings an
+    estimate reads (`MEMORY_FIELDS`), so trials that differ only in, say, their learning rate
+    are estimated once."""
     settings = {name: getattr(config, name) for name in MEMORY_FIELDS}
-    return _estimate(json.dumps(settings, sort_keys=True))
+    return _estimate(json.dumps(settings, sort_keys=True), workers)
 
 
 def gpu_share(estimate_bytes: int, gpu_bytes: int) -> float:
@@ -57,33 +64,38 @@ def gpu_share(estimate_bytes: int, gpu_bytes: int) -> float:
     return math.ceil(estimate_bytes / gpu_bytes * SHARE_STEPS) / SHARE_STEPS
 
 
-def trial_gpus(config: TrialConfig, gpus_per_trial: float | str, gpu_bytes: int | None) -> float:
-    """The GPU share of the trial of `config`: `gpus_per_trial` itself, or with `auto` the share
-    its estimate needs of `gpu_bytes`."""
-    if gpus_per_trial != AUTO:
-        return float(gpus_per_trial)
-    if gpu_bytes is None:
-        raise ValueError("gpus_per_trial auto needs the GPU memory (--gpu-memory)")
-    return gpu_share(gpu_estimate(config).total_bytes, gpu_bytes)
-
-
-def trial_resources(
-    params: dict[str, Any], *, cpus: float, gpus_per_trial: float | str, gpu_bytes: int | None
-):
-    """Ray Tune's resource request for the trial of `params` (`tune.with_resources` calls it
-    with each trial's settings)."""
-    from ray import tune
-
-    gpus = trial_gpus(TrialConfig.from_dict(params), gpus_per_trial, gpu_bytes)
-    return tune.PlacementGroupFactory([{"CPU": cpus} | ({"GPU": gpus} if gpus else {})])
-
-
 class GpuRequest(TypedDict):
-    """How a search gives its trials GPUs: `gpus_per_trial` (a share or `auto`) and the smallest
-    GPU's memory (`None`: a numeric share of whichever GPU the trial gets)."""
+    """How a search gives its trials GPUs: `gpus_per_trial` (a share or `auto`) for each of a
+    trial's `workers` (`workers_per_trial`), and the smallest GPU's memory (`None`: a numeric
+    share of whichever GPU the trial gets)."""
 
     gpus_per_trial: float | str
     gpu_bytes: int | None
+    workers: int
+
+
+def trial_gpus(config: TrialConfig, gpus: GpuRequest) -> float:
+    """The GPU share of each process of the trial of `config`: `gpus_per_trial` itself, or with
+    `auto` the share its estimate (one worker's, of several) needs of `gpu_bytes`."""
+    if gpus["gpus_per_trial"] != AUTO:
+        return float(gpus["gpus_per_trial"])
+    if gpus["gpu_bytes"] is None:
+        raise ValueError("gpus_per_trial auto needs the GPU memory (--gpu-memory)")
+    return gpu_share(gpu_estimate(config, gpus["workers"]).total_bytes, gpus["gpu_bytes"])
+
+
+def largest_trial_gpus(space: SearchSpace, gpus: GpuRequest) -> float:
+    """The largest GPU share a process of the trials of `space` takes (`worst_trials`)."""
+    return max(trial_gpus(config, gpus) for config in worst_trials(space))
+
+
+def trial_resources(params: dict[str, Any], *, cpus: float, gpus: GpuRequest | None):
+    """Ray Tune's resource request for the one-process trial of `params` (`tune.with_resources`
+    calls it with each trial's settings); `gpus`: `None` for none."""
+    from ray import tune
+
+    share = trial_gpus(TrialConfig.from_dict(params), gpus) if gpus is not None else 0.0
+    return tune.PlacementGroupFactory([{"CPU": cpus} | ({"GPU": share} if share else {})])
 
 
 class OutOfGpuMemory(RuntimeError):
@@ -92,7 +104,8 @@ class OutOfGpuMemory(RuntimeError):
 
 @dataclass(frozen=True)
 class GpuMemoryPlan:
-    """One trial's GPU memory: its share, its estimate and, on a GPU, its cap.
+    """The GPU memory of a trial's process (of each worker, for a trial of several): its share,
+    its estimate and, on a GPU, its cap.
 
     Logged to the trial's run: `gpu_share` and `gpu_memory_cap` (bytes) as params, and the
     metrics `gpu_memory_estimated` (the estimate's total, at step 0) and `gpu_memory_peak`
@@ -152,9 +165,9 @@ class GpuMemoryPlan:
 
 
 def gpu_memory_plan(config: TrialConfig, gpus: GpuRequest, device: str) -> GpuMemoryPlan | None:
-    """The GPU memory plan of a trial of `config` that the search `gpus` sized and Ray put on
-    `device` (`None`: a search without GPUs)."""
-    share = trial_gpus(config, gpus["gpus_per_trial"], gpus["gpu_bytes"])
+    """The GPU memory plan of a process (a trial, or one of its workers) of a trial of `config`
+    that the search `gpus` sized and Ray put on `device` (`None`: a search without GPUs)."""
+    share = trial_gpus(config, gpus)
     if not share:
         return None
     cap = None
@@ -163,7 +176,7 @@ def gpu_memory_plan(config: TrialConfig, gpus: GpuRequest, device: str) -> GpuMe
 
         gpu_bytes = gpus["gpu_bytes"] or torch.cuda.get_device_properties(device).total_memory
         cap = int(share * gpu_bytes)
-    return GpuMemoryPlan(share, gpu_estimate(config), device, cap)
+    return GpuMemoryPlan(share, gpu_estimate(config, gpus["workers"]), device, cap)
 
 
 def worst_trials(space: SearchSpace) -> list[TrialConfig]:
@@ -182,9 +195,10 @@ def worst_trials(space: SearchSpace) -> list[TrialConfig]:
     ]
 
 
-def check_trials_fit(space: SearchSpace, budget_bytes: int, budget: str) -> int:
-    """Refuse a space with a trial whose estimate is more than `budget_bytes` (described as
-    `budget`, e.g. "the 24.00 GiB of the smallest GPU"); return the largest estimate.
+def check_trials_fit(space: SearchSpace, budget_bytes: int, budget: str, workers: int = 1) -> int:
+    """Refuse a space with a trial whose estimate (of one of its `workers`) is more than
+    `budget_bytes` (described as `budget`, e.g. "the 24.00 GiB of the smallest GPU"); return
+    the largest estimate.
 
     Raises:
         ValueError: naming the trial's settings, its estimate, the budget and the changes that
@@ -192,7 +206,7 @@ def check_trials_fit(space: SearchSpace, budget_bytes: int, budget: str) -> int:
     """
     largest = 0
     for config in worst_trials(space):
-        estimate = gpu_estimate(config)
+        estimate = gpu_estimate(config, workers)
         largest = max(largest, estimate.total_bytes)
         if estimate.total_bytes <= budget_bytes:
             continue
@@ -201,31 +215,36 @@ def check_trials_fit(space: SearchSpace, budget_bytes: int, budget: str) -> int:
             for name in MEMORY_FIELDS
             if name not in ("model", "target_modules", "modules_to_save")
         )
+        each = f" for each of its {workers} workers" if workers > 1 else ""
         raise ValueError(
             f"a trial of this space ({settings}) needs an estimated "
-            f"{format_bytes(estimate.total_bytes)} of GPU memory (sora-tune estimate), more "
-            f"than {budget}: {_what_fits(config, estimate.base_dtype, budget_bytes)}"
+            f"{format_bytes(estimate.total_bytes)} of GPU memory{each} (sora-tune estimate), "
+            f"more than {budget}: {_what_fits(config, estimate.base_dtype, budget_bytes, workers)}"
         )
     return largest
 
 
-def _what_fits(config: TrialConfig, base_dtype: str, gpu_bytes: int) -> str:
-    """The single changes that make `config` (its base stored in `base_dtype`) fit `gpu_bytes`,
-    each with its estimate."""
+def _what_fits(config: TrialConfig, base_dtype: str, gpu_bytes: int, workers: int) -> str:
+    """The single changes that make `config` (its base stored in `base_dtype`; one of `workers`)
+    fit `gpu_bytes`, each with its estimate. A batch size stays a multiple of the workers."""
     size = {"fp32": -1, "fp16": 0} | {dtype: i for i, dtype in enumerate(SMALLER_BASES)}
     changes: list[dict[str, Any]] = [
         {"base_dtype": dtype} for dtype in SMALLER_BASES if size[dtype] > size[base_dtype]
     ]
     if not config.gradient_checkpointing:
         changes.append({"gradient_checkpointing": True})
-    changes += _halvings(config, "batch_size", SMALLEST_BATCH)
+    changes += [
+        change
+        for change in _halvings(config, "batch_size", SMALLEST_BATCH)
+        if change["batch_size"] % workers == 0
+    ]
     changes += _halvings(config, "max_length", SMALLEST_LENGTH)
     fits: dict[str, str] = {}  # by setting: its first (mildest) change that fits
     for change in changes:
         name, value = next(iter(change.items()))
         if name in fits:
             continue
-        total = gpu_estimate(dataclasses.replace(config, **change)).total_bytes
+        total = gpu_estimate(dataclasses.replace(config, **change), workers).total_bytes
         if total <= gpu_bytes:
             fits[name] = f"{name} {value} ({format_bytes(total)})"
     if not fits:

@@ -181,9 +181,9 @@ def run_search(config: SearchConfig, *, resume: str | os.PathLike | None = None)
         # Trials' library chatter would flood the driver's terminal through Ray's log stream;
         # errors still reach it, and every trial's full log stays in Ray's session folder.
         ray.init(address=config.address, runtime_env={"env_vars": QUIET_ENV})
-    _check_cluster(config, shares_data=data is not None)
     if not sized_now:
         gpus = gpu_request(config)
+    _check_cluster(config, gpus, shares_data=data is not None)
 
     client = mlflow.MlflowClient(config.mlflow_uri)
     experiment = client.get_experiment(experiment_id_of(client, config.experiment_name))
@@ -295,12 +295,13 @@ def _check_inputs(config: SearchConfig, *, new: bool) -> DatasetDict | None:
     return None
 
 
-def _check_cluster(config: SearchConfig, *, shares_data: bool) -> None:
-    """On a cluster: shared storage, and the model (and data) folders on every node."""
+def _check_cluster(config: SearchConfig, gpus: GpuRequest | None, *, shares_data: bool) -> None:
+    """On a cluster: shared storage, and the model (and data) folders on every node; trials of
+    several workers that it holds, given GPUs as `gpus` says."""
     import ray
 
     check_storage(config.storage_path)
-    workers = WorkerGroup.of(config)
+    workers = WorkerGroup.of(config, gpus)
     if workers:  # before any run is recorded: a trial that fits no cluster would never start
         workers.trials_at_once(ray.cluster_resources(), config.max_concurrent)
         if config.asha or config.early_stop != "none":
@@ -328,15 +329,16 @@ def gpu_request(config: SearchConfig) -> GpuRequest | None:
     """
     if config.gpus_per_trial == 0:
         return None
-    gpu_bytes = config.gpu_bytes
+    gpu_bytes, workers = config.gpu_bytes, config.workers_per_trial
     if config.gpus_per_trial == AUTO:
         gpu_bytes = gpu_bytes or cluster_gpu_bytes()
         largest = check_trials_fit(
-            config.space, gpu_bytes, f"the {format_bytes(gpu_bytes)} of the smallest GPU"
+            config.space, gpu_bytes, f"the {format_bytes(gpu_bytes)} of the smallest GPU", workers
         )
+        process = "trial's" if workers == 1 else f"worker's (of {workers} a trial)"
         print(
-            f"GPU shares: each trial's estimate in eighths of {format_bytes(gpu_bytes)}; the "
-            f"space's largest trial needs {format_bytes(largest)} "
+            f"GPU shares: each {process} estimate in eighths of {format_bytes(gpu_bytes)}; the "
+            f"space's largest needs {format_bytes(largest)} "
             f"({gpu_share(largest, gpu_bytes):g} of a GPU)",
             flush=True,
         )
@@ -346,8 +348,9 @@ def gpu_request(config: SearchConfig) -> GpuRequest | None:
             config.space,
             int(share * gpu_bytes),
             f"its {share:g} share of a {format_bytes(gpu_bytes)} GPU (try --gpus-per-trial auto)",
+            workers,
         )
-    return GpuRequest(gpus_per_trial=config.gpus_per_trial, gpu_bytes=gpu_bytes)
+    return GpuRequest(gpus_per_trial=config.gpus_per_trial, gpu_bytes=gpu_bytes, workers=workers)
 
 
 def _make_tuner(
@@ -363,7 +366,7 @@ def _make_tuner(
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
-    workers = WorkerGroup.of(config)  # `None`: a trial is one process
+    workers = WorkerGroup.of(config, gpus)  # `None`: a trial is one process
     if workers:
         # A trial that a scheduler stops waits in its Train run's `fit`, which nothing ends but
         # the end of its actor (its workers go with it): Tune kills such an actor after this
@@ -377,12 +380,7 @@ def _make_tuner(
         # gpus_per_trial auto, its share of a GPU.
         DRIVER_RESOURCES
         if workers
-        else functools.partial(
-            trial_resources,
-            cpus=config.cpus_per_trial,
-            gpus_per_trial=config.gpus_per_trial,
-            gpu_bytes=gpus["gpu_bytes"] if gpus else None,
-        ),
+        else functools.partial(trial_resources, cpus=config.cpus_per_trial, gpus=gpus),
     )
     if resume is not None:
         return tune.Tuner.restore(

@@ -257,6 +257,11 @@ def train_and_report(
                 record.log_data(task, sources)
             result = train_trial(config, report=end_evaluation, data=data, **train_kwargs)
     except OutOfGpuMemory:
+        workers = train_kwargs.get("workers")
+        if workers is not None and workers.size > 1:
+            # The other workers wait for this one in a collective: fail the Train run, which
+            # ends them all (and Tune retries the trial as any whose worker failed).
+            raise
         # Failed alone, its run FAILED with the reason (`record.open`); Ray would retry a trial
         # that raised, and it would run out again.
         result = {"status": "out_of_gpu_memory"}

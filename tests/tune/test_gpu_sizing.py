@@ -3,7 +3,9 @@ estimate, refusals of trials that fit no GPU, and what each trial records. Ray's
 on this CPU (`ray.init(num_gpus=1)`) stand in for a GPU: Ray packs trials by their shares, and
 the trials train on the CPU. The caps themselves need CUDA (tests/test_gpu.py)."""
 
+import dataclasses
 import json
+import re
 
 import mlflow
 import pytest
@@ -16,6 +18,7 @@ from sora_tune.tune.resources import (
     check_trials_fit,
     gpu_estimate,
     gpu_share,
+    trial_gpus,
     trial_resources,
     worst_trials,
 )
@@ -95,13 +98,46 @@ def test_a_trial_no_single_change_fits_is_told_so(tmp_path):
 
 def test_the_resource_request_is_the_trials_share(tiny_trial):
     estimate = gpu_estimate(TrialConfig.from_dict(tiny_trial)).total_bytes
-    request = trial_resources(tiny_trial, cpus=1, gpus_per_trial="auto", gpu_bytes=4 * GIB)
+    auto = {"gpus_per_trial": "auto", "gpu_bytes": 4 * GIB, "workers": 1}
+    request = trial_resources(tiny_trial, cpus=1, gpus=auto)
     assert request.bundles == [{"CPU": 1, "GPU": gpu_share(estimate, 4 * GIB)}]
-    fixed = trial_resources(tiny_trial, cpus=2, gpus_per_trial=0.5, gpu_bytes=None)
-    assert fixed.bundles == [{"CPU": 2, "GPU": 0.5}]
-    assert trial_resources(tiny_trial, cpus=1, gpus_per_trial=0, gpu_bytes=None).bundles == [
-        {"CPU": 1}
-    ]
+    half = {"gpus_per_trial": 0.5, "gpu_bytes": None, "workers": 1}
+    assert trial_resources(tiny_trial, cpus=2, gpus=half).bundles == [{"CPU": 2, "GPU": 0.5}]
+    assert trial_resources(tiny_trial, cpus=1, gpus=None).bundles == [{"CPU": 1}]
+
+
+def test_a_worker_is_estimated_at_its_share_of_the_batch(tiny_trial):
+    """One of 2 workers: activations of half the batch, the whole base and adapter, and the
+    all-reduce's copy of the trained gradients (4 B each); its GPU share comes from that."""
+    config = TrialConfig.from_dict(tiny_trial | {"batch_size": 16})
+    one, worker = estimate_memory(config), estimate_memory(config, workers=2)
+    half = estimate_memory(dataclasses.replace(config, batch_size=8))
+    parts, worker_parts = ({p.name: p.bytes for p in e.parts} for e in (one, worker))
+    assert worker_parts["activations"] == {p.name: p.bytes for p in half.parts}["activations"]
+    for name in ("frozen weights", "adapter", "head", "CUDA context"):
+        assert worker_parts[name] == parts[name]
+    trained = (parts["adapter"] + parts["head"]) // 16  # 16 B a trained parameter
+    assert worker_parts["all-reduce"] == 4 * trained
+    assert worker.tensor_bytes == half.tensor_bytes + 4 * trained
+    gpus = {"gpus_per_trial": "auto", "gpu_bytes": 4 * GIB, "workers": 2}
+    assert trial_gpus(config, gpus) == gpu_share(worker.total_bytes, 4 * GIB)
+
+
+def test_a_worker_that_fits_no_gpu_is_refused_per_worker(tmp_path):
+    """Llama-3.1-8B in bf16 at batch 64 × 256 tokens needs more than a 24 GB GPU in one process;
+    each of 8 workers (batch 8 each) fits. A refusal's smaller batches stay multiples of the
+    workers."""
+    model = llama_31("8B", tmp_path / "8b")
+    fixed = {"model": model, "base_dtype": "bf16", "batch_size": 64, "max_length": 256}
+    space = SearchSpace(fixed=fixed | {"gradient_checkpointing": True})
+    budget = 24 * 10**9
+    with pytest.raises(ValueError, match="needs an estimated"):
+        check_trials_fit(space, budget, "a 24 GB GPU")
+    assert check_trials_fit(space, budget, "a 24 GB GPU", workers=8) <= budget
+    with pytest.raises(ValueError, match="for each of its 4 workers") as refused:
+        check_trials_fit(SearchSpace(fixed=fixed), budget, "a 24 GB GPU", workers=4)
+    halved = [int(b) for b in re.findall(r"batch_size (\d+) \(", str(refused.value))]
+    assert halved and all(b % 4 == 0 for b in halved)
 
 
 @pytest.mark.parametrize(
@@ -110,10 +146,6 @@ def test_the_resource_request_is_the_trials_share(tiny_trial):
         ({"gpus_per_trial": "half"}, "gpus_per_trial must be a number or auto, got 'half'"),
         ({"gpus_per_trial": -1}, "gpus_per_trial must be >= 0, got -1"),
         ({"gpu_memory": "24"}, "--gpu-memory '24' is not a memory size"),
-        (
-            {"gpus_per_trial": "auto", "workers_per_trial": 2},
-            "gpus_per_trial auto sizes one-process trials; with workers_per_trial 2",
-        ),
     ],
 )
 def test_bad_gpu_settings_are_refused(tiny_trial, settings, message):
@@ -162,6 +194,39 @@ def test_auto_shares_pack_trials_by_their_estimates(
     if 2 * share > 1:
         first, second = sorted(runs, key=lambda r: r.info.start_time)
         assert second.info.start_time >= first.info.end_time, "two 5/8 shares ran at once"
+
+
+def test_auto_shares_size_each_worker_of_a_trial(
+    logical_gpu, tiny_trial, write_space, tmp_path, capsys
+):
+    """One trial of 2 workers with `auto`: each worker asks Ray for the share of one worker's
+    estimate (2 × 3/8 of the one logical GPU), and rank 0 records that share, Ray's reservation
+    of its worker and the worker's estimate, once."""
+    _, space = write_space(tiny_search_parameters(tiny_trial) | {"epochs": 1, "r_max": 2})
+    config, uri = search_in(
+        tmp_path,
+        space,
+        "auto-workers",
+        num_samples=1,
+        gpus_per_trial="auto",
+        gpu_memory="4GiB",
+        workers_per_trial=2,
+    )
+    assert not run_search(config).results.errors
+    assert "each worker's (of 2 a trial) estimate in eighths of 4.00 GiB" in capsys.readouterr().out
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("auto-workers").experiment_id],
+        "tags.`sora_tune.role` = 'trial'",
+    )
+    estimate = gpu_estimate(TrialConfig.from_dict(tiny_trial | {"r_max": 2}), workers=2)
+    share = gpu_share(estimate.total_bytes, 4 * GIB)
+    assert share == 0.375
+    assert float(run.data.params["gpu_share"]) == share
+    assert json.loads(run.data.tags["ray_resources"]) == {"CPU": 1.0, "GPU": share}
+    history = client.get_metric_history(run.info.run_id, "gpu_memory_estimated")
+    assert [(m.value, m.step) for m in history] == [(estimate.total_bytes, 0)]
+    assert run.data.tags["sora_tune.device"] == "cpu"  # torch sees no CUDA here
 
 
 def test_auto_without_gpu_memory_asks_the_gpus(logical_gpu, tiny_trial, write_space, tmp_path):

@@ -6,10 +6,10 @@ import pytest
 import yaml
 
 from sora_tune.cli import main
-from sora_tune.tune import SearchConfig, run_search
-from sora_tune.tune.workers import DRIVER_RESOURCES, WorkerGroup
-from tests.tune.conftest import search_in, tiny_search_parameters
-from tests.tune.test_pareto_stopping import dominance_space, stopped_trials
+from sora_tune.config import TrialConfig
+from sora_tune.tune import SearchConfig
+from sora_tune.tune.workers import DRIVER_RESOURCES, WorkerGroup, worker_backend
+from tests.tune.conftest import tiny_search_parameters
 
 
 def test_a_search_of_two_worker_trials_through_the_command_line(local_ray, tiny_trial, tmp_path):
@@ -47,43 +47,6 @@ def test_a_search_of_two_worker_trials_through_the_command_line(local_ray, tiny_
     assert train_runs == sorted(f"trial_{r.data.tags['ray_trial_id']}" for r in trials)
 
 
-def dashboard_missing() -> str | None:
-    from ray._private.utils import get_dashboard_dependency_error
-
-    return get_dashboard_dependency_error()
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(
-    dashboard_missing() is not None,
-    reason="a stopped trial's workers are freed through Ray's state API: needs ray[default]",
-)
-def test_pareto_early_stopping_stops_two_worker_trials(
-    local_ray, tiny_trial, write_space, tmp_path
-):
-    """The fast test's search with three trials, one at a time, under MO-ASHA: the scheduler
-    reads rank 0's reports through TuneReportCallback and stops the dominated trials, whose
-    workers Ray frees for the next trial; each trial keeps one run."""
-    parameters, points = dominance_space(tiny_trial)
-    _, space = write_space(parameters, points=points)
-    config, uri = search_in(
-        tmp_path,
-        space,
-        "workers-mo-asha",
-        num_samples=3,
-        max_concurrent=1,
-        early_stop="pareto",
-        reduction_factor=3,
-        workers_per_trial=2,
-    )
-    search = run_search(config)
-    assert not search.results.errors
-    assert stopped_trials(uri, "workers-mo-asha") == {"2": "finished", "4": "1", "8": "1"}
-    client = mlflow.MlflowClient(uri)
-    runs = client.search_runs([search.experiment_id], "tags.`sora_tune.role` = 'trial'")
-    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
-
-
 @pytest.mark.parametrize(
     "cluster, max_concurrent, cpus, gpus, expected",
     [
@@ -95,12 +58,12 @@ def test_pareto_early_stopping_stops_two_worker_trials(
     ],
 )
 def test_trials_at_once_count_whole_worker_groups(cluster, max_concurrent, cpus, gpus, expected):
-    group = WorkerGroup(size=2, cpus=cpus, gpus=gpus, storage_path="s")
+    group = WorkerGroup(size=2, cpus=cpus, gpus=None, most_gpus=gpus, storage_path="s")
     assert group.trials_at_once(cluster, max_concurrent) == expected
 
 
 def test_a_worker_group_the_cluster_cannot_hold_is_refused():
-    group = WorkerGroup(size=8, cpus=1.0, gpus=1.0, storage_path="s")
+    group = WorkerGroup(size=8, cpus=1.0, gpus=None, most_gpus=1.0, storage_path="s")
     with pytest.raises(
         ValueError, match="needs 8 CPU and 8 GPU .* the Ray cluster has 64 CPU, 4 GPU"
     ):
@@ -109,18 +72,18 @@ def test_a_worker_group_the_cluster_cannot_hold_is_refused():
 
 def test_worker_groups_and_their_resources(write_space, tiny_trial):
     _, space = write_space(tiny_trial | {"r_max": {"type": "choice", "values": [2, 4]}})
-    assert WorkerGroup.of(SearchConfig(space=space)) is None  # one process: as before
+    assert WorkerGroup.of(SearchConfig(space=space), None) is None  # one process: as before
     config = SearchConfig(space=space, workers_per_trial=4, gpus_per_trial=1, cpus_per_trial=2)
-    group = WorkerGroup.of(config)
-    assert (group.size, group.cpus, group.gpus) == (4, 2, 1)
+    gpus = {"gpus_per_trial": 1, "gpu_bytes": None, "workers": 4}
+    group = WorkerGroup.of(config, gpus)
+    assert (group.size, group.cpus, group.most_gpus) == (4, 2, 1)
+    assert group.worker_gpus(TrialConfig.from_dict(tiny_trial)) == 1
     assert group.storage_path == f"{config.path}/workers"
-    assert group.backend == "nccl"
-    assert WorkerGroup.of(SearchConfig(space=space, workers_per_trial=2)).backend == "gloo"
-    # GPU shares: two workers of a trial may get one GPU, which nccl refuses
-    assert (
-        WorkerGroup.of(SearchConfig(space=space, workers_per_trial=2, gpus_per_trial=0.5)).backend
-        == "gloo"
-    )
+    no_gpus = WorkerGroup.of(SearchConfig(space=space, workers_per_trial=2), None)
+    assert no_gpus.most_gpus == 0 and no_gpus.worker_gpus(TrialConfig.from_dict(tiny_trial)) == 0
+    # nccl between whole GPUs; gloo on the CPU and on GPU shares (two workers may get one GPU,
+    # which nccl refuses)
+    assert [worker_backend(g) for g in (1, 0, 0.5)] == ["nccl", "gloo", "gloo"]
     assert set(DRIVER_RESOURCES) == {"memory"}  # the driver takes nothing the workers need
 
 
@@ -148,13 +111,13 @@ def test_every_batch_size_must_split_across_the_workers(
 
 
 def test_early_stopping_of_worker_trials_needs_the_state_api(local_ray):
+    """A Ray started without its dashboard (as the tests' `local_ray`) serves no state API, so
+    Ray Train could never free a stopped trial's workers: refused before anything runs. (With
+    it: tests/tune/test_workers_early_stop.py.)"""
     from sora_tune.tune.workers import check_stops_free_workers
 
-    if dashboard_missing() is None:
+    with pytest.raises(ValueError, match="needs Ray's state API to free a stopped trial's"):
         check_stops_free_workers()
-    else:
-        with pytest.raises(ValueError, match=r"pip install 'ray\[default\]'"):
-            check_stops_free_workers()
 
 
 def test_workers_per_trial_is_at_least_one(write_space, tiny_trial):
