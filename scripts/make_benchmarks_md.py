@@ -338,10 +338,11 @@ def _tracing(data: dict) -> list[str]:
         "(b) zeroes the finished constant trial's gates up to each of 4 quantiles of |g|, without "
         "training (the thresholds of "
         "[`docs/bench/curves.jsonl`](bench/curves.jsonl)). Points with no rank left are not "
-        "counted. Cost: the constant trial plus what each way adds, on one clock fitted to the "
-        f"staged trials' intervals ({clock['per_step_s']:.2f} s a step, "
-        f"{clock['per_evaluation_s']:.2f} s an evaluation), so that the machine's load does not "
-        "enter. Hypervolume from one reference for both.",
+        "counted. Cost: the constant trial plus what each way adds, on the replay's clock (the "
+        f"constant trials' medians: {clock['per_evaluation_s']:.2f} s an evaluation, a threshold "
+        f"point's time, and {clock['per_step_s']:.2f} s a step, the rest of an interval), so that "
+        "the load other jobs put on the machine does not enter. Hypervolume from one reference "
+        "for both.",
         "",
         *_table(
             [

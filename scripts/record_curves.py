@@ -146,9 +146,9 @@ def report_tracing(args: argparse.Namespace) -> dict[str, Any]:
     _, constant = read_table(Path(args.output).with_name("curves.jsonl"))
     if not staged:
         raise SystemExit(f"no trial recorded in {args.output}: record first")
-    stages = STAGED["xi_stages"] - 1
+    stage_steps = first["design"]["staged"]["xi_every_steps"]
     comparison = compare_tracing(
-        constant, staged, stage_steps=STAGED["xi_every_steps"], stages=stages
+        constant, staged, stage_steps=stage_steps, stages=STAGED["xi_stages"] - 1
     )
     result = {
         "benchmark": "tracing",
@@ -200,7 +200,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows = len(PreparedData().of(config)["train"])
         steps_per_epoch = math.ceil(rows / config.batch_size)  # the loaders keep the last batch
         runs = [staged_run(run, steps_per_epoch) for run in runs]
-        header |= {"staged": STAGED, "dense": "the constant trial's epochs at its xi per step"}
+        staged = runs[0].config
+        header |= {
+            "staged": STAGED | {"xi_every_steps": staged.xi_every_steps, "xi_max": staged.xi_max},
+            "dense": "the constant trial's epochs at its xi per step",
+        }
 
     def progress(position: int, total: int, line: dict[str, Any], before: bool) -> None:
         last = line["evaluations"][-1] if line["evaluations"] else {}

@@ -138,33 +138,36 @@ def design_runs(
 
 
 # §4's option (a), a front-tracing trial that trains on through its stages: the constant trial's
-# 150 steps at its own ξ per gate step (its xi_total over those steps), then 3 stages of 25 steps
-# with ξ rising linearly to STAGED_XI_MAX, the learning rate decaying once over all 225 steps
-# (`stage_lr continue`). A stage of 25 steps at ξ takes up to 25·ξ off a gate: 0.45 at
-# STAGED_XI_MAX, and about 0.15-0.3, 0.3-0.4, 0.45 in stages 1-3 over the design's xi_total, so
-# that the stages prune as deep as the post-hoc thresholds' taus reach on the recorded trials
-# (their 0.2-0.8 quantiles of |g| measured 0.1-1.3).
-STAGED_XI_MAX = 0.018
-STAGED = {
-    "xi_schedule": "linear",
-    "xi_stages": 4,
-    "xi_every_steps": 25,
-    "stage_lr": "continue",
-    "xi_max": STAGED_XI_MAX,
-}
+# budget at its own ξ per gate step (its xi_total over those steps), then 3 stages that share one
+# more epoch (on the proxy, 150 steps, then 3 stages of 25), ξ per gate step rising linearly to
+# the last stage's, which can take up to STAGED_LAST_TOTAL off a gate over its steps, with the
+# learning rate decaying once over the whole trial (`stage_lr continue`). On the proxy the stages
+# can take about 0.15-0.3, 0.3-0.4 and 0.45 over the design's xi_total, as deep as the post-hoc
+# thresholds reach on the recorded trials (their 0.2-0.8 quantiles of |g| measured 0.1-1.3).
+STAGED_LAST_TOTAL = 0.45
+STAGED = {"xi_schedule": "linear", "xi_stages": 4, "stage_lr": "continue"}
 
 
 def staged_run(run: GridRun, steps_per_epoch: int) -> GridRun:
     """`run`'s constant trial as option (a): its whole budget as the dense phase, then the
-    stages of `STAGED` (one more epoch of `steps_per_epoch` steps)."""
+    stages of `STAGED` in one more epoch of `steps_per_epoch` steps (at least one step each).
+
+    Raises:
+        ValueError: an epoch shorter than the stages.
+    """
     constant = run.config
-    dense_steps = constant.epochs * steps_per_epoch
-    xi = constant.xi_total / dense_steps  # the constant trial's ξ per gate step
+    stages = STAGED["xi_stages"] - 1
+    if steps_per_epoch < stages:
+        raise ValueError(f"{stages} stages need epochs of {stages} steps, not {steps_per_epoch}")
+    dense_steps, stage_steps = constant.epochs * steps_per_epoch, steps_per_epoch // stages
     config = dataclasses.replace(
         constant,
         **STAGED,
-        xi=xi,
+        xi=constant.xi_total / dense_steps,  # the constant trial's ξ per gate step
         xi_total=None,
+        # 6 significant digits, as the table keeps numbers (0.45 / 25 is 0.018000000000000002)
+        xi_max=float(f"{STAGED_LAST_TOTAL / stage_steps:.6g}"),
+        xi_every_steps=stage_steps,
         dense_steps=dense_steps,
         epochs=constant.epochs + 1,
     )

@@ -121,15 +121,16 @@ def test_rank_correlations_say_when_early_scores_rank_trials_as_the_end():
 def test_record_curves_resumes_and_reports(tiny_trial, tmp_path):
     """Three trials of a 2 × 2 design in two calls: the second skips what the first recorded and
     reruns the trial an interrupted call left; --report reads the table, and
-    make_benchmarks_md renders its section."""
+    make_benchmarks_md renders its section. --staged records the first configuration as §4's
+    option (a) and --staged --report compares it with the thresholds."""
     module = load_script("record_curves")
     output = tmp_path / "bench" / "curves.jsonl"
     proxy = {
-        "max_train_samples": 16,  # 2 steps an epoch
+        "max_train_samples": 24,  # 3 steps an epoch
         "max_eval_samples": 8,
         "train_eval_samples": 8,
         "max_length": 32,
-        "eval_steps": 1,  # 4 evaluations; thresholds at the last (every 5th)
+        "eval_steps": 2,  # 3 evaluations; thresholds at the last (every 5th)
         "cache_dir": "cache",
     }
     args = [
@@ -152,7 +153,7 @@ def test_record_curves_resumes_and_reports(tiny_trial, tmp_path):
 
     line = lines[2]
     assert line["status"] == "finished" and set(line["params"]) == {"lr", "r_max", "xi_total"}
-    assert [e["step"] for e in line["evaluations"]] == [1, 2, 3, 4]
+    assert [e["step"] for e in line["evaluations"]] == [2, 4, 6]
     for evaluation in line["evaluations"]:
         assert {"epoch", "interval_s", "val_score", "test_score", "retained_params"} <= set(
             evaluation
@@ -171,9 +172,23 @@ def test_record_curves_resumes_and_reports(tiny_trial, tmp_path):
     result = module.main([*args, "--report"])
     assert json.loads(output.with_suffix(".json").read_text()) == result
     assert result["recorded"] == 3 and result["planned"] == 4
-    assert [row["step"] for row in result["analysis"]["rows"]] == [1, 2, 3, 4]
+    assert [row["step"] for row in result["analysis"]["rows"]] == [2, 4, 6]
     text = load_script("make_benchmarks_md").main(
         [f"--bench-dir={output.parent}", f"--output={tmp_path / 'benchmarks.md'}"]
     )
     assert "## Recorded learning curves" in text
     assert "python scripts/record_curves.py --report" in text
+
+    staged_args = [*args, "--staged", f"--output={output.with_name('curves_staged.jsonl')}"]
+    staged = module.main([*staged_args, "--limit=2", "--work-dir=work-staged"])["lines"]
+    assert [line["trial"] for line in staged] == ["config=0-seed=0", "config=0-seed=1"]
+    # The constant trial's 6 steps, then 3 stages of 1 step in one more epoch.
+    steps = [e["step"] for e in staged[0]["evaluations"]]
+    assert steps == [2, 4, 6, 7, 8, 9] and "thresholds" not in staged[0]["evaluations"][-1]
+    compared = module.main([*staged_args, "--report"])
+    assert json.loads(output.with_name("curves_staged.json").read_text()) == compared
+    assert compared["comparison"]["pairs"] == [{"config": 0, "seed": 0}, {"config": 0, "seed": 1}]
+    text = load_script("make_benchmarks_md").main(
+        [f"--bench-dir={output.parent}", f"--output={tmp_path / 'benchmarks.md'}"]
+    )
+    assert "## Front-tracing: stages against thresholds" in text
