@@ -303,9 +303,7 @@ class TrialConfig:
     # memory falls from every layer's to about one block's, for roughly one more forward pass of
     # time (transformers' gradient_checkpointing_enable). For large models on a GPU; off by default.
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower
-    shard_base: bool = (
-        False  # shard the frozen base across a trial's workers (FSDP2); not int8, nf4
-    )
+    shard_base: bool = False  # shard the frozen base over the workers (FSDP2); float bases only
     seed: int = 0  # data order, subsamples, initialisation, dropout
     cache_dir: str | None = None  # tokenisation cache; none: $SORA_TUNE_CACHE or ~/.cache
     adalora_target_r: int | None = None  # AdaLoRA's target average rank; none: 2/3 r_max
