@@ -224,6 +224,10 @@ class TrialConfig:
         group_by_length: Batch similar lengths together (less padding).
         gradient_checkpointing: Keep only each block's input in the forward pass and recompute
             the rest in the backward pass: less activation memory, more time.
+        shard_base: Shard the frozen base across the trial's workers (`workers_per_trial` > 1)
+            with FSDP2, each holding 1/N of it; the adapter, its gates and the head stay whole
+            and fp32 on every worker. Float bases only (not int8 or nf4). See
+            `Workers.shard_base`.
         seed: Seeds data order, subsampling, initialisation and dropout.
         cache_dir: Tokenisation cache; `None`: `SORA_TUNE_CACHE` or ~/.cache/sora_tune.
         adalora_target_r: AdaLoRA's target average rank; `None`: 2/3 of r_max.
@@ -299,6 +303,7 @@ class TrialConfig:
     # memory falls from every layer's to about one block's, for roughly one more forward pass of
     # time (transformers' gradient_checkpointing_enable). For large models on a GPU; off by default.
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower
+    shard_base: bool = False  # shard the frozen base over the workers (FSDP2); float bases only
     seed: int = 0  # data order, subsamples, initialisation, dropout
     cache_dir: str | None = None  # tokenisation cache; none: $SORA_TUNE_CACHE or ~/.cache
     adalora_target_r: int | None = None  # AdaLoRA's target average rank; none: 2/3 r_max
@@ -320,6 +325,11 @@ class TrialConfig:
             raise ValueError(
                 f"base_dtype {self.base_dtype!r} needs {package}, which is not installed: "
                 f"pip install 'sora-tune[{QUANTIZATION_EXTRA}]'"
+            )
+        if self.shard_base and self.base_dtype in QUANTISED_BASES:
+            raise ValueError(
+                f"shard_base with base_dtype {self.base_dtype!r}: FSDP2 shards float weights, "
+                "not bitsandbytes' packed ones with their quantisation state; use bf16 or fp32"
             )
         if self.gate_mode == "paper" and (self.xi is not None or self.xi_total is not None):
             raise ValueError("xi is derived as eta * lam in paper gate_mode; set lam, not xi")
@@ -590,6 +600,16 @@ class TrialConfig:
                 "leave epochs out, or change the schedule (xi_stages, xi_every, dense_epochs)"
             )
         return dataclasses.replace(unbounded, epochs=length)
+
+
+def check_shard_base(shard_base: bool, workers: int) -> None:
+    """Refuse to shard the base of a trial of one worker, which has no one to share it with.
+
+    Raises:
+        ValueError: naming both settings.
+    """
+    if shard_base and workers == 1:
+        raise ValueError("shard_base needs workers_per_trial > 1 to share the base among")
 
 
 def check_batch_size(batch_size: int, workers: int) -> None:

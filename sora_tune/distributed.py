@@ -19,6 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from .sora import adapter_params, transformer_blocks
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,29 @@ class Workers:
             dist.all_reduce(flat)
             for p, reduced in zip(group, flat.split([p.numel() for p in group]), strict=True):
                 p.grad = reduced.view_as(p)
+
+    def shard_base(self, model: nn.Module, device: torch.device) -> None:
+        """Shard the frozen base of `model` across the workers with FSDP2 (`fully_shard`): each
+        transformer block, then the root (embeddings and whatever else lies outside the blocks).
+        A worker keeps 1/size of the base on `device` and gathers one block at a time to compute.
+
+        The adapter, its gates and the head (`adapter_params`) stay out of FSDP, whole and fp32
+        on every worker: `reduce_gradients` sums their gradients as without sharding, and
+        pruning, export and checkpoints read them as they are. FSDP, which reduces the
+        gradients it manages by averaging (torch 2.13 on gloo: FSDP2's gradients were the
+        one-process mean's, ratio 1.0000), would undo the per-worker weights of `share` and,
+        beside `reduce_gradients`, reduce them twice. The frozen base has no gradients, so FSDP
+        here only gathers weights, which it does exactly: the forward is one process's.
+        """
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (self.size,))
+        kept = set(adapter_params(model).values())
+        for name in transformer_blocks(model):
+            for block in model.get_submodule(name):
+                fully_shard(block, mesh=mesh, ignored_params=kept)
+        fully_shard(model, mesh=mesh, ignored_params=kept)
 
     def gather_batches(self, batches: list[Any]) -> list[Any]:
         """Every worker's evaluation batches, in the order of one process's loader: worker r

@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 from datasets import ClassLabel, DatasetDict
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader
 
-from .config import DATA_FIELDS, TrialConfig, check_batch_size
+from .config import DATA_FIELDS, TrialConfig, check_batch_size, check_shard_base
 from .data import (
     DataLocation,
     DataSource,
@@ -487,6 +488,8 @@ def train_step(
     if rows:
         with autocast(device, precision):
             loss = model(**batch).loss
+    elif isinstance(model, FSDPModule):
+        loss = stand_in_forward(model, device, precision).sum() * 0.0  # zero gradients
     mean, weight, all_rows = optimization.workers.share(loss, rows)
     if not torch.isfinite(mean):
         return None
@@ -496,6 +499,16 @@ def train_step(
     after_optimizer_step(model, step)
     optimization.zero_grad()
     return mean, all_rows
+
+
+def stand_in_forward(model: FSDPModule, device: torch.device, precision: str) -> torch.Tensor:
+    """The logits of a stand-in row of one token, to be thrown away. A worker of a sharded base
+    (`Workers.shard_base`) with nothing to compute (an empty share of a short last batch, or one
+    scoring batch fewer) runs it all the same: every worker must join FSDP's gathers of every
+    block's weights. Not a batch of no rows: attention layers cannot reshape an empty batch."""
+    token = torch.zeros((1, 1), dtype=torch.long, device=device)
+    with autocast(device, precision):
+        return model(input_ids=token, attention_mask=torch.ones_like(token)).logits
 
 
 @torch.no_grad()
@@ -511,6 +524,11 @@ def evaluate(
         with autocast(device, precision):
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         scored.append((logits.float().cpu(), batch["labels"].cpu()))
+    if isinstance(model, FSDPModule):
+        # Worker r scores every size-th batch from r: the first workers may score one more.
+        most = -(-int(workers.sum([len(scored)], device)[0]) // workers.size)
+        for _ in range(most - len(scored)):
+            stand_in_forward(model, device, precision)
     predictions, labels = zip(*workers.gather_batches(scored), strict=True)
     return compute_metrics(task, torch.cat(predictions).numpy(), torch.cat(labels).numpy())
 
@@ -664,9 +682,14 @@ def build_trial(
     steps_per_epoch = len(train_loader)
     config.check_steps(steps_per_epoch)  # stages in steps that the epochs never reach
     total_steps = steps_per_epoch * config.epochs
-    model = build_model(config, total_steps, task, tokenizer=tokenizer, device=device)
-    model = model.to(device)
+    # A sharded base is loaded on the CPU and only each worker's shard goes to `device`: the
+    # whole base need not fit one GPU.
+    loaded_on = torch.device("cpu") if config.shard_base else device
+    model = build_model(config, total_steps, task, tokenizer=tokenizer, device=loaded_on)
     workers.broadcast([p for p in model.parameters() if p.requires_grad])
+    if config.shard_base:
+        workers.shard_base(model, device)
+    model = model.to(device)
     optimization = configure_optimization(
         model,
         config,
@@ -718,6 +741,7 @@ def train_trial(
     """
     config = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
     check_batch_size(config.batch_size, workers.size)
+    check_shard_base(config.shard_base, workers.size)
     output_dir = Path(output_dir or tempfile.mkdtemp(prefix="sora-trial-"))
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = Path(resume_from) if resume_from else latest_checkpoint(output_dir)

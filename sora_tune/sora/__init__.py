@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .config import PRESETS, SoRAConfig, lora_config
     from .layer import SoRALinear, soft_threshold
     from .model import (
+        adapter_params,
         adapter_state_dict,
         add_sora,
         export_peft,
@@ -53,6 +54,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
         "config": ("PRESETS", "SoRAConfig", "lora_config"),
         "layer": ("SoRALinear", "soft_threshold"),
         "model": (
+            "adapter_params",
             "adapter_state_dict",
             "add_sora",
             "export_peft",

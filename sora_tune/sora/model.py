@@ -195,14 +195,15 @@ def set_merged(model: nn.Module, merged: bool) -> None:
             layer.merge() if merged else layer.unmerge()
 
 
+def adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every parameter that training changes, by name: the trainable ones (adapter and head,
+    whatever the method) and the `sora_` ones (so a LoRA baseline's frozen gate is kept too)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad or PREFIX in name}
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor that training changes: the trainable ones (adapter and head, whatever the
-    method) and the `sora_` ones (so a LoRA baseline's frozen gate is kept too)."""
-    return {
-        name: p.detach().contiguous()
-        for name, p in model.named_parameters()
-        if p.requires_grad or PREFIX in name
-    }
+    """The tensors of `adapter_params`: what the adapter's files hold."""
+    return {name: p.detach().contiguous() for name, p in adapter_params(model).items()}
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:

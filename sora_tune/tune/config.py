@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from ..config import literal_choices
+from ..config import check_shard_base, literal_choices
 from ..data.tasks import data_name
 from ..front import OBJECTIVES
 from ..memory import memory_size
@@ -156,6 +156,8 @@ class SearchConfig:
         if self.workers_per_trial < 1:
             raise ValueError(f"workers_per_trial must be >= 1, got {self.workers_per_trial}")
         check_worker_batch_sizes(self.space, self.workers_per_trial)
+        for shard_base in self.space.values("shard_base"):
+            check_shard_base(shard_base, self.workers_per_trial)
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {self.max_concurrent}")
         if self.max_concurrent is None:

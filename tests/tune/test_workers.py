@@ -124,3 +124,10 @@ def test_workers_per_trial_is_at_least_one(write_space, tiny_trial):
     _, space = write_space(tiny_trial | {"r_max": {"type": "choice", "values": [2, 4]}})
     with pytest.raises(ValueError, match="workers_per_trial must be >= 1, got 0"):
         SearchConfig(space=space, workers_per_trial=0)
+
+
+def test_a_sharded_base_needs_several_workers(write_space, tiny_trial):
+    _, space = write_space(tiny_trial | {"shard_base": True})
+    SearchConfig(space=space, workers_per_trial=2)
+    with pytest.raises(ValueError, match="shard_base needs workers_per_trial > 1"):
+        SearchConfig(space=space)
