@@ -172,16 +172,14 @@ def test_bad_trial_config_is_refused_before_any_work(values, message):
         TrialConfig.from_dict(values)
 
 
+def three_stages(**settings) -> TrialConfig:
+    """4 epochs: 2 dense, then 2 stages of 1 epoch with ξ rising."""
+    schedule = {"xi_schedule": "linear", "xi": 1e-5, "xi_max": 1e-4, "xi_stages": 3}
+    return TrialConfig(epochs=4, dense_epochs=2, **schedule, **settings)
+
+
 def test_lr_schedule_restarts_at_every_xi_stage():
-    config = TrialConfig(
-        epochs=4,
-        xi_schedule="linear",
-        xi=1e-5,
-        xi_max=1e-4,
-        xi_stages=3,
-        dense_epochs=2,
-        warmup_ratio=0.0,
-    )
+    config = three_stages(warmup_ratio=0.0)
     factor = lr_lambda(config, steps_per_epoch=10)
     # stage 0: epochs 0-1 (steps 0-19), stage 1: epoch 2, stage 2: epoch 3
     assert factor(0) == pytest.approx(1.0)
@@ -192,16 +190,7 @@ def test_lr_schedule_restarts_at_every_xi_stage():
 
 
 def test_lr_schedule_continues_through_the_stages_with_stage_lr_continue():
-    config = TrialConfig(
-        epochs=4,
-        xi_schedule="linear",
-        xi=1e-5,
-        xi_max=1e-4,
-        xi_stages=3,
-        dense_epochs=2,
-        warmup_ratio=0.1,
-        stage_lr="continue",
-    )
+    config = three_stages(warmup_ratio=0.1, stage_lr="continue")
     factor = lr_lambda(config, steps_per_epoch=10)
     # one warm-up over 4 of the 40 steps, then one decay to 0 at the trial's end
     assert [factor(step) for step in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
