@@ -330,8 +330,8 @@ def _tracing(data: dict) -> list[str]:
     }
     return [
         f"The two ways a front-tracing trial can go on once it has trained as the constant trial "
-        f"(issue #28 §4), on {len(comparison['pairs'])} trials of the recorded design (the first "
-        f"configurations, both seeds). (a) trains on through {stages} stages of "
+        f"(issue #28 §4), on {len(comparison['pairs'])} trials of the recorded design (its first "
+        f"{len({pair['config'] for pair in comparison['pairs']})} configurations, both seeds). (a) trains on through {stages} stages of "
         f"{staged['xi_every_steps']} steps, ξ per gate step rising linearly from the constant "
         f"trial's to {staged['xi_max']}, the learning rate decaying once over the whole trial "
         f"(`stage_lr continue`): [`docs/bench/{data['table']}`](bench/{data['table']}). "
