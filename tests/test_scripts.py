@@ -1,5 +1,6 @@
 """The helper scripts start what they say, listening on 127.0.0.1 only, and stop all of it."""
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -97,6 +98,10 @@ def cluster_dir():
     shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("aiohttp_cors") is not None,
+    reason="ray[default] is installed: its dashboard listens beyond loopback (docs/cluster.md)",
+)
 def test_local_cluster_on_loopback_starts_and_stops(cluster_dir):
     env = script_env(SORA_LOCAL_CLUSTER_DIR=str(cluster_dir))
     port = str(free_port())
@@ -122,7 +127,8 @@ def test_local_cluster_on_loopback_starts_and_stops(cluster_dir):
         assert probe.returncode == 0, probe.stderr
         assert probe.stdout.split()[-2:] == ["3", "127.0.0.2"]  # head + 2 workers, on loopback
         # Everything listens on the loopback address, but for Ray's own gRPC servers, which bind
-        # every interface whatever the node address (token authentication guards them).
+        # every interface whatever the node address (token authentication guards them). With
+        # ray[default] (the dashboard extra, not installed by dev) more do: see docs/cluster.md.
         for process in [p for session in sessions for p in session_processes(session)]:
             for ip in listening_addresses([process]):
                 assert ip.startswith("127.") or process.name() in ("gcs_server", "raylet"), (

@@ -15,10 +15,10 @@ recorded (by session id, never by name); other Ray instances on the machine are 
 
 Loopback: the nodes use 127.0.0.2 by default, not 127.0.0.1, because Ray rewrites 127.0.0.1 and
 localhost (in --node-ip-address, --address and ray.init) to the machine's network address; any
-other 127.x.y.z address is kept. The nodes advertise it and the dashboard agents and runtime-env
-agents listen on it; Ray's own gRPC servers (GCS, raylets) listen on every interface whatever
-the node address (Ray has no setting for that), so Ray's token authentication is on, with a
-token private to this cluster.
+other 127.x.y.z address is kept. The nodes advertise it and the dashboard's and agents' HTTP
+servers listen on it; Ray's own gRPC servers (GCS, raylets, dashboard agents) listen on every
+interface whatever the node address (Ray has no setting for that), so Ray's token
+authentication is on, with a token private to this cluster.
 
 Two ways to run the nodes (--mode):
   ray-start   one `ray start --block` per node (head, then N workers joining it), each in its own

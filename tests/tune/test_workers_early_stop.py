@@ -3,6 +3,8 @@ dashboard: Ray Train frees a stopped trial's workers through Ray's state API, wh
 dashboard serves (`tune.workers.check_stops_free_workers`; the refusal without it is in
 tests/tune/test_workers.py). Its own module: its Ray is not the tests' dashboard-less one."""
 
+import importlib.util
+
 import mlflow
 import pytest
 import ray
@@ -20,6 +22,10 @@ def ray_with_dashboard():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("aiohttp_cors") is None,
+    reason="needs ray[default] (pip install -e '.[dashboard]'), whose dashboard serves the state API",
+)
 def test_pareto_early_stopping_stops_two_worker_trials(
     ray_with_dashboard, tiny_trial, write_space, tmp_path
 ):
